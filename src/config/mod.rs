@@ -1,0 +1,206 @@
+//! Config: the TOML file (`raw`) is read, then `validate`d into the types
+//! below, where bad states cannot be written. Every problem is reported at
+//! once, each with file, line and column.
+
+mod diagnostic;
+mod listen;
+mod raw;
+mod validate;
+
+pub use diagnostic::{ConfigError, Diagnostic};
+pub use listen::{addrs_collide, parse_listen};
+
+use ipnet::IpNet;
+use std::net::{IpAddr, SocketAddr};
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+/// Default time in-flight connections get to finish after SIGTERM/SIGINT.
+pub const DEFAULT_DRAIN_TIMEOUT: Duration = Duration::from_secs(30);
+/// Default upstream connect timeout: long enough for a loaded backend's
+/// accept queue, short enough that a retry still helps the client.
+pub const DEFAULT_CONNECT_TIMEOUT: Duration = Duration::from_secs(3);
+/// Default idle timeout: no byte either way for this long closes both sides.
+pub const DEFAULT_IDLE_TIMEOUT: Duration = Duration::from_secs(15 * 60);
+/// Default number of upstream connect attempts per client connection: the
+/// chosen backend, another of its group, then the next group.
+pub const DEFAULT_CONNECT_ATTEMPTS: u32 = 3;
+
+/// Largest backend weight: weights are relative, and a small range keeps the
+/// round-robin schedule short.
+pub const MAX_BACKEND_WEIGHT: u32 = 1000;
+
+/// A validated config.
+#[derive(Debug, Clone)]
+pub struct Config {
+    pub path: PathBuf,
+    pub drain_timeout: Duration,
+    pub groups: Vec<Group>,
+    pub listeners: Vec<Listener>,
+}
+
+/// A port group: backends that serve the same thing.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Group {
+    pub name: String,
+    /// Never empty; at least one weight is non-zero.
+    pub backends: Vec<Backend>,
+    pub balance: Balance,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Backend {
+    pub addr: SocketAddr,
+    pub weight: u32,
+}
+
+/// How a group spreads connections across its backends.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum Balance {
+    /// Smooth weighted round-robin (nginx's interleaving).
+    #[default]
+    RoundRobin,
+    /// Fewest active connections relative to weight.
+    LeastConnections,
+}
+
+impl Balance {
+    pub const NAMES: [&'static str; 2] = ["round_robin", "least_connections"];
+
+    pub fn name(self) -> &'static str {
+        match self {
+            Balance::RoundRobin => "round_robin",
+            Balance::LeastConnections => "least_connections",
+        }
+    }
+}
+
+#[derive(Debug, Clone)]
+pub struct Listener {
+    pub name: String,
+    /// Every address this listener binds (ranges expanded); never empty.
+    pub addrs: Vec<SocketAddr>,
+    /// Indexes into `Config::groups`: the primary first, then backups in order.
+    pub groups: Vec<usize>,
+    pub policy: Option<PolicyRef>,
+    pub acl: Acl,
+    pub connect_timeout: Duration,
+    pub idle_timeout: Duration,
+    pub connect_attempts: u32,
+}
+
+/// A policy named by a listener, resolved to the file that defines it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PolicyRef {
+    pub name: String,
+    pub path: PathBuf,
+}
+
+/// Source address control: deny wins; with no allow list, all are allowed.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Acl {
+    pub allow: Option<Vec<IpNet>>,
+    pub deny: Vec<IpNet>,
+}
+
+impl Acl {
+    pub fn admits(&self, ip: IpAddr) -> bool {
+        let ip = canonical_ip(ip);
+        if self.deny.iter().any(|n| n.contains(&ip)) {
+            return false;
+        }
+        match &self.allow {
+            None => true,
+            Some(allow) => allow.iter().any(|n| n.contains(&ip)),
+        }
+    }
+}
+
+/// An IPv4 client seen on a dual-stack socket arrives as `::ffff:a.b.c.d`;
+/// ACLs are written in IPv4, so compare in IPv4.
+fn canonical_ip(ip: IpAddr) -> IpAddr {
+    match ip {
+        IpAddr::V6(v6) => v6.to_ipv4_mapped().map_or(ip, IpAddr::V4),
+        v4 => v4,
+    }
+}
+
+impl Config {
+    /// Reads and validates the file at `path`.
+    pub fn load(path: &Path) -> Result<Config, ConfigError> {
+        match std::fs::read_to_string(path) {
+            Ok(text) => Config::parse(path, &text),
+            Err(e) => Err(ConfigError {
+                diagnostics: vec![Diagnostic {
+                    file: path.to_path_buf(),
+                    line: 0,
+                    column: 0,
+                    message: format!("cannot read config: {e}"),
+                    hint: Some("pass an existing file with -c FILE".into()),
+                }],
+            }),
+        }
+    }
+
+    /// Parses and validates `text`, naming `path` in diagnostics; policies
+    /// are looked up relative to `path`'s folder.
+    pub fn parse(path: &Path, text: &str) -> Result<Config, ConfigError> {
+        validate::parse(path, text)
+    }
+
+    pub fn group(&self, index: usize) -> &Group {
+        &self.groups[index]
+    }
+
+    pub fn listener(&self, name: &str) -> Option<&Listener> {
+        self.listeners.iter().find(|l| l.name == name)
+    }
+
+    /// What would run, for `portshift check`: listeners -> groups ->
+    /// backends, with weights and policy.
+    pub fn describe(&self) -> String {
+        use std::fmt::Write;
+        let mut out = String::new();
+        let ms = |d: Duration| humantime::format_duration(d).to_string();
+        for l in &self.listeners {
+            let addrs: Vec<String> = l.addrs.iter().map(|a| a.to_string()).collect();
+            let _ = writeln!(out, "listener {}", l.name);
+            let _ = writeln!(out, "  listen   {}", compact_addrs(&addrs));
+            let policy = l.policy.as_ref().map_or("none (all traffic stays on the primary)".to_string(), |p| {
+                format!("{} ({})", p.name, p.path.display())
+            });
+            let _ = writeln!(out, "  policy   {policy}");
+            let _ = writeln!(
+                out,
+                "  connect  timeout {}, up to {} attempts; idle timeout {}",
+                ms(l.connect_timeout),
+                l.connect_attempts,
+                ms(l.idle_timeout)
+            );
+            let acl = |nets: &[IpNet]| nets.iter().map(|n| n.to_string()).collect::<Vec<_>>().join(", ");
+            let allow = l.acl.allow.as_deref().map_or("any source".to_string(), acl);
+            let deny = if l.acl.deny.is_empty() { String::new() } else { format!("; deny {}", acl(&l.acl.deny)) };
+            let _ = writeln!(out, "  allow    {allow}{deny}");
+            for (i, &g) in l.groups.iter().enumerate() {
+                let group = self.group(g);
+                let (role, share) = if i == 0 { ("primary", "100.00%") } else { ("backup ", "  0.00%") };
+                let _ = writeln!(out, "  {role}  {:<20} {share} of new connections  [{}]", group.name, group.balance.name());
+                let total: u32 = group.backends.iter().map(|b| b.weight).sum();
+                for b in &group.backends {
+                    let pct = f64::from(b.weight) * 100.0 / f64::from(total.max(1));
+                    let _ = writeln!(out, "    -> {:<24} weight {:<4} ({pct:.1}% of the group)", b.addr.to_string(), b.weight);
+                }
+            }
+        }
+        let _ = write!(out, "drain timeout on shutdown: {}", ms(self.drain_timeout));
+        out
+    }
+}
+
+/// Lists addresses, folding long runs of consecutive ports into `a-b`.
+fn compact_addrs(addrs: &[String]) -> String {
+    if addrs.len() <= 4 {
+        return addrs.join(", ");
+    }
+    format!("{} .. {} ({} addresses)", addrs[0], addrs[addrs.len() - 1], addrs.len())
+}

@@ -1,0 +1,91 @@
+//! The config file as written: serde types that mirror the TOML one to one,
+//! keep the span of every value for diagnostics, and refuse unknown keys.
+//! Nothing here is checked beyond TOML types; `validate` does the rest.
+
+use serde::Deserialize;
+use serde::de::{self, MapAccess, Visitor};
+use std::fmt;
+use toml::Spanned;
+
+pub type S<T> = Spanned<T>;
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawConfig {
+    /// How long in-flight connections may take to finish after SIGTERM.
+    pub drain_timeout: Option<S<String>>,
+    #[serde(default, rename = "group")]
+    pub groups: Vec<RawGroup>,
+    #[serde(default, rename = "listener")]
+    pub listeners: Vec<RawListener>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawGroup {
+    pub name: S<String>,
+    pub backends: S<Vec<S<RawBackend>>>,
+    pub balance: Option<S<String>>,
+}
+
+/// A backend is either `"ip:port"` or `{ addr = "ip:port", weight = 2 }`.
+#[derive(Debug)]
+pub struct RawBackend {
+    pub addr: String,
+    pub weight: u32,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct BackendTable {
+    addr: String,
+    #[serde(default = "default_backend_weight")]
+    weight: u32,
+}
+
+fn default_backend_weight() -> u32 {
+    1
+}
+
+impl<'de> Deserialize<'de> for RawBackend {
+    fn deserialize<D: de::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        struct BackendVisitor;
+        impl<'de> Visitor<'de> for BackendVisitor {
+            type Value = RawBackend;
+            fn expecting(&self, f: &mut fmt::Formatter) -> fmt::Result {
+                f.write_str(r#"a backend: "ip:port" or { addr = "ip:port", weight = N }"#)
+            }
+            fn visit_str<E: de::Error>(self, v: &str) -> Result<RawBackend, E> {
+                Ok(RawBackend {
+                    addr: v.to_owned(),
+                    weight: default_backend_weight(),
+                })
+            }
+            fn visit_map<M: MapAccess<'de>>(self, map: M) -> Result<RawBackend, M::Error> {
+                let t = BackendTable::deserialize(de::value::MapAccessDeserializer::new(map))?;
+                Ok(RawBackend {
+                    addr: t.addr,
+                    weight: t.weight,
+                })
+            }
+        }
+        d.deserialize_any(BackendVisitor)
+    }
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawListener {
+    pub name: S<String>,
+    pub listen: S<Vec<S<String>>>,
+    pub primary: S<String>,
+    #[serde(default)]
+    pub backups: Vec<S<String>>,
+    pub policy: Option<S<String>>,
+    pub allow: Option<Vec<S<String>>>,
+    #[serde(default)]
+    pub deny: Vec<S<String>>,
+    pub connect_timeout: Option<S<String>>,
+    pub idle_timeout: Option<S<String>>,
+    pub connect_attempts: Option<S<u32>>,
+}

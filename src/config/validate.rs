@@ -1,0 +1,368 @@
+//! Raw config -> validated `Config`. Every check reports into one `Reporter`
+//! so the user sees all problems in one run.
+
+use super::diagnostic::{Reporter, did_you_mean, unknown_field_hint};
+use super::listen::{addrs_collide, parse_listen};
+use super::raw::{RawConfig, RawGroup, RawListener, S};
+use super::*;
+use std::collections::HashMap;
+
+pub fn parse(path: &Path, text: &str) -> Result<Config, ConfigError> {
+    let mut rep = Reporter::new(path, text);
+    let raw: RawConfig = match toml::from_str(text) {
+        Ok(raw) => raw,
+        Err(e) => {
+            let message = e.message().trim().to_owned();
+            let hint = unknown_field_hint(&message).or_else(|| type_hint(&message));
+            match e.span() {
+                Some(span) => rep.error(span, message, hint),
+                None => rep.error_file(message, hint),
+            }
+            return Err(rep.finish().expect_err("an error was just reported"));
+        }
+    };
+    let config = Validator { rep: &mut rep, path }.config(raw);
+    rep.finish().map(|()| config)
+}
+
+fn type_hint(message: &str) -> Option<String> {
+    if message.contains("expected a sequence") {
+        Some(r#"write a list, e.g. ["127.0.0.1:8080"]"#.into())
+    } else if message.contains("missing field") {
+        Some("add the missing key (see the config reference in README.md)".into())
+    } else {
+        None
+    }
+}
+
+struct Validator<'r, 'a> {
+    rep: &'r mut Reporter<'a>,
+    path: &'a Path,
+}
+
+impl Validator<'_, '_> {
+    fn config(&mut self, raw: RawConfig) -> Config {
+        let drain_timeout = self.duration(raw.drain_timeout.as_ref(), "drain_timeout", DEFAULT_DRAIN_TIMEOUT);
+        let groups: Vec<Group> = raw.groups.iter().map(|g| self.group(g)).collect();
+        self.unique_names(raw.groups.iter().map(|g| &g.name), "group");
+        self.unique_names(raw.listeners.iter().map(|l| &l.name), "listener");
+        if raw.listeners.is_empty() {
+            self.rep.error_file(
+                "no listener is defined, so nothing would run",
+                Some("add a [[listener]] table with name, listen and primary".into()),
+            );
+        }
+        let group_names: Vec<&str> = raw.groups.iter().map(|g| g.name.get_ref().as_str()).collect();
+        let listeners: Vec<Listener> = raw
+            .listeners
+            .iter()
+            .map(|l| self.listener(l, &group_names, &groups))
+            .collect();
+        self.conflicts(&raw.listeners, &listeners);
+        Config {
+            path: self.path.to_path_buf(),
+            drain_timeout,
+            groups,
+            listeners,
+        }
+    }
+
+    fn unique_names<'s>(&mut self, names: impl Iterator<Item = &'s S<String>>, what: &str) {
+        let mut seen: HashMap<&str, ()> = HashMap::new();
+        for name in names {
+            if name.get_ref().is_empty() {
+                self.rep.error(name.span(), format!("{what} name is empty"), None);
+            } else if seen.insert(name.get_ref(), ()).is_some() {
+                self.rep.error(
+                    name.span(),
+                    format!("{what} `{}` is defined twice", name.get_ref()),
+                    Some(format!("give each {what} its own name")),
+                );
+            }
+        }
+    }
+
+    fn group(&mut self, raw: &RawGroup) -> Group {
+        let name = raw.name.get_ref();
+        let mut backends = Vec::new();
+        for entry in raw.backends.get_ref() {
+            let b = entry.get_ref();
+            match b.addr.parse::<SocketAddr>() {
+                Ok(addr) if addr.port() == 0 => self.rep.error(
+                    entry.span(),
+                    format!("group `{name}`: backend `{}` has port 0", b.addr),
+                    Some("name the port the backend listens on".into()),
+                ),
+                Ok(_) if b.weight > MAX_BACKEND_WEIGHT => self.rep.error(
+                    entry.span(),
+                    format!("group `{name}`: backend `{}` has weight {}; the most is {MAX_BACKEND_WEIGHT}", b.addr, b.weight),
+                    Some("weights are relative: 1 and 3 split like 100 and 300".into()),
+                ),
+                Ok(addr) => {
+                    if backends.iter().any(|x: &Backend| x.addr == addr) {
+                        self.rep.error(
+                            entry.span(),
+                            format!("group `{name}`: backend `{addr}` is listed twice"),
+                            Some("list it once and raise its `weight` instead".into()),
+                        );
+                    }
+                    backends.push(Backend { addr, weight: b.weight });
+                }
+                Err(_) => self.rep.error(
+                    entry.span(),
+                    format!("group `{name}`: backend `{}` is not an `ip:port` address", b.addr),
+                    Some("write e.g. \"127.0.0.1:9001\" or \"[::1]:9001\"; hostnames are not resolved".into()),
+                ),
+            }
+        }
+        if raw.backends.get_ref().is_empty() {
+            self.rep.error(
+                raw.backends.span(),
+                format!("group `{name}` has no backends"),
+                Some(r#"list at least one, e.g. backends = ["127.0.0.1:9001"]"#.into()),
+            );
+        } else if !backends.is_empty() && backends.iter().all(|b| b.weight == 0) {
+            self.rep.error(
+                raw.backends.span(),
+                format!("group `{name}`: every backend has weight 0, so it could serve nothing"),
+                Some("give at least one backend a weight of 1 or more".into()),
+            );
+        }
+        let balance = match raw.balance.as_ref() {
+            None => Balance::default(),
+            Some(s) => match s.get_ref().as_str() {
+                "round_robin" => Balance::RoundRobin,
+                "least_connections" => Balance::LeastConnections,
+                other => {
+                    self.rep.error(
+                        s.span(),
+                        format!("group `{name}`: unknown balance `{other}`"),
+                        did_you_mean(other, Balance::NAMES),
+                    );
+                    Balance::default()
+                }
+            },
+        };
+        Group {
+            name: name.clone(),
+            backends,
+            balance,
+        }
+    }
+
+    fn listener(&mut self, raw: &RawListener, group_names: &[&str], groups: &[Group]) -> Listener {
+        let name = raw.name.get_ref().clone();
+        let addrs = self.listen_addrs(raw, &name);
+        let mut members = Vec::new();
+        for (i, g) in std::iter::once(&raw.primary).chain(&raw.backups).enumerate() {
+            let role = if i == 0 { "primary" } else { "backup" };
+            let Some(idx) = group_names.iter().position(|n| n == g.get_ref()) else {
+                self.rep.error(
+                    g.span(),
+                    format!("listener `{name}`: {role} group `{}` is not defined", g.get_ref()),
+                    did_you_mean(g.get_ref(), group_names.iter().copied())
+                        .or_else(|| Some("define it with a [[group]] table".into())),
+                );
+                continue;
+            };
+            if members.contains(&idx) {
+                let hint = if i > 0 && idx == members[0] {
+                    "a backup must be a different group than the primary"
+                } else {
+                    "list each group once"
+                };
+                self.rep.error(
+                    g.span(),
+                    format!("listener `{name}`: group `{}` is used twice (as {role})", g.get_ref()),
+                    Some(hint.into()),
+                );
+                continue;
+            }
+            members.push(idx);
+        }
+        self.loops(&name, &addrs, &members, groups, raw);
+        Listener {
+            policy: raw.policy.as_ref().and_then(|p| self.policy(&name, p)),
+            acl: Acl {
+                allow: raw.allow.as_ref().map(|a| self.cidrs(&name, a, "allow")),
+                deny: self.cidrs(&name, &raw.deny, "deny"),
+            },
+            connect_timeout: self.duration(raw.connect_timeout.as_ref(), "connect_timeout", DEFAULT_CONNECT_TIMEOUT),
+            idle_timeout: self.duration(raw.idle_timeout.as_ref(), "idle_timeout", DEFAULT_IDLE_TIMEOUT),
+            connect_attempts: self.attempts(raw.connect_attempts.as_ref()),
+            name,
+            addrs: addrs.into_iter().map(|(a, _)| a).collect(),
+            groups: members,
+        }
+    }
+
+    /// Every bound address with the index of the `listen` entry it came from.
+    fn listen_addrs(&mut self, raw: &RawListener, name: &str) -> Vec<(SocketAddr, usize)> {
+        if raw.listen.get_ref().is_empty() {
+            self.rep.error(
+                raw.listen.span(),
+                format!("listener `{name}` listens on nothing"),
+                Some(r#"add an address, e.g. listen = ["127.0.0.1:8080"]"#.into()),
+            );
+        }
+        let mut out = Vec::new();
+        for (i, entry) in raw.listen.get_ref().iter().enumerate() {
+            match parse_listen(entry.get_ref()) {
+                Ok(addrs) => out.extend(addrs.into_iter().map(|a| (a, i))),
+                Err(why) => self.rep.error(entry.span(), format!("listener `{name}`: {why}"), None),
+            }
+        }
+        out
+    }
+
+    /// A backend that is the listener's own address would proxy to itself
+    /// forever.
+    fn loops(&mut self, name: &str, addrs: &[(SocketAddr, usize)], members: &[usize], groups: &[Group], raw: &RawListener) {
+        for &g in members {
+            for b in &groups[g].backends {
+                if let Some((a, i)) = addrs.iter().find(|(a, _)| addrs_collide(*a, b.addr)) {
+                    self.rep.error(
+                        raw.listen.get_ref()[*i].span(),
+                        format!(
+                            "listener `{name}` listens on {a} and group `{}` sends to backend {}: a loop",
+                            groups[g].name, b.addr
+                        ),
+                        Some("point the backend at the real service, not at this listener".into()),
+                    );
+                }
+            }
+        }
+    }
+
+    /// Two listeners (or two entries of one) claiming the same address:port:
+    /// the outage where a new service took 8080 and traffic went elsewhere.
+    fn conflicts(&mut self, raw: &[RawListener], listeners: &[Listener]) {
+        let mut claimed: Vec<(SocketAddr, usize)> = Vec::new();
+        for (li, l) in listeners.iter().enumerate() {
+            let mut reported = Vec::new();
+            for &addr in &l.addrs {
+                let Some(&(other, oi)) = claimed.iter().find(|(a, _)| addrs_collide(*a, addr)) else {
+                    claimed.push((addr, li));
+                    continue;
+                };
+                if reported.contains(&oi) {
+                    continue;
+                }
+                reported.push(oi);
+                let message = if oi == li {
+                    format!("listener `{}` claims port {} twice ({other} and {addr})", l.name, addr.port())
+                } else {
+                    format!(
+                        "listeners `{}` and `{}` both claim port {} ({other} and {addr})",
+                        listeners[oi].name,
+                        l.name,
+                        addr.port()
+                    )
+                };
+                self.rep.error(
+                    raw[li].listen.span(),
+                    message,
+                    Some("give each listener its own address:port; two services on one port send traffic to the wrong one".into()),
+                );
+            }
+        }
+    }
+
+    fn policy(&mut self, listener: &str, raw: &S<String>) -> Option<PolicyRef> {
+        let name = raw.get_ref();
+        let dir = self.path.parent().unwrap_or(Path::new("."));
+        let is_path = name.contains('/') || name.ends_with(".toml");
+        let path = if is_path {
+            dir.join(name)
+        } else {
+            dir.join("policies").join(format!("{name}.toml"))
+        };
+        if path.is_file() {
+            return Some(PolicyRef {
+                name: name.clone(),
+                path,
+            });
+        }
+        let known = known_policies(&dir.join("policies"));
+        let hint = if is_path {
+            Some("name a policy file that exists (paths are relative to the config file)".into())
+        } else {
+            did_you_mean(name, known.iter().map(String::as_str))
+                .or_else(|| Some(format!("put the policy in {}", dir.join("policies").display())))
+        };
+        self.rep.error(
+            raw.span(),
+            format!("listener `{listener}`: policy `{name}` not found (looked for {})", path.display()),
+            hint,
+        );
+        None
+    }
+
+    fn cidrs(&mut self, listener: &str, raw: &[S<String>], key: &str) -> Vec<IpNet> {
+        let mut nets = Vec::new();
+        for entry in raw {
+            let text = entry.get_ref();
+            match text.parse::<IpNet>().or_else(|_| text.parse::<IpAddr>().map(IpNet::from)) {
+                Ok(net) => nets.push(net),
+                Err(_) => self.rep.error(
+                    entry.span(),
+                    format!("listener `{listener}`: `{text}` in `{key}` is not a CIDR or IP address"),
+                    Some("write e.g. \"127.0.0.0/8\", \"::1/128\" or \"10.1.2.3\"".into()),
+                ),
+            }
+        }
+        if key == "allow" && raw.is_empty() {
+            self.rep.error_file(
+                format!("listener `{listener}`: `allow` is empty, so no client could connect"),
+                Some("list the sources to admit, or remove `allow` to admit all".into()),
+            );
+        }
+        nets
+    }
+
+    fn duration(&mut self, raw: Option<&S<String>>, key: &str, default: Duration) -> Duration {
+        let Some(raw) = raw else { return default };
+        match humantime::parse_duration(raw.get_ref()) {
+            Ok(d) if d.is_zero() => {
+                self.rep.error(raw.span(), format!("`{key}` must be greater than zero"), None);
+                default
+            }
+            Ok(d) => d,
+            Err(e) => {
+                self.rep.error(
+                    raw.span(),
+                    format!("`{key}`: `{}` is not a duration ({e})", raw.get_ref()),
+                    Some("write e.g. \"250ms\", \"3s\" or \"15m\"".into()),
+                );
+                default
+            }
+        }
+    }
+
+    fn attempts(&mut self, raw: Option<&S<u32>>) -> u32 {
+        match raw {
+            None => DEFAULT_CONNECT_ATTEMPTS,
+            Some(n) if *n.get_ref() == 0 || *n.get_ref() > 32 => {
+                self.rep.error(
+                    n.span(),
+                    format!("`connect_attempts` is {}; it must be 1 to 32", n.get_ref()),
+                    None,
+                );
+                DEFAULT_CONNECT_ATTEMPTS
+            }
+            Some(n) => *n.get_ref(),
+        }
+    }
+}
+
+fn known_policies(dir: &Path) -> Vec<String> {
+    let Ok(entries) = std::fs::read_dir(dir) else {
+        return Vec::new();
+    };
+    let mut names: Vec<String> = entries
+        .filter_map(|e| e.ok())
+        .filter_map(|e| e.file_name().to_str()?.strip_suffix(".toml").map(String::from))
+        .collect();
+    names.sort();
+    names
+}

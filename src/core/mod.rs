@@ -1,0 +1,5 @@
+//! The pure core: no tokio, no sockets, no clock reads. Everything here takes
+//! its inputs (tickets, counts, `now`) as arguments, so the simulator and the
+//! unit tests can drive it exactly.
+
+pub mod routes;

@@ -1,0 +1,388 @@
+//! The route table: which port group and which backend a new connection goes
+//! to. Group weights are basis points (0..=10000, summing to 10000); the
+//! table is an immutable value that the control loop replaces whole through
+//! [`Router::publish`], so the accept path reads it without a lock and a
+//! change applies to the very next connection. Established connections never
+//! look at it again, so a weight change cuts nobody.
+
+use crate::config::{Backend, Balance};
+use arc_swap::ArcSwap;
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
+
+/// All the traffic, in basis points.
+pub const TOTAL_BP: u32 = 10_000;
+
+/// Group weights in basis points; the sum is always [`TOTAL_BP`].
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Weights(Vec<u16>);
+
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum WeightsError {
+    #[error("weights sum to {0} basis points; they must sum to 10000")]
+    BadSum(u32),
+    #[error("{got} weights for {want} groups")]
+    WrongLength { got: usize, want: usize },
+    #[error("no groups to weigh")]
+    Empty,
+}
+
+// === impl Weights ===
+
+impl Weights {
+    pub fn new(bp: Vec<u16>) -> Result<Self, WeightsError> {
+        if bp.is_empty() {
+            return Err(WeightsError::Empty);
+        }
+        let sum: u32 = bp.iter().map(|&w| u32::from(w)).sum();
+        if sum != TOTAL_BP {
+            return Err(WeightsError::BadSum(sum));
+        }
+        Ok(Weights(bp))
+    }
+
+    /// Everything on the first group (the primary), as at start.
+    pub fn all_on_first(groups: usize) -> Self {
+        assert!(groups > 0, "a listener has at least its primary group");
+        let mut bp = vec![0; groups];
+        bp[0] = TOTAL_BP as u16;
+        Weights(bp)
+    }
+
+    pub fn as_slice(&self) -> &[u16] {
+        &self.0
+    }
+
+    /// The group for connection number `ticket`. Tickets are mapped through
+    /// a golden-ratio Weyl sequence onto 0..10000, which spreads consecutive
+    /// tickets evenly: over n connections each group's share is within a few
+    /// connections of its weight, with no randomness and no shared state.
+    pub fn pick(&self, ticket: u64) -> usize {
+        let frac = ticket.wrapping_mul(0x9E37_79B9_7F4A_7C15) >> 32;
+        let point = ((frac * u64::from(TOTAL_BP)) >> 32) as u32;
+        let mut acc = 0u32;
+        for (i, &w) in self.0.iter().enumerate() {
+            acc += u32::from(w);
+            if point < acc {
+                return i;
+            }
+        }
+        unreachable!("weights sum to {TOTAL_BP} and point < {TOTAL_BP}")
+    }
+}
+
+/// One group's backends and the counters its balancer needs. Shared between
+/// successive route tables so a weight change keeps round-robin position and
+/// active counts.
+#[derive(Debug)]
+pub struct GroupRoutes {
+    pub name: String,
+    backends: Vec<Backend>,
+    balance: Balance,
+    /// Smooth weighted round-robin order over backend indexes.
+    schedule: Vec<u32>,
+    next: AtomicU64,
+    active: Vec<AtomicU32>,
+}
+
+// === impl GroupRoutes ===
+
+impl GroupRoutes {
+    pub fn new(name: impl Into<String>, backends: Vec<Backend>, balance: Balance) -> Self {
+        let schedule = smooth_wrr_schedule(&backends.iter().map(|b| b.weight).collect::<Vec<_>>());
+        assert!(!schedule.is_empty(), "a group has at least one backend with weight > 0");
+        GroupRoutes {
+            name: name.into(),
+            active: backends.iter().map(|_| AtomicU32::new(0)).collect(),
+            backends,
+            balance,
+            schedule,
+            next: AtomicU64::new(0),
+        }
+    }
+
+    pub fn backends(&self) -> &[Backend] {
+        &self.backends
+    }
+
+    pub fn addr(&self, backend: usize) -> SocketAddr {
+        self.backends[backend].addr
+    }
+
+    /// The backend the next connection should try first.
+    pub fn next_backend(&self) -> usize {
+        let n = self.next.fetch_add(1, Ordering::Relaxed);
+        match self.balance {
+            Balance::RoundRobin => self.schedule[(n % self.schedule.len() as u64) as usize] as usize,
+            Balance::LeastConnections => {
+                let active: Vec<u32> = self.active.iter().map(|a| a.load(Ordering::Relaxed)).collect();
+                let weights: Vec<u32> = self.backends.iter().map(|b| b.weight).collect();
+                least_connections(&active, &weights, n)
+            }
+        }
+    }
+
+    /// Counts a live connection to `backend` until the guard drops.
+    pub fn track(self: &Arc<Self>, backend: usize) -> ActiveGuard {
+        self.active[backend].fetch_add(1, Ordering::Relaxed);
+        ActiveGuard {
+            group: Arc::clone(self),
+            backend,
+        }
+    }
+
+    pub fn active(&self, backend: usize) -> u32 {
+        self.active[backend].load(Ordering::Relaxed)
+    }
+}
+
+/// Decrements a backend's active count when the connection ends.
+#[derive(Debug)]
+pub struct ActiveGuard {
+    group: Arc<GroupRoutes>,
+    backend: usize,
+}
+
+impl Drop for ActiveGuard {
+    fn drop(&mut self) {
+        self.group.active[self.backend].fetch_sub(1, Ordering::Relaxed);
+    }
+}
+
+/// nginx's smooth weighted round-robin, unrolled once into a fixed order so
+/// the hot path is one atomic increment. Weights 5,1,1 give a a b a c a a.
+fn smooth_wrr_schedule(weights: &[u32]) -> Vec<u32> {
+    let divisor = weights.iter().copied().filter(|&w| w > 0).fold(0, gcd);
+    if divisor == 0 {
+        return Vec::new();
+    }
+    let reduced: Vec<i64> = weights.iter().map(|&w| i64::from(w / divisor)).collect();
+    let total: i64 = reduced.iter().sum();
+    let mut current = vec![0i64; weights.len()];
+    (0..total)
+        .map(|_| {
+            for (c, w) in current.iter_mut().zip(&reduced) {
+                *c += w;
+            }
+            let best = (0..current.len())
+                .max_by_key(|&i| (current[i], std::cmp::Reverse(i)))
+                .expect("weights is not empty");
+            current[best] -= total;
+            best as u32
+        })
+        .collect()
+}
+
+fn gcd(a: u32, b: u32) -> u32 {
+    if b == 0 { a } else { gcd(b, a % b) }
+}
+
+/// The backend with the fewest active connections per unit of weight; ties
+/// go round-robin from `rotation` so equal backends share evenly.
+pub fn least_connections(active: &[u32], weights: &[u32], rotation: u64) -> usize {
+    let n = active.len();
+    let start = (rotation % n as u64) as usize;
+    let mut best: Option<usize> = None;
+    for k in 0..n {
+        let i = (start + k) % n;
+        if weights[i] == 0 {
+            continue;
+        }
+        // active[i]/w[i] < active[b]/w[b], without division.
+        let better = best.is_none_or(|b| {
+            u64::from(active[i]) * u64::from(weights[b]) < u64::from(active[b]) * u64::from(weights[i])
+        });
+        if better {
+            best = Some(i);
+        }
+    }
+    best.expect("a group has at least one backend with weight > 0")
+}
+
+/// An immutable routing decision table for one listener.
+#[derive(Debug, Clone)]
+pub struct RouteTable {
+    /// The primary first, then backups in order.
+    pub groups: Arc<[Arc<GroupRoutes>]>,
+    pub weights: Weights,
+}
+
+/// One upstream connect attempt: group index and backend index.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Attempt {
+    pub group: usize,
+    pub backend: usize,
+}
+
+// === impl RouteTable ===
+
+impl RouteTable {
+    /// Where connection `ticket` goes, in the order to try: the weighted
+    /// group's chosen backend, that group's other backends, then the first
+    /// choice of each other group (primary first), at most `max` attempts.
+    /// Weight-0 backends are never tried.
+    pub fn plan(&self, ticket: u64, max: usize) -> Vec<Attempt> {
+        let first_group = self.weights.pick(ticket);
+        let mut plan = Vec::with_capacity(max);
+        let g = &self.groups[first_group];
+        let first = g.next_backend();
+        let n = g.backends().len();
+        for k in 0..n {
+            let b = (first + k) % n;
+            if g.backends()[b].weight > 0 {
+                plan.push(Attempt { group: first_group, backend: b });
+            }
+        }
+        for (gi, g) in self.groups.iter().enumerate() {
+            if gi != first_group {
+                plan.push(Attempt { group: gi, backend: g.next_backend() });
+            }
+        }
+        plan.truncate(max);
+        plan
+    }
+}
+
+/// Holds a listener's current route table; the control loop publishes new
+/// weights, the accept path loads the table without locking.
+#[derive(Debug)]
+pub struct Router {
+    table: ArcSwap<RouteTable>,
+    tickets: AtomicU64,
+}
+
+// === impl Router ===
+
+impl Router {
+    /// A router with everything on the primary (the first group).
+    pub fn new(groups: Vec<Arc<GroupRoutes>>) -> Self {
+        let weights = Weights::all_on_first(groups.len());
+        Router {
+            table: ArcSwap::from_pointee(RouteTable {
+                groups: groups.into(),
+                weights,
+            }),
+            tickets: AtomicU64::new(0),
+        }
+    }
+
+    pub fn table(&self) -> Arc<RouteTable> {
+        self.table.load_full()
+    }
+
+    pub fn weights(&self) -> Weights {
+        self.table.load().weights.clone()
+    }
+
+    /// Replaces the weights; the very next connection uses them.
+    pub fn publish(&self, weights: Weights) -> Result<(), WeightsError> {
+        let current = self.table.load_full();
+        let want = current.groups.len();
+        if weights.as_slice().len() != want {
+            return Err(WeightsError::WrongLength {
+                got: weights.as_slice().len(),
+                want,
+            });
+        }
+        self.table.store(Arc::new(RouteTable {
+            groups: Arc::clone(&current.groups),
+            weights,
+        }));
+        Ok(())
+    }
+
+    /// The plan for the next new connection.
+    pub fn plan_next(&self, max_attempts: usize) -> (Arc<RouteTable>, Vec<Attempt>) {
+        let ticket = self.tickets.fetch_add(1, Ordering::Relaxed);
+        let table = self.table.load_full();
+        let plan = table.plan(ticket, max_attempts);
+        (table, plan)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn backends(weights: &[u32]) -> Vec<Backend> {
+        weights
+            .iter()
+            .enumerate()
+            .map(|(i, &weight)| Backend {
+                addr: SocketAddr::from(([127, 0, 0, 1], 9000 + i as u16)),
+                weight,
+            })
+            .collect()
+    }
+
+    #[test]
+    fn smooth_wrr_interleaves_like_nginx() {
+        assert_eq!(smooth_wrr_schedule(&[5, 1, 1]), vec![0, 0, 1, 0, 2, 0, 0]);
+        assert_eq!(smooth_wrr_schedule(&[2, 2]), vec![0, 1]);
+        assert_eq!(smooth_wrr_schedule(&[0, 3]), vec![1]);
+    }
+
+    #[test]
+    fn weights_must_sum_to_total() {
+        assert_eq!(Weights::new(vec![5000, 4000]), Err(WeightsError::BadSum(9000)));
+        assert!(Weights::new(vec![9000, 1000]).is_ok());
+    }
+
+    #[test]
+    fn group_share_tracks_weight_closely() {
+        for split in [[9000u16, 1000], [7000, 3000], [5000, 5000], [100, 9900]] {
+            let w = Weights::new(split.to_vec()).unwrap();
+            let n = 10_000u64;
+            let second = (0..n).filter(|&t| w.pick(t) == 1).count() as i64;
+            let want = i64::from(split[1]);
+            assert!((second - want).abs() <= 20, "{split:?}: {second} of {n}");
+        }
+    }
+
+    #[test]
+    fn zero_weight_group_gets_nothing() {
+        let w = Weights::all_on_first(3);
+        assert!((0..10_000).all(|t| w.pick(t) == 0));
+    }
+
+    #[test]
+    fn least_connections_prefers_idle_then_weight() {
+        assert_eq!(least_connections(&[3, 1, 2], &[1, 1, 1], 0), 1);
+        // 4 active at weight 4 beats 2 active at weight 1.
+        assert_eq!(least_connections(&[4, 2], &[4, 1], 0), 0);
+        // Ties rotate.
+        assert_eq!(least_connections(&[0, 0], &[1, 1], 1), 1);
+        assert_eq!(least_connections(&[0, 0], &[0, 1], 0), 1);
+    }
+
+    #[test]
+    fn plan_tries_rest_of_group_then_other_groups() {
+        let primary = Arc::new(GroupRoutes::new("p", backends(&[1, 1]), Balance::RoundRobin));
+        let backup = Arc::new(GroupRoutes::new("b", backends(&[1]), Balance::RoundRobin));
+        let router = Router::new(vec![primary, backup]);
+        let (_, plan) = router.plan_next(8);
+        let groups: Vec<usize> = plan.iter().map(|a| a.group).collect();
+        assert_eq!(groups, vec![0, 0, 1]);
+        assert_ne!(plan[0].backend, plan[1].backend);
+        assert_eq!(router.plan_next(2).1.len(), 2);
+    }
+
+    #[test]
+    fn publish_rejects_wrong_length_and_applies_next() {
+        let g = || Arc::new(GroupRoutes::new("g", backends(&[1]), Balance::RoundRobin));
+        let router = Router::new(vec![g(), g()]);
+        assert!(router.publish(Weights::new(vec![10_000]).unwrap()).is_err());
+        router.publish(Weights::new(vec![0, 10_000]).unwrap()).unwrap();
+        assert_eq!(router.plan_next(1).1[0].group, 1);
+    }
+
+    #[test]
+    fn active_guard_counts_live_connections() {
+        let g = Arc::new(GroupRoutes::new("g", backends(&[1]), Balance::LeastConnections));
+        let guard = g.track(0);
+        assert_eq!(g.active(0), 1);
+        drop(guard);
+        assert_eq!(g.active(0), 0);
+    }
+}

@@ -1,0 +1,143 @@
+//! The `portshift` command: parses arguments, sets up logging, and calls the
+//! library. Exit codes: 0 ok, 1 runtime failure (e.g. a port is taken),
+//! 2 bad config or usage.
+
+use anyhow::Context;
+use clap::{Parser, Subcommand};
+use portshift::config::Config;
+use portshift::proxy::Proxy;
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::time::Duration;
+
+#[derive(Parser)]
+#[command(name = "portshift", version, about = "Latency-aware adaptive L4 traffic shifter")]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Run the proxy.
+    Run {
+        /// Config file.
+        #[arg(short, long, default_value = "portshift.toml")]
+        config: PathBuf,
+    },
+    /// Validate a config and print what would run; exit 2 on any problem.
+    Check {
+        #[arg(short, long, default_value = "portshift.toml")]
+        config: PathBuf,
+    },
+    /// Show the proxy at work on an embedded default: backends, the proxy,
+    /// traffic, a failing backend, failover.
+    Demo {
+        /// Requests per phase.
+        #[arg(long, default_value_t = 300)]
+        requests: u32,
+    },
+    /// A test backend: echo or HTTP, with a reply delay.
+    Backend {
+        #[arg(short, long, default_value = "127.0.0.1:9001")]
+        listen: SocketAddr,
+        #[arg(long, value_enum, default_value = "http")]
+        mode: portshift::backend::Mode,
+        /// Delay before each reply, e.g. 5ms.
+        #[arg(long, value_parser = humantime::parse_duration, default_value = "0s")]
+        delay: Duration,
+        /// Sent on connect, before anything is read.
+        #[arg(long)]
+        greeting: Option<String>,
+        /// Name in HTTP replies.
+        #[arg(long)]
+        name: Option<String>,
+    },
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    tracing_subscriber::fmt()
+        .with_writer(std::io::stderr)
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into()),
+        )
+        .init();
+    match cli.command {
+        Command::Check { config } => match Config::load(&config) {
+            Ok(c) => {
+                println!("{}: ok\n{}", config.display(), c.describe());
+                ExitCode::SUCCESS
+            }
+            Err(e) => config_failed(&e),
+        },
+        Command::Run { config } => match Config::load(&config) {
+            Ok(c) => report(runtime().and_then(|rt| rt.block_on(run(c)))),
+            Err(e) => config_failed(&e),
+        },
+        Command::Demo { requests } => report(runtime().and_then(|rt| Ok(rt.block_on(portshift::demo::run(requests))?))),
+        Command::Backend { listen, mode, delay, greeting, name } => {
+            let opts = portshift::backend::BackendOpts {
+                name: name.unwrap_or_else(|| listen.to_string()),
+                mode,
+                delay,
+                greeting,
+            };
+            report(runtime().and_then(|rt| rt.block_on(backend(listen, opts))))
+        }
+    }
+}
+
+fn config_failed(e: &portshift::config::ConfigError) -> ExitCode {
+    eprintln!("{e}");
+    ExitCode::from(2)
+}
+
+fn report(r: anyhow::Result<()>) -> ExitCode {
+    match r {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("error: {e:#}");
+            ExitCode::from(1)
+        }
+    }
+}
+
+fn runtime() -> anyhow::Result<tokio::runtime::Runtime> {
+    tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .context("cannot start the async runtime")
+}
+
+async fn run(config: Config) -> anyhow::Result<()> {
+    for l in config.listeners.iter().filter(|l| l.policy.is_some()) {
+        tracing::warn!(listener = %l.name, "policy is validated but not yet enforced: weights stay on the primary");
+    }
+    let proxy = Proxy::bind(&config)?;
+    let report = proxy.serve(shutdown_signal()).await;
+    tracing::info!(cut = report.cut, "stopped");
+    Ok(())
+}
+
+async fn backend(listen: SocketAddr, opts: portshift::backend::BackendOpts) -> anyhow::Result<()> {
+    let b = portshift::backend::spawn(listen, opts)
+        .await
+        .with_context(|| format!("cannot bind backend on {listen}"))?;
+    tracing::info!(addr = %b.addr(), "backend listening");
+    shutdown_signal().await;
+    b.stop().await;
+    Ok(())
+}
+
+/// Completes on SIGINT or SIGTERM.
+async fn shutdown_signal() {
+    use tokio::signal::unix::{SignalKind, signal};
+    let mut term = signal(SignalKind::terminate()).expect("installing a SIGTERM handler cannot fail on unix");
+    tokio::select! {
+        _ = tokio::signal::ctrl_c() => {}
+        _ = term.recv() => {}
+    }
+    tracing::info!("shutdown requested");
+}

@@ -1,0 +1,143 @@
+//! Per-listener outcome counters. A data-path failure is not an error that
+//! travels up: it is counted here, and the listener carries on.
+
+use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
+
+/// Live counters, bumped from the accept and connection tasks.
+#[derive(Debug, Default)]
+pub struct Outcomes {
+    accepted: AtomicU64,
+    denied: AtomicU64,
+    accept_errors: AtomicU64,
+    connected: AtomicU64,
+    connect_refused: AtomicU64,
+    connect_timeout: AtomicU64,
+    connect_other: AtomicU64,
+    retried: AtomicU64,
+    no_backend: AtomicU64,
+    closed: AtomicU64,
+    idle_timeout: AtomicU64,
+    reset: AtomicU64,
+    bytes_up: AtomicU64,
+    bytes_down: AtomicU64,
+    active: AtomicU64,
+}
+
+/// How one upstream connect attempt failed.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ConnectFailure {
+    Refused,
+    Timeout,
+    Other,
+}
+
+/// How a proxied connection ended.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum End {
+    /// Both directions finished with EOF.
+    Closed,
+    /// No byte either way for the idle timeout.
+    IdleTimeout,
+    /// A read or write failed (reset, broken pipe).
+    Reset,
+}
+
+/// A point-in-time copy of the counters.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct OutcomeCounts {
+    pub accepted: u64,
+    pub denied: u64,
+    pub accept_errors: u64,
+    pub connected: u64,
+    pub connect_refused: u64,
+    pub connect_timeout: u64,
+    pub connect_other: u64,
+    /// Upstream attempts that failed and were followed by another attempt.
+    pub retried: u64,
+    /// Client connections closed because every attempt failed.
+    pub no_backend: u64,
+    pub closed: u64,
+    pub idle_timeout: u64,
+    pub reset: u64,
+    pub bytes_up: u64,
+    pub bytes_down: u64,
+    pub active: u64,
+}
+
+// === impl Outcomes ===
+
+impl Outcomes {
+    pub fn accepted(&self) {
+        self.accepted.fetch_add(1, Relaxed);
+    }
+    pub fn denied(&self) {
+        self.denied.fetch_add(1, Relaxed);
+    }
+    pub fn accept_error(&self) {
+        self.accept_errors.fetch_add(1, Relaxed);
+    }
+    pub fn connected(&self) {
+        self.connected.fetch_add(1, Relaxed);
+    }
+    pub fn retried(&self) {
+        self.retried.fetch_add(1, Relaxed);
+    }
+    pub fn no_backend(&self) {
+        self.no_backend.fetch_add(1, Relaxed);
+    }
+
+    pub fn connect_failed(&self, why: ConnectFailure) {
+        let c = match why {
+            ConnectFailure::Refused => &self.connect_refused,
+            ConnectFailure::Timeout => &self.connect_timeout,
+            ConnectFailure::Other => &self.connect_other,
+        };
+        c.fetch_add(1, Relaxed);
+    }
+
+    pub fn ended(&self, end: End, bytes_up: u64, bytes_down: u64) {
+        let c = match end {
+            End::Closed => &self.closed,
+            End::IdleTimeout => &self.idle_timeout,
+            End::Reset => &self.reset,
+        };
+        c.fetch_add(1, Relaxed);
+        self.bytes_up.fetch_add(bytes_up, Relaxed);
+        self.bytes_down.fetch_add(bytes_down, Relaxed);
+    }
+
+    /// Counts one active client connection until the guard drops.
+    pub fn active_guard(&self) -> ActiveConn<'_> {
+        self.active.fetch_add(1, Relaxed);
+        ActiveConn(self)
+    }
+
+    pub fn snapshot(&self) -> OutcomeCounts {
+        let g = |c: &AtomicU64| c.load(Relaxed);
+        OutcomeCounts {
+            accepted: g(&self.accepted),
+            denied: g(&self.denied),
+            accept_errors: g(&self.accept_errors),
+            connected: g(&self.connected),
+            connect_refused: g(&self.connect_refused),
+            connect_timeout: g(&self.connect_timeout),
+            connect_other: g(&self.connect_other),
+            retried: g(&self.retried),
+            no_backend: g(&self.no_backend),
+            closed: g(&self.closed),
+            idle_timeout: g(&self.idle_timeout),
+            reset: g(&self.reset),
+            bytes_up: g(&self.bytes_up),
+            bytes_down: g(&self.bytes_down),
+            active: g(&self.active),
+        }
+    }
+}
+
+pub struct ActiveConn<'a>(&'a Outcomes);
+
+impl Drop for ActiveConn<'_> {
+    fn drop(&mut self) {
+        self.0.active.fetch_sub(1, Relaxed);
+    }
+}
