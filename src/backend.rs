@@ -138,7 +138,9 @@ async fn http(mut sock: TcpStream, name: &str, h: &BackendHandle) -> io::Result<
         // Serve every complete request already buffered (pipelining).
         while let Some(end) = find_head_end(&buf) {
             let head = String::from_utf8_lossy(&buf[..end]).to_ascii_lowercase();
-            let body_len = header_value(&head, "content-length").and_then(|v| v.parse::<usize>().ok()).unwrap_or(0);
+            let body_len = header_value(&head, "content-length")
+                .and_then(|v| v.parse::<usize>().ok())
+                .unwrap_or(0);
             if buf.len() < end + body_len {
                 break;
             }
@@ -182,12 +184,16 @@ fn header_value<'h>(head: &'h str, name: &str) -> Option<&'h str> {
 /// response body. The demo's and the tests' client.
 pub async fn http_get(addr: SocketAddr) -> io::Result<String> {
     let mut sock = TcpStream::connect(addr).await?;
-    sock.write_all(b"GET / HTTP/1.1\r\nhost: portshift\r\nconnection: close\r\n\r\n").await?;
+    sock.write_all(b"GET / HTTP/1.1\r\nhost: portshift\r\nconnection: close\r\n\r\n")
+        .await?;
     let mut reply = Vec::new();
     sock.read_to_end(&mut reply).await?;
     let text = String::from_utf8_lossy(&reply);
     match text.split_once("\r\n\r\n") {
         Some((head, body)) if head.starts_with("HTTP/1.1 200") => Ok(body.to_owned()),
-        _ => Err(io::Error::new(io::ErrorKind::InvalidData, format!("not a 200 reply: {text:?}"))),
+        _ => Err(io::Error::new(
+            io::ErrorKind::InvalidData,
+            format!("not a 200 reply: {text:?}"),
+        )),
     }
 }

@@ -42,17 +42,24 @@ pub async fn run(requests: u32) -> io::Result<()> {
         .replace("{a}", &backends[0].addr().port().to_string())
         .replace("{b}", &backends[1].addr().port().to_string())
         .replace("{c}", &backends[2].addr().port().to_string());
-    let config = Config::parse(Path::new("<demo>"), &text).map_err(|e| io::Error::other(e.to_string()))?;
+    let config =
+        Config::parse(Path::new("<demo>"), &text).map_err(|e| io::Error::other(e.to_string()))?;
     let proxy = Proxy::bind(&config).map_err(io::Error::other)?;
     let addr = proxy.local_addrs()[0].1;
-    let state = proxy.listener("web").expect("the demo config defines `web`");
+    let state = proxy
+        .listener("web")
+        .expect("the demo config defines `web`");
     let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
     let server = tokio::spawn(proxy.serve(async {
         let _ = stop_rx.await;
     }));
 
     println!("portshift demo: listener `web` on {addr}");
-    println!("  primary group: primary-a {} (weight 1), primary-b {} (weight 2)", backends[0].addr(), backends[1].addr());
+    println!(
+        "  primary group: primary-a {} (weight 1), primary-b {} (weight 2)",
+        backends[0].addr(),
+        backends[1].addr()
+    );
     println!("  backup group:  backup-a {}", backends[2].addr());
     println!("{requests} HTTP requests per phase, one new connection each\n");
 
@@ -60,7 +67,10 @@ pub async fn run(requests: u32) -> io::Result<()> {
     let phases: [(&str, Option<usize>); 3] = [
         ("1. all healthy", None),
         ("2. primary-a crashed", Some(0)),
-        ("3. primary-b crashed too: whole primary group down", Some(1)),
+        (
+            "3. primary-b crashed too: whole primary group down",
+            Some(1),
+        ),
     ];
     for (title, kill) in phases {
         if let Some(i) = kill {
@@ -78,7 +88,10 @@ pub async fn run(requests: u32) -> io::Result<()> {
         "proxy counted: {} accepted, {} connected, {} refused upstream connects retried, {} closed for lack of a backend",
         c.accepted, c.connected, c.connect_refused, c.no_backend
     );
-    println!("bytes: {} client->backend, {} backend->client", c.bytes_up, c.bytes_down);
+    println!(
+        "bytes: {} client->backend, {} backend->client",
+        c.bytes_up, c.bytes_down
+    );
     println!("client errors: {total_errors}");
     backends[2].stop().await;
     Ok(())
@@ -110,7 +123,11 @@ async fn phase(addr: SocketAddr, requests: u32) -> Phase {
             Err(_) => errors += 1,
         }
     }
-    Phase { served_by, errors, elapsed: start.elapsed() }
+    Phase {
+        served_by,
+        errors,
+        elapsed: start.elapsed(),
+    }
 }
 
 fn print_phase(title: &str, r: &Phase) {

@@ -12,7 +12,11 @@ use std::process::ExitCode;
 use std::time::Duration;
 
 #[derive(Parser)]
-#[command(name = "portshift", version, about = "Latency-aware adaptive L4 traffic shifter")]
+#[command(
+    name = "portshift",
+    version,
+    about = "Latency-aware adaptive L4 traffic shifter"
+)]
 struct Cli {
     #[command(subcommand)]
     command: Command,
@@ -58,10 +62,17 @@ enum Command {
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
+    // The demo prints its own report; proxy logs would only interleave with it.
+    let default_level = if matches!(cli.command, Command::Demo { .. }) {
+        "warn"
+    } else {
+        "info"
+    };
     tracing_subscriber::fmt()
         .with_writer(std::io::stderr)
         .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into()),
+            tracing_subscriber::EnvFilter::try_from_default_env()
+                .unwrap_or_else(|_| default_level.into()),
         )
         .init();
     match cli.command {
@@ -76,8 +87,16 @@ fn main() -> ExitCode {
             Ok(c) => report(runtime().and_then(|rt| rt.block_on(run(c)))),
             Err(e) => config_failed(&e),
         },
-        Command::Demo { requests } => report(runtime().and_then(|rt| Ok(rt.block_on(portshift::demo::run(requests))?))),
-        Command::Backend { listen, mode, delay, greeting, name } => {
+        Command::Demo { requests } => {
+            report(runtime().and_then(|rt| Ok(rt.block_on(portshift::demo::run(requests))?)))
+        }
+        Command::Backend {
+            listen,
+            mode,
+            delay,
+            greeting,
+            name,
+        } => {
             let opts = portshift::backend::BackendOpts {
                 name: name.unwrap_or_else(|| listen.to_string()),
                 mode,
@@ -134,7 +153,8 @@ async fn backend(listen: SocketAddr, opts: portshift::backend::BackendOpts) -> a
 /// Completes on SIGINT or SIGTERM.
 async fn shutdown_signal() {
     use tokio::signal::unix::{SignalKind, signal};
-    let mut term = signal(SignalKind::terminate()).expect("installing a SIGTERM handler cannot fail on unix");
+    let mut term =
+        signal(SignalKind::terminate()).expect("installing a SIGTERM handler cannot fail on unix");
     tokio::select! {
         _ = tokio::signal::ctrl_c() => {}
         _ = term.recv() => {}

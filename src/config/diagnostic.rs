@@ -134,7 +134,10 @@ pub fn nearest<'c>(word: &str, candidates: impl IntoIterator<Item = &'c str>) ->
 }
 
 /// Hint text for a name that was not found among `known`.
-pub fn did_you_mean<'c>(word: &str, known: impl IntoIterator<Item = &'c str> + Clone) -> Option<String> {
+pub fn did_you_mean<'c>(
+    word: &str,
+    known: impl IntoIterator<Item = &'c str> + Clone,
+) -> Option<String> {
     match nearest(word, known.clone()) {
         Some(n) => Some(format!("did you mean `{n}`?")),
         None => {
@@ -153,7 +156,9 @@ pub fn unknown_field_hint(message: &str) -> Option<String> {
     let names: Vec<&str> = expected.split('`').skip(1).step_by(2).collect();
     match nearest(field, names.iter().copied()) {
         Some(n) => Some(format!("did you mean `{n}`?")),
-        None => Some(format!("remove `{field}`; allowed keys here are listed above")),
+        None => Some(format!(
+            "remove `{field}`; allowed keys here are listed above"
+        )),
     }
 }
 
@@ -172,7 +177,10 @@ mod tests {
     #[test]
     fn suggests_nearest_known_key() {
         let msg = "unknown field `weigth`, expected `addr` or `weight`";
-        assert_eq!(unknown_field_hint(msg).as_deref(), Some("did you mean `weight`?"));
+        assert_eq!(
+            unknown_field_hint(msg).as_deref(),
+            Some("did you mean `weight`?")
+        );
         assert_eq!(nearest("zzzzzz", ["primary", "backups"]), None);
     }
 }

@@ -11,9 +11,9 @@ pub fn parse_listen(text: &str) -> Result<Vec<SocketAddr>, String> {
     if let Ok(addr) = text.parse::<SocketAddr>() {
         return Ok(vec![addr]);
     }
-    let (host, ports) = text
-        .rsplit_once(':')
-        .ok_or_else(|| format!("`{text}` is not an address: expected `ip:port`, `[ipv6]:port` or `ip:first-last`"))?;
+    let (host, ports) = text.rsplit_once(':').ok_or_else(|| {
+        format!("`{text}` is not an address: expected `ip:port`, `[ipv6]:port` or `ip:first-last`")
+    })?;
     let ip = parse_host(host)
         .ok_or_else(|| format!("`{host}` is not an IP address (hostnames are not resolved; use e.g. 127.0.0.1 or [::1])"))?;
     let (first, last) = ports
@@ -75,10 +75,26 @@ mod tests {
 
     #[test]
     fn rejects_bad_listen_entries_with_reason() {
-        assert!(parse_listen("localhost:80").unwrap_err().contains("not an IP"));
-        assert!(parse_listen("127.0.0.1:90-80").unwrap_err().contains("reversed"));
-        assert!(parse_listen("127.0.0.1:1-5000").unwrap_err().contains("at most"));
-        assert!(parse_listen("127.0.0.1").unwrap_err().contains("not an address"));
+        assert!(
+            parse_listen("localhost:80")
+                .unwrap_err()
+                .contains("not an IP")
+        );
+        assert!(
+            parse_listen("127.0.0.1:90-80")
+                .unwrap_err()
+                .contains("reversed")
+        );
+        assert!(
+            parse_listen("127.0.0.1:1-5000")
+                .unwrap_err()
+                .contains("at most")
+        );
+        assert!(
+            parse_listen("127.0.0.1")
+                .unwrap_err()
+                .contains("not an address")
+        );
     }
 
     #[test]

@@ -80,6 +80,8 @@ pub struct Listener {
     pub name: String,
     /// Every address this listener binds (ranges expanded); never empty.
     pub addrs: Vec<SocketAddr>,
+    /// The `listen` entries as written, for display.
+    pub listen: Vec<String>,
     /// Indexes into `Config::groups`: the primary first, then backups in order.
     pub groups: Vec<usize>,
     pub policy: Option<PolicyRef>,
@@ -163,12 +165,20 @@ impl Config {
         let mut out = String::new();
         let ms = |d: Duration| humantime::format_duration(d).to_string();
         for l in &self.listeners {
-            let addrs: Vec<String> = l.addrs.iter().map(|a| a.to_string()).collect();
             let _ = writeln!(out, "listener {}", l.name);
-            let _ = writeln!(out, "  listen   {}", compact_addrs(&addrs));
-            let policy = l.policy.as_ref().map_or("none (all traffic stays on the primary)".to_string(), |p| {
-                format!("{} ({})", p.name, p.path.display())
-            });
+            let n = l.addrs.len();
+            let _ = writeln!(
+                out,
+                "  listen   {}  ({n} socket{})",
+                l.listen.join(", "),
+                if n == 1 { "" } else { "s" }
+            );
+            let policy = l
+                .policy
+                .as_ref()
+                .map_or("none (all traffic stays on the primary)".to_string(), |p| {
+                    format!("{} ({})", p.name, p.path.display())
+                });
             let _ = writeln!(out, "  policy   {policy}");
             let _ = writeln!(
                 out,
@@ -177,30 +187,45 @@ impl Config {
                 l.connect_attempts,
                 ms(l.idle_timeout)
             );
-            let acl = |nets: &[IpNet]| nets.iter().map(|n| n.to_string()).collect::<Vec<_>>().join(", ");
+            let acl = |nets: &[IpNet]| {
+                nets.iter()
+                    .map(|n| n.to_string())
+                    .collect::<Vec<_>>()
+                    .join(", ")
+            };
             let allow = l.acl.allow.as_deref().map_or("any source".to_string(), acl);
-            let deny = if l.acl.deny.is_empty() { String::new() } else { format!("; deny {}", acl(&l.acl.deny)) };
+            let deny = if l.acl.deny.is_empty() {
+                String::new()
+            } else {
+                format!("; deny {}", acl(&l.acl.deny))
+            };
             let _ = writeln!(out, "  allow    {allow}{deny}");
             for (i, &g) in l.groups.iter().enumerate() {
                 let group = self.group(g);
-                let (role, share) = if i == 0 { ("primary", "100.00%") } else { ("backup ", "  0.00%") };
-                let _ = writeln!(out, "  {role}  {:<20} {share} of new connections  [{}]", group.name, group.balance.name());
+                let (role, share) = if i == 0 {
+                    ("primary", "100.00%")
+                } else {
+                    ("backup ", "  0.00%")
+                };
+                let _ = writeln!(
+                    out,
+                    "  {role}  {:<20} {share} of new connections  [{}]",
+                    group.name,
+                    group.balance.name()
+                );
                 let total: u32 = group.backends.iter().map(|b| b.weight).sum();
                 for b in &group.backends {
                     let pct = f64::from(b.weight) * 100.0 / f64::from(total.max(1));
-                    let _ = writeln!(out, "    -> {:<24} weight {:<4} ({pct:.1}% of the group)", b.addr.to_string(), b.weight);
+                    let _ = writeln!(
+                        out,
+                        "    -> {:<24} weight {:<4} ({pct:.1}% of the group)",
+                        b.addr.to_string(),
+                        b.weight
+                    );
                 }
             }
         }
         let _ = write!(out, "drain timeout on shutdown: {}", ms(self.drain_timeout));
         out
     }
-}
-
-/// Lists addresses, folding long runs of consecutive ports into `a-b`.
-fn compact_addrs(addrs: &[String]) -> String {
-    if addrs.len() <= 4 {
-        return addrs.join(", ");
-    }
-    format!("{} .. {} ({} addresses)", addrs[0], addrs[addrs.len() - 1], addrs.len())
 }

@@ -21,7 +21,11 @@ pub fn parse(path: &Path, text: &str) -> Result<Config, ConfigError> {
             return Err(rep.finish().expect_err("an error was just reported"));
         }
     };
-    let config = Validator { rep: &mut rep, path }.config(raw);
+    let config = Validator {
+        rep: &mut rep,
+        path,
+    }
+    .config(raw);
     rep.finish().map(|()| config)
 }
 
@@ -42,7 +46,11 @@ struct Validator<'r, 'a> {
 
 impl Validator<'_, '_> {
     fn config(&mut self, raw: RawConfig) -> Config {
-        let drain_timeout = self.duration(raw.drain_timeout.as_ref(), "drain_timeout", DEFAULT_DRAIN_TIMEOUT);
+        let drain_timeout = self.duration(
+            raw.drain_timeout.as_ref(),
+            "drain_timeout",
+            DEFAULT_DRAIN_TIMEOUT,
+        );
         let groups: Vec<Group> = raw.groups.iter().map(|g| self.group(g)).collect();
         self.unique_names(raw.groups.iter().map(|g| &g.name), "group");
         self.unique_names(raw.listeners.iter().map(|l| &l.name), "listener");
@@ -52,7 +60,11 @@ impl Validator<'_, '_> {
                 Some("add a [[listener]] table with name, listen and primary".into()),
             );
         }
-        let group_names: Vec<&str> = raw.groups.iter().map(|g| g.name.get_ref().as_str()).collect();
+        let group_names: Vec<&str> = raw
+            .groups
+            .iter()
+            .map(|g| g.name.get_ref().as_str())
+            .collect();
         let listeners: Vec<Listener> = raw
             .listeners
             .iter()
@@ -71,7 +83,8 @@ impl Validator<'_, '_> {
         let mut seen: HashMap<&str, ()> = HashMap::new();
         for name in names {
             if name.get_ref().is_empty() {
-                self.rep.error(name.span(), format!("{what} name is empty"), None);
+                self.rep
+                    .error(name.span(), format!("{what} name is empty"), None);
             } else if seen.insert(name.get_ref(), ()).is_some() {
                 self.rep.error(
                     name.span(),
@@ -154,12 +167,18 @@ impl Validator<'_, '_> {
         let name = raw.name.get_ref().clone();
         let addrs = self.listen_addrs(raw, &name);
         let mut members = Vec::new();
-        for (i, g) in std::iter::once(&raw.primary).chain(&raw.backups).enumerate() {
+        for (i, g) in std::iter::once(&raw.primary)
+            .chain(&raw.backups)
+            .enumerate()
+        {
             let role = if i == 0 { "primary" } else { "backup" };
             let Some(idx) = group_names.iter().position(|n| n == g.get_ref()) else {
                 self.rep.error(
                     g.span(),
-                    format!("listener `{name}`: {role} group `{}` is not defined", g.get_ref()),
+                    format!(
+                        "listener `{name}`: {role} group `{}` is not defined",
+                        g.get_ref()
+                    ),
                     did_you_mean(g.get_ref(), group_names.iter().copied())
                         .or_else(|| Some("define it with a [[group]] table".into())),
                 );
@@ -173,7 +192,10 @@ impl Validator<'_, '_> {
                 };
                 self.rep.error(
                     g.span(),
-                    format!("listener `{name}`: group `{}` is used twice (as {role})", g.get_ref()),
+                    format!(
+                        "listener `{name}`: group `{}` is used twice (as {role})",
+                        g.get_ref()
+                    ),
                     Some(hint.into()),
                 );
                 continue;
@@ -187,11 +209,25 @@ impl Validator<'_, '_> {
                 allow: raw.allow.as_ref().map(|a| self.cidrs(&name, a, "allow")),
                 deny: self.cidrs(&name, &raw.deny, "deny"),
             },
-            connect_timeout: self.duration(raw.connect_timeout.as_ref(), "connect_timeout", DEFAULT_CONNECT_TIMEOUT),
-            idle_timeout: self.duration(raw.idle_timeout.as_ref(), "idle_timeout", DEFAULT_IDLE_TIMEOUT),
+            connect_timeout: self.duration(
+                raw.connect_timeout.as_ref(),
+                "connect_timeout",
+                DEFAULT_CONNECT_TIMEOUT,
+            ),
+            idle_timeout: self.duration(
+                raw.idle_timeout.as_ref(),
+                "idle_timeout",
+                DEFAULT_IDLE_TIMEOUT,
+            ),
             connect_attempts: self.attempts(raw.connect_attempts.as_ref()),
             name,
             addrs: addrs.into_iter().map(|(a, _)| a).collect(),
+            listen: raw
+                .listen
+                .get_ref()
+                .iter()
+                .map(|s| s.get_ref().clone())
+                .collect(),
             groups: members,
         }
     }
@@ -209,7 +245,9 @@ impl Validator<'_, '_> {
         for (i, entry) in raw.listen.get_ref().iter().enumerate() {
             match parse_listen(entry.get_ref()) {
                 Ok(addrs) => out.extend(addrs.into_iter().map(|a| (a, i))),
-                Err(why) => self.rep.error(entry.span(), format!("listener `{name}`: {why}"), None),
+                Err(why) => self
+                    .rep
+                    .error(entry.span(), format!("listener `{name}`: {why}"), None),
             }
         }
         out
@@ -217,7 +255,14 @@ impl Validator<'_, '_> {
 
     /// A backend that is the listener's own address would proxy to itself
     /// forever.
-    fn loops(&mut self, name: &str, addrs: &[(SocketAddr, usize)], members: &[usize], groups: &[Group], raw: &RawListener) {
+    fn loops(
+        &mut self,
+        name: &str,
+        addrs: &[(SocketAddr, usize)],
+        members: &[usize],
+        groups: &[Group],
+        raw: &RawListener,
+    ) {
         for &g in members {
             for b in &groups[g].backends {
                 if let Some((a, i)) = addrs.iter().find(|(a, _)| addrs_collide(*a, b.addr)) {
@@ -241,7 +286,8 @@ impl Validator<'_, '_> {
         for (li, l) in listeners.iter().enumerate() {
             let mut reported = Vec::new();
             for &addr in &l.addrs {
-                let Some(&(other, oi)) = claimed.iter().find(|(a, _)| addrs_collide(*a, addr)) else {
+                let Some(&(other, oi)) = claimed.iter().find(|(a, _)| addrs_collide(*a, addr))
+                else {
                     claimed.push((addr, li));
                     continue;
                 };
@@ -250,7 +296,11 @@ impl Validator<'_, '_> {
                 }
                 reported.push(oi);
                 let message = if oi == li {
-                    format!("listener `{}` claims port {} twice ({other} and {addr})", l.name, addr.port())
+                    format!(
+                        "listener `{}` claims port {} twice ({other} and {addr})",
+                        l.name,
+                        addr.port()
+                    )
                 } else {
                     format!(
                         "listeners `{}` and `{}` both claim port {} ({other} and {addr})",
@@ -287,12 +337,19 @@ impl Validator<'_, '_> {
         let hint = if is_path {
             Some("name a policy file that exists (paths are relative to the config file)".into())
         } else {
-            did_you_mean(name, known.iter().map(String::as_str))
-                .or_else(|| Some(format!("put the policy in {}", dir.join("policies").display())))
+            did_you_mean(name, known.iter().map(String::as_str)).or_else(|| {
+                Some(format!(
+                    "put the policy in {}",
+                    dir.join("policies").display()
+                ))
+            })
         };
         self.rep.error(
             raw.span(),
-            format!("listener `{listener}`: policy `{name}` not found (looked for {})", path.display()),
+            format!(
+                "listener `{listener}`: policy `{name}` not found (looked for {})",
+                path.display()
+            ),
             hint,
         );
         None
@@ -302,11 +359,16 @@ impl Validator<'_, '_> {
         let mut nets = Vec::new();
         for entry in raw {
             let text = entry.get_ref();
-            match text.parse::<IpNet>().or_else(|_| text.parse::<IpAddr>().map(IpNet::from)) {
+            match text
+                .parse::<IpNet>()
+                .or_else(|_| text.parse::<IpAddr>().map(IpNet::from))
+            {
                 Ok(net) => nets.push(net),
                 Err(_) => self.rep.error(
                     entry.span(),
-                    format!("listener `{listener}`: `{text}` in `{key}` is not a CIDR or IP address"),
+                    format!(
+                        "listener `{listener}`: `{text}` in `{key}` is not a CIDR or IP address"
+                    ),
                     Some("write e.g. \"127.0.0.0/8\", \"::1/128\" or \"10.1.2.3\"".into()),
                 ),
             }
@@ -324,7 +386,11 @@ impl Validator<'_, '_> {
         let Some(raw) = raw else { return default };
         match humantime::parse_duration(raw.get_ref()) {
             Ok(d) if d.is_zero() => {
-                self.rep.error(raw.span(), format!("`{key}` must be greater than zero"), None);
+                self.rep.error(
+                    raw.span(),
+                    format!("`{key}` must be greater than zero"),
+                    None,
+                );
                 default
             }
             Ok(d) => d,
@@ -361,7 +427,12 @@ fn known_policies(dir: &Path) -> Vec<String> {
     };
     let mut names: Vec<String> = entries
         .filter_map(|e| e.ok())
-        .filter_map(|e| e.file_name().to_str()?.strip_suffix(".toml").map(String::from))
+        .filter_map(|e| {
+            e.file_name()
+                .to_str()?
+                .strip_suffix(".toml")
+                .map(String::from)
+        })
         .collect();
     names.sort();
     names

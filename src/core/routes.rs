@@ -91,7 +91,10 @@ pub struct GroupRoutes {
 impl GroupRoutes {
     pub fn new(name: impl Into<String>, backends: Vec<Backend>, balance: Balance) -> Self {
         let schedule = smooth_wrr_schedule(&backends.iter().map(|b| b.weight).collect::<Vec<_>>());
-        assert!(!schedule.is_empty(), "a group has at least one backend with weight > 0");
+        assert!(
+            !schedule.is_empty(),
+            "a group has at least one backend with weight > 0"
+        );
         GroupRoutes {
             name: name.into(),
             active: backends.iter().map(|_| AtomicU32::new(0)).collect(),
@@ -114,9 +117,15 @@ impl GroupRoutes {
     pub fn next_backend(&self) -> usize {
         let n = self.next.fetch_add(1, Ordering::Relaxed);
         match self.balance {
-            Balance::RoundRobin => self.schedule[(n % self.schedule.len() as u64) as usize] as usize,
+            Balance::RoundRobin => {
+                self.schedule[(n % self.schedule.len() as u64) as usize] as usize
+            }
             Balance::LeastConnections => {
-                let active: Vec<u32> = self.active.iter().map(|a| a.load(Ordering::Relaxed)).collect();
+                let active: Vec<u32> = self
+                    .active
+                    .iter()
+                    .map(|a| a.load(Ordering::Relaxed))
+                    .collect();
                 let weights: Vec<u32> = self.backends.iter().map(|b| b.weight).collect();
                 least_connections(&active, &weights, n)
             }
@@ -191,7 +200,8 @@ pub fn least_connections(active: &[u32], weights: &[u32], rotation: u64) -> usiz
         }
         // active[i]/w[i] < active[b]/w[b], without division.
         let better = best.is_none_or(|b| {
-            u64::from(active[i]) * u64::from(weights[b]) < u64::from(active[b]) * u64::from(weights[i])
+            u64::from(active[i]) * u64::from(weights[b])
+                < u64::from(active[b]) * u64::from(weights[i])
         });
         if better {
             best = Some(i);
@@ -231,12 +241,18 @@ impl RouteTable {
         for k in 0..n {
             let b = (first + k) % n;
             if g.backends()[b].weight > 0 {
-                plan.push(Attempt { group: first_group, backend: b });
+                plan.push(Attempt {
+                    group: first_group,
+                    backend: b,
+                });
             }
         }
         for (gi, g) in self.groups.iter().enumerate() {
             if gi != first_group {
-                plan.push(Attempt { group: gi, backend: g.next_backend() });
+                plan.push(Attempt {
+                    group: gi,
+                    backend: g.next_backend(),
+                });
             }
         }
         plan.truncate(max);
@@ -325,7 +341,10 @@ mod tests {
 
     #[test]
     fn weights_must_sum_to_total() {
-        assert_eq!(Weights::new(vec![5000, 4000]), Err(WeightsError::BadSum(9000)));
+        assert_eq!(
+            Weights::new(vec![5000, 4000]),
+            Err(WeightsError::BadSum(9000))
+        );
         assert!(Weights::new(vec![9000, 1000]).is_ok());
     }
 
@@ -358,7 +377,11 @@ mod tests {
 
     #[test]
     fn plan_tries_rest_of_group_then_other_groups() {
-        let primary = Arc::new(GroupRoutes::new("p", backends(&[1, 1]), Balance::RoundRobin));
+        let primary = Arc::new(GroupRoutes::new(
+            "p",
+            backends(&[1, 1]),
+            Balance::RoundRobin,
+        ));
         let backup = Arc::new(GroupRoutes::new("b", backends(&[1]), Balance::RoundRobin));
         let router = Router::new(vec![primary, backup]);
         let (_, plan) = router.plan_next(8);
@@ -373,13 +396,19 @@ mod tests {
         let g = || Arc::new(GroupRoutes::new("g", backends(&[1]), Balance::RoundRobin));
         let router = Router::new(vec![g(), g()]);
         assert!(router.publish(Weights::new(vec![10_000]).unwrap()).is_err());
-        router.publish(Weights::new(vec![0, 10_000]).unwrap()).unwrap();
+        router
+            .publish(Weights::new(vec![0, 10_000]).unwrap())
+            .unwrap();
         assert_eq!(router.plan_next(1).1[0].group, 1);
     }
 
     #[test]
     fn active_guard_counts_live_connections() {
-        let g = Arc::new(GroupRoutes::new("g", backends(&[1]), Balance::LeastConnections));
+        let g = Arc::new(GroupRoutes::new(
+            "g",
+            backends(&[1]),
+            Balance::LeastConnections,
+        ));
         let guard = g.track(0);
         assert_eq!(g.active(0), 1);
         drop(guard);

@@ -36,7 +36,9 @@ async fn connect_first(
 ) -> Option<(Attempt, TcpStream)> {
     for (i, &attempt) in plan.iter().enumerate() {
         let addr = groups[attempt.group].addr(attempt.backend);
-        let failure = match tokio::time::timeout(state.connect_timeout, TcpStream::connect(addr)).await {
+        let failure = match tokio::time::timeout(state.connect_timeout, TcpStream::connect(addr))
+            .await
+        {
             Ok(Ok(stream)) => return Some((attempt, stream)),
             Ok(Err(e)) if e.kind() == io::ErrorKind::ConnectionRefused => ConnectFailure::Refused,
             Ok(Err(_)) => ConnectFailure::Other,

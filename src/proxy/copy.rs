@@ -24,7 +24,11 @@ pub struct Copied {
 
 /// Runs until both directions reach EOF, either side fails, or nothing moves
 /// for `idle`.
-pub async fn bidirectional(client: &mut TcpStream, upstream: &mut TcpStream, idle: Duration) -> Copied {
+pub async fn bidirectional(
+    client: &mut TcpStream,
+    upstream: &mut TcpStream,
+    idle: Duration,
+) -> Copied {
     let start = Instant::now();
     let last_ms = AtomicU64::new(0);
     let (up, down) = (AtomicU64::new(0), AtomicU64::new(0));
@@ -32,7 +36,10 @@ pub async fn bidirectional(client: &mut TcpStream, upstream: &mut TcpStream, idl
     let (mut ur, mut uw) = upstream.split();
     let mut bufs = vec![0u8; 2 * BUFFER_BYTES];
     let (b1, b2) = bufs.split_at_mut(BUFFER_BYTES);
-    let activity = Activity { start, last_ms: &last_ms };
+    let activity = Activity {
+        start,
+        last_ms: &last_ms,
+    };
     let both = async {
         tokio::try_join!(
             pipe(&mut cr, &mut uw, b1, &up, &activity),
@@ -58,7 +65,8 @@ struct Activity<'a> {
 
 impl Activity<'_> {
     fn touch(&self) {
-        self.last_ms.store(self.start.elapsed().as_millis() as u64, Relaxed);
+        self.last_ms
+            .store(self.start.elapsed().as_millis() as u64, Relaxed);
     }
 
     /// Completes once nothing has moved for `idle`.
@@ -73,7 +81,13 @@ impl Activity<'_> {
     }
 }
 
-async fn pipe<R, W>(r: &mut R, w: &mut W, buf: &mut [u8], total: &AtomicU64, activity: &Activity<'_>) -> std::io::Result<()>
+async fn pipe<R, W>(
+    r: &mut R,
+    w: &mut W,
+    buf: &mut [u8],
+    total: &AtomicU64,
+    activity: &Activity<'_>,
+) -> std::io::Result<()>
 where
     R: AsyncRead + Unpin,
     W: AsyncWrite + Unpin,

@@ -32,7 +32,10 @@ const ACCEPT_ERROR_BACKOFF: Duration = Duration::from_millis(50);
 
 /// A listener that could not be bound; nothing else was left running.
 #[derive(Debug, thiserror::Error)]
-#[error("listener `{listener}`: cannot bind {addr} (port {port}): {source}{}", bind_hint(source))]
+#[error(
+    "listener `{listener}`: cannot bind {addr} (port {port}): {source}{}",
+    bind_hint(source)
+)]
 pub struct BindError {
     pub listener: String,
     pub addr: SocketAddr,
@@ -130,14 +133,21 @@ impl Proxy {
     pub fn local_addrs(&self) -> Vec<(String, SocketAddr)> {
         self.listeners
             .iter()
-            .flat_map(|(s, socks)| socks.iter().filter_map(move |l| Some((s.name.clone(), l.local_addr().ok()?))))
+            .flat_map(|(s, socks)| {
+                socks
+                    .iter()
+                    .filter_map(move |l| Some((s.name.clone(), l.local_addr().ok()?)))
+            })
             .collect()
     }
 
     /// Shared state of the listener named `name`: its router (to publish
     /// weights) and its outcome counters.
     pub fn listener(&self, name: &str) -> Option<Arc<ListenerState>> {
-        self.listeners.iter().find(|(s, _)| s.name == name).map(|(s, _)| Arc::clone(s))
+        self.listeners
+            .iter()
+            .find(|(s, _)| s.name == name)
+            .map(|(s, _)| Arc::clone(s))
     }
 
     /// Serves until `shutdown` completes, then stops accepting and waits for
@@ -151,7 +161,12 @@ impl Proxy {
                 if let Ok(addr) = socket.local_addr() {
                     info!(listener = %state.name, %addr, "listening");
                 }
-                accepts.spawn(accept_loop(socket, Arc::clone(&state), conns.clone(), stop.clone()));
+                accepts.spawn(accept_loop(
+                    socket,
+                    Arc::clone(&state),
+                    conns.clone(),
+                    stop.clone(),
+                ));
             }
         }
         accepts.close();
@@ -160,7 +175,10 @@ impl Proxy {
         accepts.wait().await;
         conns.close();
         info!(in_flight = conns.len(), deadline = ?self.drain_timeout, "stopped accepting; draining");
-        if tokio::time::timeout(self.drain_timeout, conns.wait()).await.is_ok() {
+        if tokio::time::timeout(self.drain_timeout, conns.wait())
+            .await
+            .is_ok()
+        {
             info!("drained");
             return DrainReport { cut: 0 };
         }
@@ -184,7 +202,12 @@ fn bind_one(addr: SocketAddr) -> io::Result<TcpListener> {
     TcpListener::from_std(socket.into())
 }
 
-async fn accept_loop(listener: TcpListener, state: Arc<ListenerState>, conns: TaskTracker, stop: CancellationToken) {
+async fn accept_loop(
+    listener: TcpListener,
+    state: Arc<ListenerState>,
+    conns: TaskTracker,
+    stop: CancellationToken,
+) {
     loop {
         let accepted = tokio::select! {
             () = stop.cancelled() => return,

@@ -1,0 +1,370 @@
+//! The `portshift` binary as a user runs it: `check` on good and bad
+//! configs, `run` failing to bind, and SIGTERM draining.
+
+mod common;
+
+use common::*;
+use std::io::{BufRead, BufReader, Read, Write};
+use std::net::{SocketAddr, TcpStream};
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
+
+struct Outcome {
+    code: i32,
+    stdout: String,
+    stderr: String,
+}
+
+fn portshift(args: &[&str], config_text: &str) -> Outcome {
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::create_dir(dir.path().join("policies")).unwrap();
+    std::fs::write(dir.path().join("policies/failover.toml"), "# test policy\n").unwrap();
+    let path = write_config(dir.path(), config_text);
+    let out = Command::new(bin())
+        .args(args)
+        .arg("-c")
+        .arg(&path)
+        .output()
+        .unwrap();
+    Outcome {
+        code: out.status.code().unwrap_or(-1),
+        stdout: String::from_utf8_lossy(&out.stdout).into_owned(),
+        stderr: String::from_utf8_lossy(&out.stderr).into_owned(),
+    }
+}
+
+const GOOD: &str = r#"
+[[group]]
+name = "social-primary"
+backends = ["127.0.0.1:9001", { addr = "127.0.0.1:9002", weight = 2 }]
+
+[[group]]
+name = "social-backup"
+backends = ["127.0.0.1:9101"]
+
+[[listener]]
+name = "social"
+listen = ["127.0.0.1:8080", "[::1]:8080", "127.0.0.1:8100-8102"]
+primary = "social-primary"
+backups = ["social-backup"]
+policy = "failover"
+allow = ["127.0.0.0/8", "::1"]
+"#;
+
+/// `check` prints listeners -> groups -> backends with weights and policy.
+#[test]
+fn check_prints_what_would_run() {
+    let out = portshift(&["check"], GOOD);
+    assert_eq!(out.code, 0, "{}", out.stderr);
+    for want in [
+        "listener social",
+        "listen   127.0.0.1:8080, [::1]:8080, 127.0.0.1:8100-8102  (5 sockets)",
+        "primary  social-primary",
+        "100.00%",
+        "backup   social-backup",
+        "127.0.0.1:9002           weight 2    (66.7% of the group)",
+        "policy   failover",
+        "allow    127.0.0.0/8, ::1/128",
+    ] {
+        assert!(
+            out.stdout.contains(want),
+            "missing {want:?} in:\n{}",
+            out.stdout
+        );
+    }
+}
+
+/// Each bad config: exit 2, and the message names line:column, the problem
+/// and the fix.
+#[test]
+fn bad_configs_name_line_problem_and_fix() {
+    check_case(
+        "port conflict",
+        &format!(
+            "{GOOD}\n[[listener]]\nname = \"tax\"\nlisten = [\"0.0.0.0:8101\"]\nprimary = \"social-backup\"\n"
+        ),
+        &[
+            "portshift.toml:20:10: error: listeners `social` and `tax` both claim port 8101",
+            "give each listener its own address:port",
+        ],
+    );
+    check_case(
+        "range overlap within a listener",
+        &GOOD.replace("\"127.0.0.1:8100-8102\"", "\"127.0.0.1:8079-8081\""),
+        &["listener `social` claims port 8080 twice"],
+    );
+    check_case(
+        "loop",
+        &GOOD.replace("127.0.0.1:9101", "127.0.0.1:8080"),
+        &[
+            "portshift.toml:12:11: error: listener `social` listens on 127.0.0.1:8080 and group `social-backup` sends to backend 127.0.0.1:8080: a loop",
+        ],
+    );
+    check_case(
+        "unknown group",
+        &GOOD.replace(
+            "backups = [\"social-backup\"]",
+            "backups = [\"social-bakup\"]",
+        ),
+        &[
+            "portshift.toml:14:12: error: listener `social`: backup group `social-bakup` is not defined",
+            "did you mean `social-backup`?",
+        ],
+    );
+    check_case(
+        "unknown policy",
+        &GOOD.replace("\"failover\"", "\"failvoer\""),
+        &["policy `failvoer` not found", "did you mean `failover`?"],
+    );
+    check_case(
+        "backup equal to primary",
+        &GOOD.replace(
+            "backups = [\"social-backup\"]",
+            "backups = [\"social-primary\"]",
+        ),
+        &[
+            "group `social-primary` is used twice (as backup)",
+            "a backup must be a different group than the primary",
+        ],
+    );
+    check_case(
+        "group without backends",
+        &GOOD.replace("backends = [\"127.0.0.1:9101\"]", "backends = []"),
+        &["portshift.toml:8:12: error: group `social-backup` has no backends"],
+    );
+    check_case(
+        "all weights zero",
+        &GOOD.replace(
+            "backends = [\"127.0.0.1:9101\"]",
+            "backends = [{ addr = \"127.0.0.1:9101\", weight = 0 }]",
+        ),
+        &["group `social-backup`: every backend has weight 0"],
+    );
+    check_case(
+        "bad duration",
+        &format!("{GOOD}connect_timeout = \"3 parsecs\"\n"),
+        &[
+            "portshift.toml:17:19: error: `connect_timeout`: `3 parsecs` is not a duration",
+            "\"250ms\"",
+        ],
+    );
+    check_case(
+        "bad backend address",
+        &GOOD.replace("127.0.0.1:9101", "backup.local:9101"),
+        &["group `social-backup`: backend `backup.local:9101` is not an `ip:port` address"],
+    );
+    check_case(
+        "bad listen address",
+        &GOOD.replace("\"[::1]:8080\"", "\"[::1]:80800\""),
+        &["listener `social`: `80800` is not a port"],
+    );
+    check_case(
+        "bad cidr",
+        &GOOD.replace("\"::1\"", "\"127.0.0.0/33\""),
+        &["`127.0.0.0/33` in `allow` is not a CIDR or IP address"],
+    );
+    check_case(
+        "unknown key",
+        &GOOD.replace(
+            "{ addr = \"127.0.0.1:9002\", weight = 2 }",
+            "{ addr = \"127.0.0.1:9002\", weigth = 2 }",
+        ),
+        &[
+            "portshift.toml:4:",
+            "unknown field `weigth`",
+            "did you mean `weight`?",
+        ],
+    );
+    check_case(
+        "unknown top-level key",
+        &format!("listners = []\n{GOOD}"),
+        &[
+            "portshift.toml:1:1: error: unknown field `listners`",
+            "did you mean `listener`?",
+        ],
+    );
+}
+
+/// Every problem is reported in one run, not just the first.
+#[test]
+fn all_problems_reported_at_once() {
+    let text = GOOD
+        .replace("\"failover\"", "\"nope\"")
+        .replace("127.0.0.1:9101", "nonsense")
+        .replace("\"::1\"", "\"::1/200\"");
+    let out = portshift(&["check"], &text);
+    assert_eq!(out.code, 2);
+    assert!(
+        out.stderr.contains("3 problems found; nothing was started"),
+        "{}",
+        out.stderr
+    );
+}
+
+fn check_case(name: &str, text: &str, wants: &[&str]) {
+    let out = portshift(&["check"], text);
+    assert_eq!(
+        out.code, 2,
+        "{name}: want exit 2, got {}\n{}",
+        out.code, out.stderr
+    );
+    assert!(
+        out.stdout.is_empty(),
+        "{name}: nothing printed as if it ran"
+    );
+    for want in wants {
+        assert!(
+            out.stderr.contains(want),
+            "{name}: missing {want:?} in:\n{}",
+            out.stderr
+        );
+    }
+}
+
+/// `run` with a bad config exits 2 and binds nothing.
+#[test]
+fn run_with_bad_config_starts_nothing() {
+    let held = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let port = held.local_addr().unwrap().port();
+    drop(held);
+    let text = format!(
+        "[[group]]\nname = \"g\"\nbackends = [\"127.0.0.1:1\"]\n[[listener]]\nname = \"l\"\nlisten = [\"127.0.0.1:{port}\"]\nprimary = \"gg\"\n"
+    );
+    let out = portshift(&["run"], &text);
+    assert_eq!(out.code, 2);
+    assert!(
+        out.stderr.contains("primary group `gg` is not defined"),
+        "{}",
+        out.stderr
+    );
+    assert!(!out.stderr.contains("listening"));
+}
+
+/// A port held by another process: exit non-zero, naming listener and port.
+#[test]
+fn bind_failure_names_listener_and_port() {
+    let held = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let port = held.local_addr().unwrap().port();
+    let text = format!(
+        "[[group]]\nname = \"g\"\nbackends = [\"127.0.0.1:1\"]\n\
+         [[listener]]\nname = \"first\"\nlisten = [\"127.0.0.1:0\"]\nprimary = \"g\"\n\
+         [[listener]]\nname = \"taken\"\nlisten = [\"127.0.0.1:{port}\"]\nprimary = \"g\"\n"
+    );
+    let out = portshift(&["run"], &text);
+    assert_eq!(out.code, 1, "{}", out.stderr);
+    assert!(
+        out.stderr.contains(&format!(
+            "listener `taken`: cannot bind 127.0.0.1:{port} (port {port})"
+        )),
+        "{}",
+        out.stderr
+    );
+    assert!(out.stderr.contains("another process holds this port"));
+    assert!(
+        !out.stderr.contains("listening"),
+        "nothing started accepting: {}",
+        out.stderr
+    );
+}
+
+/// SIGTERM: new connections are refused, the in-flight one finishes, exit 0.
+#[test]
+fn sigterm_stops_accepting_and_drains() {
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    let echo = rt.block_on(echo_backend());
+    let dir = tempfile::tempdir().unwrap();
+    let path = write_config(
+        dir.path(),
+        &two_group_config(&[echo.addr()], &[echo.addr()], ""),
+    );
+    let mut child = Command::new(bin())
+        .args(["run", "-c"])
+        .arg(&path)
+        .env("RUST_LOG", "info")
+        .env("NO_COLOR", "1")
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut lines = BufReader::new(child.stderr.take().unwrap()).lines();
+    let addr: SocketAddr = loop {
+        let line = lines.next().expect("proxy logs before exiting").unwrap();
+        if let Some(rest) = line.split("addr=").nth(1) {
+            break rest.split_whitespace().next().unwrap().parse().unwrap();
+        }
+    };
+    let mut conn = TcpStream::connect(addr).unwrap();
+    conn.set_read_timeout(Some(PATIENCE)).unwrap();
+    conn.write_all(b"before").unwrap();
+    let mut buf = [0u8; 6];
+    conn.read_exact(&mut buf).unwrap();
+
+    let pid = child.id().to_string();
+    assert!(
+        Command::new("kill")
+            .args(["-TERM", &pid])
+            .status()
+            .unwrap()
+            .success()
+    );
+    // Wait (bounded) until the proxy says it is draining.
+    for line in lines.by_ref() {
+        if line.unwrap().contains("draining") {
+            break;
+        }
+    }
+    assert!(
+        TcpStream::connect(addr).is_err(),
+        "no new connections while draining"
+    );
+    conn.write_all(b"during").unwrap();
+    conn.read_exact(&mut buf).unwrap();
+    assert_eq!(&buf, b"during", "the in-flight connection still works");
+    drop(conn);
+
+    let deadline = Instant::now() + PATIENCE;
+    let status = loop {
+        if let Some(s) = child.try_wait().unwrap() {
+            break s;
+        }
+        assert!(Instant::now() < deadline, "proxy exits once drained");
+        std::thread::sleep(Duration::from_millis(20));
+    };
+    assert!(status.success(), "exit 0 after drain: {status}");
+}
+
+/// `portshift demo` (the README's first command) runs its phases with zero
+/// client errors and shows failover to the backup.
+#[test]
+fn demo_shows_failover_without_client_errors() {
+    let out = Command::new(bin())
+        .args(["demo", "--requests", "60"])
+        .output()
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "{stdout}\n{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(stdout.contains("client errors: 0"), "{stdout}");
+    let phase3 = stdout
+        .split("3. primary-b crashed")
+        .nth(1)
+        .expect("third phase printed");
+    assert!(phase3.contains("backup-a      60  100.0%"), "{stdout}");
+}
+
+/// The shipped example config is valid.
+#[test]
+fn shipped_example_config_checks_clean() {
+    let path = concat!(env!("CARGO_MANIFEST_DIR"), "/examples/portshift.toml");
+    let out = Command::new(bin())
+        .args(["check", "-c", path])
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}

@@ -1,0 +1,152 @@
+//! Helpers shared by the black-box tests: real sockets on loopback only,
+//! ports chosen by the OS, every wait bounded.
+#![allow(dead_code)]
+
+use portshift::config::Config;
+use portshift::proxy::{ListenerState, Proxy};
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::Duration;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::{TcpListener, TcpStream};
+use tokio::sync::oneshot;
+use tokio::task::JoinHandle;
+
+/// Generous bound for anything that should take milliseconds.
+pub const PATIENCE: Duration = Duration::from_secs(20);
+
+pub fn bin() -> &'static str {
+    env!("CARGO_BIN_EXE_portshift")
+}
+
+/// Writes `text` as `portshift.toml` in `dir` and returns its path.
+pub fn write_config(dir: &Path, text: &str) -> PathBuf {
+    let path = dir.join("portshift.toml");
+    std::fs::write(&path, text).expect("temp dir is writable");
+    path
+}
+
+/// A proxy running in this process.
+pub struct TestProxy {
+    pub addrs: Vec<(String, SocketAddr)>,
+    pub stop: Option<oneshot::Sender<()>>,
+    pub task: JoinHandle<portshift::proxy::DrainReport>,
+    proxy_states: Vec<Arc<ListenerState>>,
+}
+
+impl TestProxy {
+    pub fn addr(&self) -> SocketAddr {
+        self.addrs[0].1
+    }
+
+    pub fn state(&self, listener: &str) -> Arc<ListenerState> {
+        self.proxy_states
+            .iter()
+            .find(|s| s.name == listener)
+            .cloned()
+            .expect("listener exists in the test config")
+    }
+
+    pub async fn shutdown(mut self) -> portshift::proxy::DrainReport {
+        let _ = self.stop.take().expect("shut down once").send(());
+        tokio::time::timeout(PATIENCE, self.task)
+            .await
+            .expect("proxy drains in time")
+            .expect("serve task does not panic")
+    }
+}
+
+/// Validates `text` (policies resolve against a temp dir) and serves it.
+pub async fn start_proxy(text: &str) -> TestProxy {
+    let config = Config::parse(Path::new("test.toml"), text)
+        .unwrap_or_else(|e| panic!("test config is valid: {e}"));
+    let proxy = Proxy::bind(&config).expect("binding 127.0.0.1:0 works");
+    let addrs = proxy.local_addrs();
+    let proxy_states = config
+        .listeners
+        .iter()
+        .map(|l| proxy.listener(&l.name).expect("bound"))
+        .collect();
+    let (tx, rx) = oneshot::channel();
+    let task = tokio::spawn(proxy.serve(async {
+        let _ = rx.await;
+    }));
+    TestProxy {
+        addrs,
+        stop: Some(tx),
+        task,
+        proxy_states,
+    }
+}
+
+/// A backend that writes `name` and closes: one connection, one answer.
+/// Closing first keeps TIME_WAIT on the server side, so thousands of test
+/// connections do not use up the client's ephemeral ports.
+pub async fn named_backend(name: &'static str) -> SocketAddr {
+    let listener = TcpListener::bind("127.0.0.1:0")
+        .await
+        .expect("bind loopback");
+    let addr = listener.local_addr().expect("bound");
+    tokio::spawn(async move {
+        loop {
+            let Ok((mut sock, _)) = listener.accept().await else {
+                continue;
+            };
+            tokio::spawn(async move {
+                let _ = sock.write_all(name.as_bytes()).await;
+                let _ = sock.shutdown().await;
+            });
+        }
+    });
+    addr
+}
+
+/// Connects and reads everything until EOF, bounded in time.
+pub async fn read_all(addr: SocketAddr) -> std::io::Result<Vec<u8>> {
+    tokio::time::timeout(PATIENCE, async {
+        let mut s = TcpStream::connect(addr).await?;
+        let mut out = Vec::new();
+        s.read_to_end(&mut out).await?;
+        Ok(out)
+    })
+    .await
+    .map_err(|_| std::io::Error::other("timed out"))?
+}
+
+/// An address nothing listens on: bound by the OS then released, so a
+/// connect there is refused.
+pub fn dead_addr() -> SocketAddr {
+    let l = std::net::TcpListener::bind("127.0.0.1:0").expect("bind loopback");
+    l.local_addr().expect("bound")
+}
+
+pub async fn echo_backend() -> portshift::backend::BackendHandle {
+    portshift::backend::spawn(
+        "127.0.0.1:0".parse().expect("literal address"),
+        portshift::backend::BackendOpts {
+            name: "echo".into(),
+            mode: portshift::backend::Mode::Echo,
+            delay: Duration::ZERO,
+            greeting: None,
+        },
+    )
+    .await
+    .expect("bind loopback")
+}
+
+/// A config with one listener on 127.0.0.1:0, a primary and a backup group.
+pub fn two_group_config(primary: &[SocketAddr], backup: &[SocketAddr], extra: &str) -> String {
+    let list = |a: &[SocketAddr]| {
+        a.iter()
+            .map(|a| format!("\"{a}\""))
+            .collect::<Vec<_>>()
+            .join(", ")
+    };
+    format!(
+        "[[group]]\nname = \"primary\"\nbackends = [{}]\n\n[[group]]\nname = \"backup\"\nbackends = [{}]\n\n\
+         [[listener]]\nname = \"l\"\nlisten = [\"127.0.0.1:0\"]\nprimary = \"primary\"\nbackups = [\"backup\"]\n{extra}\n",
+        list(primary),
+        list(backup)
+    )
+}
