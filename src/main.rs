@@ -135,7 +135,29 @@ async fn run(config: Config) -> anyhow::Result<()> {
         tracing::warn!(listener = %l.name, "policy is validated but not yet enforced: weights stay on the primary");
     }
     let proxy = Proxy::bind(&config)?;
+    let states: Vec<_> = config
+        .listeners
+        .iter()
+        .filter_map(|l| proxy.listener(&l.name))
+        .collect();
     let report = proxy.serve(shutdown_signal()).await;
+    for s in states {
+        let c = s.outcomes.snapshot();
+        tracing::info!(
+            listener = %s.name,
+            accepted = c.accepted,
+            denied = c.denied,
+            connected = c.connected,
+            connect_refused = c.connect_refused,
+            connect_timeout = c.connect_timeout,
+            no_backend = c.no_backend,
+            idle_timeout = c.idle_timeout,
+            reset = c.reset,
+            bytes_up = c.bytes_up,
+            bytes_down = c.bytes_down,
+            "listener totals"
+        );
+    }
     tracing::info!(cut = report.cut, "stopped");
     Ok(())
 }
