@@ -19,3 +19,4 @@ pub mod config;
 pub mod core;
 pub mod demo;
 pub mod proxy;
+pub mod telemetry;

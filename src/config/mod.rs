@@ -30,11 +30,25 @@ pub const DEFAULT_CONNECT_ATTEMPTS: u32 = 3;
 /// round-robin schedule short.
 pub const MAX_BACKEND_WEIGHT: u32 = 1000;
 
+/// Probe defaults, HAProxy's: every 2 s, down after 3 failures, up after 2
+/// successes.
+pub const DEFAULT_PROBE_INTERVAL: Duration = Duration::from_secs(2);
+pub const DEFAULT_PROBE_TIMEOUT: Duration = Duration::from_secs(1);
+pub const DEFAULT_PROBE_RISE: u32 = 2;
+pub const DEFAULT_PROBE_FALL: u32 = 3;
+/// Shortest sub-window: finer slices cost memory and merge time for no
+/// decision that needs them.
+pub const MIN_SUB_WINDOW: Duration = Duration::from_millis(10);
+
 /// A validated config.
 #[derive(Debug, Clone)]
 pub struct Config {
     pub path: PathBuf,
     pub drain_timeout: Duration,
+    /// The admin listener (`/metrics`), if configured.
+    pub admin: Option<Admin>,
+    /// The sliding window latency statistics are read over.
+    pub stats: crate::core::stats::WindowConfig,
     pub groups: Vec<Group>,
     pub listeners: Vec<Listener>,
 }
@@ -46,6 +60,24 @@ pub struct Group {
     /// Never empty; at least one weight is non-zero.
     pub backends: Vec<Backend>,
     pub balance: Balance,
+    pub probe: Option<Probe>,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Admin {
+    pub listen: SocketAddr,
+}
+
+/// An active health and latency probe for every backend of a group: TCP
+/// connect, then optionally send bytes and expect a reply prefix.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Probe {
+    pub interval: Duration,
+    pub timeout: Duration,
+    pub send: Option<Vec<u8>>,
+    pub expect: Option<Vec<u8>>,
+    pub rise: u32,
+    pub fall: u32,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -213,6 +245,24 @@ impl Config {
                     group.name,
                     group.balance.name()
                 );
+                if let Some(p) = &group.probe {
+                    let _ = writeln!(
+                        out,
+                        "    probe every {}, timeout {}, rise {}, fall {}{}{}",
+                        ms(p.interval),
+                        ms(p.timeout),
+                        p.rise,
+                        p.fall,
+                        p.send.as_ref().map_or(String::new(), |s| format!(
+                            ", send {:?}",
+                            String::from_utf8_lossy(s)
+                        )),
+                        p.expect.as_ref().map_or(String::new(), |s| format!(
+                            ", expect {:?}",
+                            String::from_utf8_lossy(s)
+                        )),
+                    );
+                }
                 let total: u32 = group.backends.iter().map(|b| b.weight).sum();
                 for b in &group.backends {
                     let pct = f64::from(b.weight) * 100.0 / f64::from(total.max(1));
@@ -225,6 +275,15 @@ impl Config {
                 }
             }
         }
+        if let Some(a) = &self.admin {
+            let _ = writeln!(out, "admin: http://{}/metrics", a.listen);
+        }
+        let _ = writeln!(
+            out,
+            "stats window: {} in {} sub-windows",
+            ms(self.stats.span()),
+            self.stats.slots
+        );
         let _ = write!(out, "drain timeout on shutdown: {}", ms(self.drain_timeout));
         out
     }

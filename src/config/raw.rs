@@ -14,6 +14,8 @@ pub type S<T> = Spanned<T>;
 pub struct RawConfig {
     /// How long in-flight connections may take to finish after SIGTERM.
     pub drain_timeout: Option<S<String>>,
+    pub admin: Option<S<RawAdmin>>,
+    pub stats: Option<RawStats>,
     #[serde(default, rename = "group")]
     pub groups: Vec<RawGroup>,
     #[serde(default, rename = "listener")]
@@ -26,6 +28,31 @@ pub struct RawGroup {
     pub name: S<String>,
     pub backends: S<Vec<S<RawBackend>>>,
     pub balance: Option<S<String>>,
+    pub probe: Option<S<RawProbe>>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawAdmin {
+    pub listen: S<String>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawStats {
+    pub window: Option<S<String>>,
+    pub sub_windows: Option<S<u32>>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawProbe {
+    pub interval: Option<S<String>>,
+    pub timeout: Option<S<String>>,
+    pub send: Option<String>,
+    pub expect: Option<String>,
+    pub rise: Option<S<u32>>,
+    pub fall: Option<S<u32>>,
 }
 
 /// A backend is either `"ip:port"` or `{ addr = "ip:port", weight = 2 }`.

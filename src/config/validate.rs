@@ -3,8 +3,9 @@
 
 use super::diagnostic::{Reporter, did_you_mean, unknown_field_hint};
 use super::listen::{addrs_collide, parse_listen};
-use super::raw::{RawConfig, RawGroup, RawListener, S};
+use super::raw::{RawAdmin, RawConfig, RawGroup, RawListener, RawProbe, RawStats, S};
 use super::*;
+use crate::core::stats::WindowConfig;
 use std::collections::HashMap;
 
 pub fn parse(path: &Path, text: &str) -> Result<Config, ConfigError> {
@@ -71,9 +72,13 @@ impl Validator<'_, '_> {
             .map(|l| self.listener(l, &group_names, &groups))
             .collect();
         self.conflicts(&raw.listeners, &listeners);
+        let admin = raw.admin.as_ref().and_then(|a| self.admin(a, &listeners));
+        let stats = self.stats(raw.stats.as_ref());
         Config {
             path: self.path.to_path_buf(),
             drain_timeout,
+            admin,
+            stats,
             groups,
             listeners,
         }
@@ -160,6 +165,119 @@ impl Validator<'_, '_> {
             name: name.clone(),
             backends,
             balance,
+            probe: raw.probe.as_ref().map(|p| self.probe(name, p)),
+        }
+    }
+
+    fn probe(&mut self, group: &str, raw: &S<RawProbe>) -> Probe {
+        let p = raw.get_ref();
+        let interval = self.duration(
+            p.interval.as_ref(),
+            "probe.interval",
+            DEFAULT_PROBE_INTERVAL,
+        );
+        let timeout = self.duration(p.timeout.as_ref(), "probe.timeout", DEFAULT_PROBE_TIMEOUT);
+        if timeout > interval {
+            self.rep.error(
+                raw.span(),
+                format!("group `{group}`: probe timeout is longer than its interval"),
+                Some("make `timeout` at most `interval`, so probes never overlap".into()),
+            );
+        }
+        let mut count = |v: Option<&S<u32>>, key: &str, default: u32| match v {
+            None => default,
+            Some(n) if (1..=100).contains(n.get_ref()) => *n.get_ref(),
+            Some(n) => {
+                self.rep.error(
+                    n.span(),
+                    format!(
+                        "group `{group}`: probe `{key}` is {}; it must be 1 to 100",
+                        n.get_ref()
+                    ),
+                    None,
+                );
+                default
+            }
+        };
+        Probe {
+            interval,
+            timeout,
+            rise: count(p.rise.as_ref(), "rise", DEFAULT_PROBE_RISE),
+            fall: count(p.fall.as_ref(), "fall", DEFAULT_PROBE_FALL),
+            send: p.send.as_ref().map(|s| s.clone().into_bytes()),
+            expect: p.expect.as_ref().map(|s| s.clone().into_bytes()),
+        }
+    }
+
+    fn admin(&mut self, raw: &S<RawAdmin>, listeners: &[Listener]) -> Option<Admin> {
+        let listen = &raw.get_ref().listen;
+        let Ok(addr) = listen.get_ref().parse::<SocketAddr>() else {
+            self.rep.error(
+                listen.span(),
+                format!("admin: `{}` is not an `ip:port` address", listen.get_ref()),
+                Some("write e.g. \"127.0.0.1:9900\"".into()),
+            );
+            return None;
+        };
+        if !addr.ip().is_loopback() {
+            self.rep.error(
+                listen.span(),
+                format!("admin: {addr} is not a loopback address; the admin plane would be open to the network"),
+                Some("bind it to 127.0.0.1 or [::1] and scrape through a local agent or tunnel".into()),
+            );
+        }
+        if let Some(l) = listeners
+            .iter()
+            .find(|l| l.addrs.iter().any(|a| addrs_collide(*a, addr)))
+        {
+            self.rep.error(
+                listen.span(),
+                format!("admin: {addr} is also claimed by listener `{}`", l.name),
+                Some("give the admin plane its own port".into()),
+            );
+        }
+        Some(Admin { listen: addr })
+    }
+
+    fn stats(&mut self, raw: Option<&RawStats>) -> WindowConfig {
+        let default = WindowConfig::default();
+        let Some(raw) = raw else { return default };
+        let window = self.duration(raw.window.as_ref(), "stats.window", default.span());
+        let slots = match raw.sub_windows.as_ref() {
+            None => default.slots as u32,
+            Some(n) if (1..=120).contains(n.get_ref()) => *n.get_ref(),
+            Some(n) => {
+                self.rep.error(
+                    n.span(),
+                    format!("`sub_windows` is {}; it must be 1 to 120", n.get_ref()),
+                    None,
+                );
+                default.slots as u32
+            }
+        };
+        let slot = window / slots;
+        if slot < MIN_SUB_WINDOW {
+            let span = raw
+                .window
+                .as_ref()
+                .map(|w| w.span())
+                .or(raw.sub_windows.as_ref().map(|n| n.span()));
+            self.rep.error(
+                span.unwrap_or(0..0),
+                format!(
+                    "stats: sub-windows of {} are too short",
+                    humantime::format_duration(slot)
+                ),
+                Some(format!(
+                    "each sub-window (window / sub_windows) must be at least {}",
+                    humantime::format_duration(MIN_SUB_WINDOW)
+                )),
+            );
+            return default;
+        }
+        WindowConfig {
+            slots: slots as usize,
+            slot,
         }
     }
 

@@ -9,7 +9,7 @@ use crate::config::{Backend, Balance};
 use arc_swap::ArcSwap;
 use std::net::SocketAddr;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering};
 
 /// All the traffic, in basis points.
 pub const TOTAL_BP: u32 = 10_000;
@@ -84,6 +84,9 @@ pub struct GroupRoutes {
     schedule: Vec<u32>,
     next: AtomicU64,
     active: Vec<AtomicU32>,
+    /// What the active probe says; backends start up, and without a probe
+    /// they stay up.
+    up: Vec<AtomicBool>,
 }
 
 // === impl GroupRoutes ===
@@ -98,6 +101,7 @@ impl GroupRoutes {
         GroupRoutes {
             name: name.into(),
             active: backends.iter().map(|_| AtomicU32::new(0)).collect(),
+            up: backends.iter().map(|_| AtomicBool::new(true)).collect(),
             backends,
             balance,
             schedule,
@@ -115,7 +119,16 @@ impl GroupRoutes {
 
     /// The backend the next connection should try first.
     pub fn next_backend(&self) -> usize {
-        let n = self.next.fetch_add(1, Ordering::Relaxed);
+        self.choose(self.next.fetch_add(1, Ordering::Relaxed))
+    }
+
+    /// The backend `next_backend` would return, without taking the turn:
+    /// for fallback attempts that may never be made.
+    pub fn peek_backend(&self) -> usize {
+        self.choose(self.next.load(Ordering::Relaxed))
+    }
+
+    fn choose(&self, n: u64) -> usize {
         match self.balance {
             Balance::RoundRobin => {
                 self.schedule[(n % self.schedule.len() as u64) as usize] as usize
@@ -143,6 +156,16 @@ impl GroupRoutes {
 
     pub fn active(&self, backend: usize) -> u32 {
         self.active[backend].load(Ordering::Relaxed)
+    }
+
+    /// Marks a backend up or down (from its probe). Down backends are tried
+    /// only after every up choice.
+    pub fn set_up(&self, backend: usize, up: bool) {
+        self.up[backend].store(up, Ordering::Relaxed);
+    }
+
+    pub fn is_up(&self, backend: usize) -> bool {
+        self.up[backend].load(Ordering::Relaxed)
     }
 }
 
@@ -230,31 +253,36 @@ pub struct Attempt {
 impl RouteTable {
     /// Where connection `ticket` goes, in the order to try: the weighted
     /// group's chosen backend, that group's other backends, then the first
-    /// choice of each other group (primary first), at most `max` attempts.
-    /// Weight-0 backends are never tried.
+    /// choice of each other group (primary first); backends a probe marked
+    /// down come after all of those. At most `max` attempts; weight-0
+    /// backends are never tried.
     pub fn plan(&self, ticket: u64, max: usize) -> Vec<Attempt> {
         let first_group = self.weights.pick(ticket);
         let mut plan = Vec::with_capacity(max);
+        let mut down = Vec::new();
+        let mut push = |group: usize, backend: usize| {
+            let a = Attempt { group, backend };
+            if self.groups[group].is_up(backend) {
+                plan.push(a);
+            } else {
+                down.push(a);
+            }
+        };
         let g = &self.groups[first_group];
         let first = g.next_backend();
         let n = g.backends().len();
         for k in 0..n {
             let b = (first + k) % n;
             if g.backends()[b].weight > 0 {
-                plan.push(Attempt {
-                    group: first_group,
-                    backend: b,
-                });
+                push(first_group, b);
             }
         }
         for (gi, g) in self.groups.iter().enumerate() {
             if gi != first_group {
-                plan.push(Attempt {
-                    group: gi,
-                    backend: g.next_backend(),
-                });
+                push(gi, g.peek_backend());
             }
         }
+        plan.extend(down);
         plan.truncate(max);
         plan
     }
@@ -389,6 +417,23 @@ mod tests {
         assert_eq!(groups, vec![0, 0, 1]);
         assert_ne!(plan[0].backend, plan[1].backend);
         assert_eq!(router.plan_next(2).1.len(), 2);
+    }
+
+    #[test]
+    fn probed_down_backends_are_tried_last() {
+        let primary = Arc::new(GroupRoutes::new(
+            "p",
+            backends(&[1, 1]),
+            Balance::RoundRobin,
+        ));
+        let backup = Arc::new(GroupRoutes::new("b", backends(&[1]), Balance::RoundRobin));
+        primary.set_up(0, false);
+        let router = Router::new(vec![primary, backup]);
+        for _ in 0..4 {
+            let plan = router.plan_next(8).1;
+            let order: Vec<(usize, usize)> = plan.iter().map(|a| (a.group, a.backend)).collect();
+            assert_eq!(order, vec![(0, 1), (1, 0), (0, 0)]);
+        }
     }
 
     #[test]

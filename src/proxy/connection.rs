@@ -1,12 +1,16 @@
 //! One client connection: connect upstream following the route plan, then
-//! copy until done, counting every outcome.
+//! copy until done, recording latency signals and every outcome.
 
 use super::ListenerState;
 use super::copy;
-use super::outcome::ConnectFailure;
-use crate::core::routes::Attempt;
+use super::outcome::{ConnectFailure, End};
+use crate::core::routes::{Attempt, GroupRoutes};
+use crate::core::stats::Signal;
+use crate::core::turns::Turn;
+use crate::telemetry::ErrorKind;
 use std::io;
 use std::sync::Arc;
+use std::time::Duration;
 use tokio::net::TcpStream;
 use tracing::debug;
 
@@ -16,6 +20,7 @@ pub async fn handle(state: Arc<ListenerState>, mut client: TcpStream) {
     let Some((attempt, mut upstream)) = connect_first(&state, &table.groups, &plan).await else {
         // Every attempt failed: close the client now rather than let it hang.
         state.outcomes.no_backend();
+        state.listener_metrics.no_backend.increment(1);
         debug!(listener = %state.name, attempts = plan.len(), "no backend reachable; closing client");
         return;
     };
@@ -23,27 +28,73 @@ pub async fn handle(state: Arc<ListenerState>, mut client: TcpStream) {
     let _ = client.set_nodelay(true);
     let _ = upstream.set_nodelay(true);
     let _tracked = table.groups[attempt.group].track(attempt.backend);
-    let copied = copy::bidirectional(&mut client, &mut upstream, state.idle_timeout).await;
+    let metrics = &state.metrics[attempt.group][attempt.backend];
+    let stats = &state.stats[attempt.group].backends[attempt.backend];
+    metrics.connections.increment(1);
+    metrics.active.increment(1.0);
+    let on_turn = |turn: Turn, now: Duration| {
+        stats.record(Signal::Exchange, now, turn.latency);
+        metrics.latency(Signal::Exchange, turn.latency);
+        if turn.first_byte {
+            stats.record(Signal::FirstByte, now, turn.latency);
+            metrics.latency(Signal::FirstByte, turn.latency);
+        }
+    };
+    let copied = copy::bidirectional(
+        &mut client,
+        &mut upstream,
+        state.idle_timeout,
+        state.clock,
+        &on_turn,
+    )
+    .await;
+    metrics.active.decrement(1.0);
+    metrics.to_backend.increment(copied.up);
+    metrics.to_client.increment(copied.down);
+    match copied.end {
+        End::Closed => {}
+        End::IdleTimeout => metrics.error(ErrorKind::IdleTimeout),
+        End::Reset => {
+            // A reset mid-stream counts against the backend's exchanges.
+            stats.record_error(Signal::Exchange, state.clock.now());
+            metrics.error(ErrorKind::Reset);
+        }
+    }
     state.outcomes.ended(copied.end, copied.up, copied.down);
 }
 
 /// Tries the plan in order; a refused or timed-out backend is followed by the
-/// next one before the client has seen anything.
+/// next one before the client has seen anything. Failures count against the
+/// backend's `connect` signal, so a group that fails fast never looks fast.
 async fn connect_first(
     state: &ListenerState,
-    groups: &[Arc<crate::core::routes::GroupRoutes>],
+    groups: &[Arc<GroupRoutes>],
     plan: &[Attempt],
 ) -> Option<(Attempt, TcpStream)> {
     for (i, &attempt) in plan.iter().enumerate() {
         let addr = groups[attempt.group].addr(attempt.backend);
+        let stats = &state.stats[attempt.group].backends[attempt.backend];
+        let metrics = &state.metrics[attempt.group][attempt.backend];
+        let started = state.clock.now();
         let failure = match tokio::time::timeout(state.connect_timeout, TcpStream::connect(addr))
             .await
         {
-            Ok(Ok(stream)) => return Some((attempt, stream)),
+            Ok(Ok(stream)) => {
+                let now = state.clock.now();
+                stats.record(Signal::Connect, now, now - started);
+                metrics.latency(Signal::Connect, now - started);
+                return Some((attempt, stream));
+            }
             Ok(Err(e)) if e.kind() == io::ErrorKind::ConnectionRefused => ConnectFailure::Refused,
             Ok(Err(_)) => ConnectFailure::Other,
             Err(_) => ConnectFailure::Timeout,
         };
+        stats.record_error(Signal::Connect, state.clock.now());
+        metrics.error(match failure {
+            ConnectFailure::Refused => ErrorKind::ConnectRefused,
+            ConnectFailure::Timeout => ErrorKind::ConnectTimeout,
+            ConnectFailure::Other => ErrorKind::ConnectError,
+        });
         state.outcomes.connect_failed(failure);
         if i + 1 < plan.len() {
             state.outcomes.retried();

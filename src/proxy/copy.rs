@@ -1,14 +1,16 @@
 //! Copies bytes both ways between client and upstream with correct
 //! half-close: EOF read on one side shuts down writing on the other, while
 //! the other direction keeps flowing. One fixed buffer per direction,
-//! allocated once per connection, never per chunk.
+//! allocated once per connection, never per chunk. Each chunk read also
+//! feeds the turn tracker, which yields `exchange` and `first_byte` samples.
 
+use super::Clock;
 use super::outcome::End;
+use crate::core::turns::{Side, Turn, TurnTracker};
 use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
 use std::time::Duration;
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::net::TcpStream;
-use tokio::time::Instant;
 
 /// Bytes per direction buffer: large enough for bulk flows to move in few
 /// syscalls, small enough that 10k idle connections stay cheap.
@@ -23,32 +25,34 @@ pub struct Copied {
 }
 
 /// Runs until both directions reach EOF, either side fails, or nothing moves
-/// for `idle`.
+/// for `idle`. `on_turn` receives every finished request/response turn.
 pub async fn bidirectional(
     client: &mut TcpStream,
     upstream: &mut TcpStream,
     idle: Duration,
+    clock: Clock,
+    on_turn: &(dyn Fn(Turn, Duration) + Sync),
 ) -> Copied {
-    let start = Instant::now();
-    let last_ms = AtomicU64::new(0);
+    let watch = Watch {
+        clock,
+        last_us: AtomicU64::new(clock.now().as_micros() as u64),
+        turns: TurnTracker::default(),
+        on_turn,
+    };
     let (up, down) = (AtomicU64::new(0), AtomicU64::new(0));
     let (mut cr, mut cw) = client.split();
     let (mut ur, mut uw) = upstream.split();
     let mut bufs = vec![0u8; 2 * BUFFER_BYTES];
     let (b1, b2) = bufs.split_at_mut(BUFFER_BYTES);
-    let activity = Activity {
-        start,
-        last_ms: &last_ms,
-    };
     let both = async {
         tokio::try_join!(
-            pipe(&mut cr, &mut uw, b1, &up, &activity),
-            pipe(&mut ur, &mut cw, b2, &down, &activity)
+            pipe(&mut cr, &mut uw, b1, &up, &watch, Side::Client),
+            pipe(&mut ur, &mut cw, b2, &down, &watch, Side::Upstream)
         )
     };
     let end = tokio::select! {
         r = both => if r.is_ok() { End::Closed } else { End::Reset },
-        () = activity.idle_for(idle) => End::IdleTimeout,
+        () = watch.idle_for(idle) => End::IdleTimeout,
     };
     Copied {
         up: up.load(Relaxed),
@@ -57,26 +61,32 @@ pub async fn bidirectional(
     }
 }
 
-/// When bytes last moved, in ms since the connection started.
-struct Activity<'a> {
-    start: Instant,
-    last_ms: &'a AtomicU64,
+/// What both directions share: last activity and the turn tracker.
+struct Watch<'a> {
+    clock: Clock,
+    last_us: AtomicU64,
+    turns: TurnTracker,
+    on_turn: &'a (dyn Fn(Turn, Duration) + Sync),
 }
 
-impl Activity<'_> {
-    fn touch(&self) {
-        self.last_ms
-            .store(self.start.elapsed().as_millis() as u64, Relaxed);
+impl Watch<'_> {
+    fn on_chunk(&self, side: Side) {
+        let now = self.clock.now();
+        self.last_us.store(now.as_micros() as u64, Relaxed);
+        if let Some(turn) = self.turns.on_data(side, now) {
+            (self.on_turn)(turn, now);
+        }
     }
 
     /// Completes once nothing has moved for `idle`.
     async fn idle_for(&self, idle: Duration) {
         loop {
-            let deadline = self.start + Duration::from_millis(self.last_ms.load(Relaxed)) + idle;
-            if Instant::now() >= deadline {
+            let last = Duration::from_micros(self.last_us.load(Relaxed));
+            let quiet = self.clock.now().saturating_sub(last);
+            if quiet >= idle {
                 return;
             }
-            tokio::time::sleep_until(deadline).await;
+            tokio::time::sleep(idle - quiet).await;
         }
     }
 }
@@ -86,7 +96,8 @@ async fn pipe<R, W>(
     w: &mut W,
     buf: &mut [u8],
     total: &AtomicU64,
-    activity: &Activity<'_>,
+    watch: &Watch<'_>,
+    side: Side,
 ) -> std::io::Result<()>
 where
     R: AsyncRead + Unpin,
@@ -98,7 +109,7 @@ where
             // Half-close: pass the EOF on, keep the other direction open.
             return w.shutdown().await;
         }
-        activity.touch();
+        watch.on_chunk(side);
         w.write_all(&buf[..n]).await?;
         total.fetch_add(n as u64, Relaxed);
     }

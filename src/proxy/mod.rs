@@ -3,21 +3,25 @@
 //! retries, and copies bytes until the connection ends. On shutdown it stops
 //! accepting and drains in-flight connections up to a deadline.
 
+mod admin;
 mod connection;
 mod copy;
 mod outcome;
+mod probe;
 
 pub use copy::{BUFFER_BYTES, Copied};
 pub use outcome::{ConnectFailure, End, OutcomeCounts, Outcomes};
 
-use crate::config::{Acl, Config, Listener};
+use crate::config::{Acl, Config, Listener, Probe};
 use crate::core::routes::{GroupRoutes, Router};
+use crate::core::stats::{GroupStats, Signal, Snapshot};
+use crate::telemetry::{BackendMetrics, ListenerMetrics};
 use socket2::{Domain, Protocol, Socket, Type};
 use std::future::Future;
 use std::io;
 use std::net::SocketAddr;
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
@@ -53,44 +57,116 @@ fn bind_hint(e: &io::Error) -> &'static str {
     }
 }
 
-/// What one listener needs at run time, shared by its accept loops and
-/// connection tasks.
+/// The shell's one clock: time since the proxy started, the `now` that the
+/// pure core takes as an argument.
+#[derive(Debug, Clone, Copy)]
+pub struct Clock {
+    base: Instant,
+}
+
+impl Clock {
+    pub fn start() -> Self {
+        Clock {
+            base: Instant::now(),
+        }
+    }
+
+    pub fn now(&self) -> Duration {
+        self.base.elapsed()
+    }
+}
+
+/// What one listener needs at run time, shared by its accept loops,
+/// connection tasks and probes.
 #[derive(Debug)]
 pub struct ListenerState {
     pub name: String,
     pub router: Router,
     pub outcomes: Outcomes,
+    pub clock: Clock,
+    /// Per group (same order as the router's groups), per backend.
+    pub stats: Vec<GroupStats>,
+    metrics: Vec<Vec<BackendMetrics>>,
+    listener_metrics: ListenerMetrics,
+    probes: Vec<Option<Probe>>,
     acl: Acl,
     connect_timeout: Duration,
     idle_timeout: Duration,
     connect_attempts: usize,
 }
 
+/// One group's windowed view, for the policy loop, tests and status.
+#[derive(Debug, Clone, PartialEq)]
+pub struct GroupView {
+    pub name: String,
+    pub weight_bp: u16,
+    /// Indexed by `Signal::index()`.
+    pub signals: [Snapshot; 4],
+}
+
 impl ListenerState {
-    fn new(config: &Config, l: &Listener) -> Self {
-        let groups = l
-            .groups
-            .iter()
-            .map(|&g| {
-                let g = config.group(g);
-                Arc::new(GroupRoutes::new(&g.name, g.backends.clone(), g.balance))
-            })
-            .collect();
+    fn new(config: &Config, l: &Listener, clock: Clock) -> Self {
+        let shards = std::thread::available_parallelism().map_or(2, |n| n.get());
+        let groups: Vec<_> = l.groups.iter().map(|&g| config.group(g)).collect();
         ListenerState {
             name: l.name.clone(),
-            router: Router::new(groups),
+            router: Router::new(
+                groups
+                    .iter()
+                    .map(|g| Arc::new(GroupRoutes::new(&g.name, g.backends.clone(), g.balance)))
+                    .collect(),
+            ),
             outcomes: Outcomes::default(),
+            clock,
+            stats: groups
+                .iter()
+                .map(|g| GroupStats::new(&g.name, g.backends.len(), config.stats, shards))
+                .collect(),
+            metrics: groups
+                .iter()
+                .map(|g| {
+                    g.backends
+                        .iter()
+                        .map(|b| BackendMetrics::new(&l.name, &g.name, &b.addr.to_string()))
+                        .collect()
+                })
+                .collect(),
+            listener_metrics: ListenerMetrics::new(&l.name),
+            probes: groups.iter().map(|g| g.probe.clone()).collect(),
             acl: l.acl.clone(),
             connect_timeout: l.connect_timeout,
             idle_timeout: l.idle_timeout,
             connect_attempts: l.connect_attempts as usize,
         }
     }
+
+    /// Every group's windowed latency and errors at this moment.
+    pub fn view(&self) -> Vec<GroupView> {
+        let now = self.clock.now();
+        let weights = self.router.weights();
+        self.stats
+            .iter()
+            .zip(weights.as_slice())
+            .map(|(g, &w)| GroupView {
+                name: g.name.clone(),
+                weight_bp: w,
+                signals: Signal::ALL.map(|s| g.snapshot(s, now)),
+            })
+            .collect()
+    }
+
+    /// One backend's window for `signal` at this moment.
+    pub fn backend_snapshot(&self, group: usize, backend: usize, signal: Signal) -> Snapshot {
+        self.stats[group].backends[backend]
+            .signal(signal)
+            .snapshot(self.clock.now())
+    }
 }
 
 /// Every listener bound and ready to serve.
 pub struct Proxy {
     listeners: Vec<(Arc<ListenerState>, Vec<TcpListener>)>,
+    admin: Option<TcpListener>,
     drain_timeout: Duration,
 }
 
@@ -108,6 +184,16 @@ impl Proxy {
     /// what was bound and reports which listener and port failed. Must run
     /// inside a tokio runtime.
     pub fn bind(config: &Config) -> Result<Proxy, BindError> {
+        let clock = Clock::start();
+        let admin = match config.admin {
+            None => None,
+            Some(a) => Some(bind_one(a.listen).map_err(|source| BindError {
+                listener: "admin".into(),
+                addr: a.listen,
+                port: a.listen.port(),
+                source,
+            })?),
+        };
         let mut listeners = Vec::new();
         for l in &config.listeners {
             let mut sockets = Vec::new();
@@ -120,10 +206,11 @@ impl Proxy {
                 })?;
                 sockets.push(socket);
             }
-            listeners.push((Arc::new(ListenerState::new(config, l)), sockets));
+            listeners.push((Arc::new(ListenerState::new(config, l, clock)), sockets));
         }
         Ok(Proxy {
             listeners,
+            admin,
             drain_timeout: config.drain_timeout,
         })
     }
@@ -141,6 +228,11 @@ impl Proxy {
             .collect()
     }
 
+    /// The admin address actually bound, if any.
+    pub fn admin_addr(&self) -> Option<SocketAddr> {
+        self.admin.as_ref().and_then(|a| a.local_addr().ok())
+    }
+
     /// Shared state of the listener named `name`: its router (to publish
     /// weights) and its outcome counters.
     pub fn listener(&self, name: &str) -> Option<Arc<ListenerState>> {
@@ -156,6 +248,16 @@ impl Proxy {
         let stop = CancellationToken::new();
         let conns = TaskTracker::new();
         let accepts = TaskTracker::new();
+        let background = TaskTracker::new();
+        if let Some(admin) = self.admin {
+            if let Ok(addr) = admin.local_addr() {
+                info!(%addr, "admin listening: /metrics");
+            }
+            background.spawn(admin::serve(admin, stop.clone()));
+        }
+        for (state, _) in &self.listeners {
+            probe::spawn_all(state, &background, &stop);
+        }
         for (state, sockets) in self.listeners {
             for socket in sockets {
                 if let Ok(addr) = socket.local_addr() {
@@ -173,6 +275,8 @@ impl Proxy {
         shutdown.await;
         stop.cancel();
         accepts.wait().await;
+        background.close();
+        background.wait().await;
         conns.close();
         info!(in_flight = conns.len(), deadline = ?self.drain_timeout, "stopped accepting; draining");
         if tokio::time::timeout(self.drain_timeout, conns.wait())
@@ -217,15 +321,18 @@ async fn accept_loop(
             Ok((client, peer)) => {
                 if !state.acl.admits(peer.ip()) {
                     state.outcomes.denied();
+                    state.listener_metrics.denied.increment(1);
                     tracing::debug!(listener = %state.name, %peer, "source denied by acl");
                     continue;
                 }
                 state.outcomes.accepted();
+                state.listener_metrics.accepted.increment(1);
                 conns.spawn(connection::handle(Arc::clone(&state), client));
             }
             Err(e) => {
                 // EMFILE/ENFILE and friends: the listener survives, backs off.
                 state.outcomes.accept_error();
+                state.listener_metrics.accept_error.increment(1);
                 warn!(listener = %state.name, error = %e, "accept failed; backing off");
                 tokio::time::sleep(ACCEPT_ERROR_BACKOFF).await;
             }

@@ -1,0 +1,106 @@
+//! Active probes: one task per backend of every group that configures a
+//! probe. Each round connects, optionally sends bytes and expects a reply
+//! prefix, records the latency (or the failure) as the `probe` signal, and
+//! feeds rise/fall hysteresis that marks the backend up or down in the
+//! route table. A group at 0% traffic still has a signal this way.
+
+use super::ListenerState;
+use crate::config::Probe;
+use crate::core::probe::{ProbeHealth, Transition};
+use crate::core::stats::Signal;
+use crate::telemetry::ErrorKind;
+use std::io;
+use std::net::SocketAddr;
+use std::sync::Arc;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::TcpStream;
+use tokio::time::MissedTickBehavior;
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+use tracing::{info, warn};
+
+/// Starts a probe task for every backend of every probed group.
+pub fn spawn_all(state: &Arc<ListenerState>, tasks: &TaskTracker, stop: &CancellationToken) {
+    for (group, probe) in state.probes.iter().enumerate() {
+        let Some(probe) = probe else { continue };
+        for backend in 0..state.stats[group].backends.len() {
+            tasks.spawn(run(
+                Arc::clone(state),
+                group,
+                backend,
+                probe.clone(),
+                stop.clone(),
+            ));
+        }
+    }
+}
+
+async fn run(
+    state: Arc<ListenerState>,
+    group: usize,
+    backend: usize,
+    probe: Probe,
+    stop: CancellationToken,
+) {
+    let routes = Arc::clone(&state.router.table().groups[group]);
+    let addr = routes.addr(backend);
+    let stats = &state.stats[group].backends[backend];
+    let metrics = &state.metrics[group][backend];
+    let mut health = ProbeHealth::new(probe.rise, probe.fall);
+    metrics.probe_up.set(1.0);
+    let mut tick = tokio::time::interval(probe.interval);
+    tick.set_missed_tick_behavior(MissedTickBehavior::Delay);
+    loop {
+        tokio::select! {
+            () = stop.cancelled() => return,
+            _ = tick.tick() => {}
+        }
+        let started = state.clock.now();
+        let ok = matches!(
+            tokio::time::timeout(probe.timeout, check(addr, &probe)).await,
+            Ok(Ok(()))
+        );
+        let now = state.clock.now();
+        if ok {
+            stats.record(Signal::Probe, now, now - started);
+            metrics.latency(Signal::Probe, now - started);
+        } else {
+            stats.record_error(Signal::Probe, now);
+            metrics.error(ErrorKind::ProbeFailure);
+        }
+        match health.observe(ok) {
+            Some(Transition::WentDown) => {
+                warn!(listener = %state.name, group = %routes.name, backend = %addr, fall = probe.fall, "probe: backend down");
+                routes.set_up(backend, false);
+                metrics.probe_up.set(0.0);
+            }
+            Some(Transition::CameUp) => {
+                info!(listener = %state.name, group = %routes.name, backend = %addr, rise = probe.rise, "probe: backend up");
+                routes.set_up(backend, true);
+                metrics.probe_up.set(1.0);
+            }
+            None => {}
+        }
+    }
+}
+
+/// One probe round: connect, send, expect. The caller bounds it in time.
+async fn check(addr: SocketAddr, probe: &Probe) -> io::Result<()> {
+    let mut s = TcpStream::connect(addr).await?;
+    if let Some(send) = &probe.send {
+        s.write_all(send).await?;
+    }
+    let Some(expect) = &probe.expect else {
+        return Ok(());
+    };
+    let mut got = vec![0u8; expect.len()];
+    s.read_exact(&mut got).await?;
+    if &got == expect {
+        Ok(())
+    } else {
+        Err(io::Error::new(
+            io::ErrorKind::InvalidData,
+            "reply does not start with `expect`",
+        ))
+    }
+}

@@ -1,0 +1,199 @@
+//! Every metric name and every `metrics::` call in one place.
+//!
+//! One Prometheus recorder per process, installed on first use. Handles are
+//! registered once per listener/group/backend when a proxy is built, so the
+//! data path only bumps atomics: no name lookups, no label hashing, nothing
+//! emitted per packet. Labels stay low-cardinality: listener, group,
+//! backend, signal, kind; never a client address.
+
+use crate::core::stats::Signal;
+use metrics::{Counter, Gauge, Histogram, Label};
+use metrics_exporter_prometheus::{Matcher, PrometheusBuilder, PrometheusHandle};
+use std::sync::OnceLock;
+use std::time::Duration;
+
+pub const LATENCY: &str = "portshift_latency_seconds";
+pub const CONNECTIONS: &str = "portshift_connections_total";
+pub const ACTIVE: &str = "portshift_active_connections";
+pub const ERRORS: &str = "portshift_errors_total";
+pub const BYTES: &str = "portshift_transferred_bytes_total";
+pub const PROBE_UP: &str = "portshift_probe_up";
+pub const ACCEPTED: &str = "portshift_accepted_connections_total";
+pub const DENIED: &str = "portshift_denied_connections_total";
+pub const BUILD_INFO: &str = "portshift_build_info";
+
+/// Histogram buckets in seconds, dense in the 1 ms – 1 s range where latency
+/// alerts are written (e.g. p99 above 250 ms).
+pub const LATENCY_BUCKETS: [f64; 20] = [
+    0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.075, 0.1, 0.15, 0.2, 0.25,
+    0.3, 0.5, 0.75, 1.0, 2.5, 10.0,
+];
+
+/// How often histogram samples are folded into buckets when nobody scrapes,
+/// so memory stays bounded.
+const UPKEEP_INTERVAL: Duration = Duration::from_secs(5);
+
+/// Outcome kinds counted in `portshift_errors_total{kind}`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ErrorKind {
+    ConnectRefused,
+    ConnectTimeout,
+    ConnectError,
+    Reset,
+    IdleTimeout,
+    ProbeFailure,
+}
+
+impl ErrorKind {
+    const ALL: [ErrorKind; 6] = [
+        ErrorKind::ConnectRefused,
+        ErrorKind::ConnectTimeout,
+        ErrorKind::ConnectError,
+        ErrorKind::Reset,
+        ErrorKind::IdleTimeout,
+        ErrorKind::ProbeFailure,
+    ];
+
+    pub fn name(self) -> &'static str {
+        match self {
+            ErrorKind::ConnectRefused => "connect_refused",
+            ErrorKind::ConnectTimeout => "connect_timeout",
+            ErrorKind::ConnectError => "connect_error",
+            ErrorKind::Reset => "reset",
+            ErrorKind::IdleTimeout => "idle_timeout",
+            ErrorKind::ProbeFailure => "probe_failure",
+        }
+    }
+}
+
+/// The process's Prometheus handle; installs the recorder on first call.
+pub fn prometheus() -> &'static PrometheusHandle {
+    static HANDLE: OnceLock<PrometheusHandle> = OnceLock::new();
+    HANDLE.get_or_init(|| {
+        let recorder = PrometheusBuilder::new()
+            .set_buckets_for_metric(Matcher::Full(LATENCY.into()), &LATENCY_BUCKETS)
+            .expect("bucket list is non-empty")
+            .build_recorder();
+        let handle = recorder.handle();
+        // Fails only if another recorder was installed first, which this
+        // crate never does; then metrics go there and /metrics is empty.
+        let _ = metrics::set_global_recorder(recorder);
+        describe();
+        let upkeep = handle.clone();
+        std::thread::Builder::new()
+            .name("metrics-upkeep".into())
+            .spawn(move || {
+                loop {
+                    std::thread::sleep(UPKEEP_INTERVAL);
+                    upkeep.run_upkeep();
+                }
+            })
+            .expect("spawning one thread at start succeeds");
+        metrics::gauge!(BUILD_INFO, "version" => env!("CARGO_PKG_VERSION")).set(1.0);
+        handle
+    })
+}
+
+fn describe() {
+    use metrics::Unit;
+    metrics::describe_histogram!(
+        LATENCY,
+        Unit::Seconds,
+        "Latency per signal: connect, first_byte, exchange (each request/response turn), probe"
+    );
+    metrics::describe_counter!(CONNECTIONS, "Proxied connections established to a backend");
+    metrics::describe_gauge!(ACTIVE, "Proxied connections currently open to a backend");
+    metrics::describe_counter!(
+        ERRORS,
+        "Failed outcomes by kind: connect_refused, connect_timeout, connect_error, reset, idle_timeout, probe_failure, no_backend, accept_error"
+    );
+    metrics::describe_counter!(
+        BYTES,
+        Unit::Bytes,
+        "Bytes proxied, by direction (to_backend, to_client)"
+    );
+    metrics::describe_gauge!(
+        PROBE_UP,
+        "1 when the backend's active probe says up, 0 when down"
+    );
+    metrics::describe_counter!(
+        ACCEPTED,
+        "Client connections accepted by a listener (after the ACL)"
+    );
+    metrics::describe_counter!(
+        DENIED,
+        "Client connections closed at accept by the listener's ACL"
+    );
+    metrics::describe_gauge!(
+        BUILD_INFO,
+        "Always 1; the version label says which build runs"
+    );
+}
+
+/// A listener's own counters (not tied to a backend).
+#[derive(Debug, Clone)]
+pub struct ListenerMetrics {
+    pub accepted: Counter,
+    pub denied: Counter,
+    pub no_backend: Counter,
+    pub accept_error: Counter,
+}
+
+impl ListenerMetrics {
+    pub fn new(listener: &str) -> Self {
+        prometheus();
+        let l = listener.to_owned();
+        let err = |kind: &'static str| metrics::counter!(ERRORS, "listener" => l.clone(), "group" => "", "backend" => "", "kind" => kind);
+        ListenerMetrics {
+            accepted: metrics::counter!(ACCEPTED, "listener" => l.clone()),
+            denied: metrics::counter!(DENIED, "listener" => l.clone()),
+            no_backend: err("no_backend"),
+            accept_error: err("accept_error"),
+        }
+    }
+}
+
+/// One backend's handles, registered once.
+#[derive(Debug, Clone)]
+pub struct BackendMetrics {
+    pub connections: Counter,
+    pub active: Gauge,
+    pub to_backend: Counter,
+    pub to_client: Counter,
+    pub probe_up: Gauge,
+    latency: [Histogram; 4],
+    errors: [Counter; 6],
+}
+
+impl BackendMetrics {
+    pub fn new(listener: &str, group: &str, backend: &str) -> Self {
+        prometheus();
+        let labels = vec![
+            Label::new("listener", listener.to_owned()),
+            Label::new("group", group.to_owned()),
+            Label::new("backend", backend.to_owned()),
+        ];
+        let with = |k: &'static str, v: &'static str| {
+            let mut l = labels.clone();
+            l.push(Label::new(k, v));
+            l
+        };
+        BackendMetrics {
+            connections: metrics::counter!(CONNECTIONS, labels.clone()),
+            active: metrics::gauge!(ACTIVE, labels.clone()),
+            to_backend: metrics::counter!(BYTES, with("direction", "to_backend")),
+            to_client: metrics::counter!(BYTES, with("direction", "to_client")),
+            probe_up: metrics::gauge!(PROBE_UP, labels.clone()),
+            latency: Signal::ALL.map(|s| metrics::histogram!(LATENCY, with("signal", s.name()))),
+            errors: ErrorKind::ALL.map(|k| metrics::counter!(ERRORS, with("kind", k.name()))),
+        }
+    }
+
+    pub fn latency(&self, signal: Signal, d: Duration) {
+        self.latency[signal.index()].record(d.as_secs_f64());
+    }
+
+    pub fn error(&self, kind: ErrorKind) {
+        self.errors[kind as usize].increment(1);
+    }
+}
