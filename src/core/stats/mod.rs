@@ -99,6 +99,70 @@ impl Snapshot {
     }
 }
 
+/// A window's full distribution: every sample plus the failures, which
+/// count as slower than any sample. A group that fails fast must not look
+/// fast: with 5% failures, its p99 is a failure, not its fastest replies.
+#[derive(Debug, Clone)]
+pub struct Distribution {
+    pub hist: Histogram<u32>,
+    pub failures: u64,
+}
+
+/// One quantile of a distribution that counts failures.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum QuantileValue {
+    Latency(Duration),
+    /// The quantile falls among the failures.
+    Failing,
+}
+
+// === impl Distribution ===
+
+impl Distribution {
+    pub fn empty() -> Self {
+        Distribution {
+            hist: new_histogram(),
+            failures: 0,
+        }
+    }
+
+    /// Samples plus failures.
+    pub fn total(&self) -> u64 {
+        self.hist.len() + self.failures
+    }
+
+    /// The `q` quantile (0..=1) with failures ranked above every sample;
+    /// `None` when there is nothing at all.
+    pub fn quantile(&self, q: f64) -> Option<QuantileValue> {
+        let total = self.total();
+        if total == 0 {
+            return None;
+        }
+        let samples = self.hist.len();
+        // Rank of the quantile among all outcomes, 1-based.
+        let rank = ((q * total as f64).ceil() as u64).clamp(1, total);
+        if rank > samples {
+            return Some(QuantileValue::Failing);
+        }
+        let within = rank as f64 / samples as f64;
+        Some(QuantileValue::Latency(Duration::from_micros(
+            self.hist.value_at_quantile(within),
+        )))
+    }
+
+    /// The quantile in seconds, failures as +infinity: for comparisons.
+    pub fn quantile_secs(&self, q: f64) -> Option<f64> {
+        self.quantile(q).map(|v| match v {
+            QuantileValue::Latency(d) => d.as_secs_f64(),
+            QuantileValue::Failing => f64::INFINITY,
+        })
+    }
+
+    pub fn snapshot(&self) -> Snapshot {
+        Snapshot::from_histogram(&self.hist, self.failures)
+    }
+}
+
 /// Most shards a recorder uses: enough for the cores a proxy runs on here,
 /// few enough that reads stay cheap.
 pub const MAX_SHARDS: usize = 8;
@@ -159,6 +223,11 @@ impl Recorder {
         let errors = self.merge_into(now, &mut h);
         Snapshot::from_histogram(&h, errors)
     }
+
+    /// Failures in the window at `now`, without merging histograms.
+    pub fn errors(&self, now: Duration) -> u64 {
+        self.shards.iter().map(|s| lock(&s.0).errors(now)).sum()
+    }
 }
 
 /// A poisoned shard only means a panic elsewhere mid-record; the window's
@@ -212,13 +281,26 @@ impl GroupStats {
 
     /// The group's window for `signal` at `now`, over all its backends.
     pub fn snapshot(&self, signal: Signal, now: Duration) -> Snapshot {
-        let mut h = new_histogram();
-        let errors = self
+        self.distribution(signal, now).snapshot()
+    }
+
+    /// The group's failures for `signal` at `now`.
+    pub fn errors(&self, signal: Signal, now: Duration) -> u64 {
+        self.backends
+            .iter()
+            .map(|b| b.signal(signal).errors(now))
+            .sum()
+    }
+
+    /// The group's full window for `signal` at `now`, with its failures.
+    pub fn distribution(&self, signal: Signal, now: Duration) -> Distribution {
+        let mut d = Distribution::empty();
+        d.failures = self
             .backends
             .iter()
-            .map(|b| b.signal(signal).merge_into(now, &mut h))
+            .map(|b| b.signal(signal).merge_into(now, &mut d.hist))
             .sum();
-        Snapshot::from_histogram(&h, errors)
+        d
     }
 }
 
@@ -281,6 +363,30 @@ mod tests {
         assert!(s.p99.as_micros().abs_diff(99_000) <= 1000, "{s:?}");
         assert!(s.p999 >= s.p99 && s.max >= s.p999 && s.min <= s.p50);
         assert!((s.error_rate() - 1.0 / 1001.0).abs() < 1e-9);
+    }
+
+    #[test]
+    fn failures_rank_above_every_sample() {
+        let mut d = Distribution::empty();
+        for _ in 0..95 {
+            d.hist.record(200).unwrap();
+        }
+        assert_eq!(
+            d.quantile(0.99),
+            Some(QuantileValue::Latency(Duration::from_micros(200)))
+        );
+        d.failures = 5;
+        assert_eq!(
+            d.quantile(0.5),
+            Some(QuantileValue::Latency(Duration::from_micros(200)))
+        );
+        assert_eq!(
+            d.quantile(0.95),
+            Some(QuantileValue::Latency(Duration::from_micros(200)))
+        );
+        assert_eq!(d.quantile(0.96), Some(QuantileValue::Failing));
+        assert_eq!(d.quantile_secs(0.99), Some(f64::INFINITY));
+        assert_eq!(Distribution::empty().quantile(0.5), None);
     }
 
     #[test]

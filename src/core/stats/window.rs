@@ -121,6 +121,17 @@ impl Window {
         &mut self.slots[self.current]
     }
 
+    /// Failures still inside the window at `now`.
+    pub fn errors(&self, now: Duration) -> u64 {
+        let epoch = now.as_micros() as u64 / self.cfg.slot_us();
+        let n = self.slots.len() as u64;
+        self.slots
+            .iter()
+            .filter(|s| s.epoch <= epoch && epoch - s.epoch < n)
+            .map(|s| s.errors)
+            .sum()
+    }
+
     /// Adds every sub-window still inside the window at `now` into `acc`,
     /// and returns their error count. Samples older than the window are gone.
     pub fn merge_into(&self, now: Duration, acc: &mut Histogram<u32>) -> u64 {
