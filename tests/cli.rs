@@ -9,6 +9,10 @@ use std::net::{SocketAddr, TcpStream};
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
+fn shipped(path: &str) -> std::path::PathBuf {
+    std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join(path)
+}
+
 struct Outcome {
     code: i32,
     stdout: String,
@@ -18,7 +22,11 @@ struct Outcome {
 fn portshift(args: &[&str], config_text: &str) -> Outcome {
     let dir = tempfile::tempdir().unwrap();
     std::fs::create_dir(dir.path().join("policies")).unwrap();
-    std::fs::write(dir.path().join("policies/failover.toml"), "# test policy\n").unwrap();
+    std::fs::copy(
+        shipped("policies/failover.toml"),
+        dir.path().join("policies/failover.toml"),
+    )
+    .unwrap();
     let path = write_config(dir.path(), config_text);
     let out = Command::new(bin())
         .args(args)
@@ -367,4 +375,48 @@ fn shipped_example_config_checks_clean() {
         "{}",
         String::from_utf8_lossy(&out.stderr)
     );
+}
+
+/// Every shipped policy parses and validates, and `check` shows it.
+#[test]
+fn shipped_policies_are_valid() {
+    let mut seen = 0;
+    for entry in std::fs::read_dir(shipped("policies")).unwrap() {
+        let path = entry.unwrap().path();
+        let name = path.file_stem().unwrap().to_str().unwrap().to_owned();
+        let text = GOOD.replace(
+            "policy = \"failover\"",
+            &format!("policy = \"{}\"", path.display()),
+        );
+        let out = portshift(&["check"], &text);
+        assert_eq!(out.code, 0, "{name}: {}", out.stderr);
+        assert!(
+            out.stdout.contains(&format!("policy   {}", path.display())),
+            "{}",
+            out.stdout
+        );
+        seen += 1;
+    }
+    assert!(seen >= 3, "failover, canary, conservative are shipped");
+}
+
+/// A broken policy file is reported with its own path, line and column.
+#[test]
+fn policy_errors_name_the_policy_file() {
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::create_dir(dir.path().join("policies")).unwrap();
+    std::fs::write(
+        dir.path().join("policies/failover.toml"),
+        "[trip]\np99_above = \"250ms\"\n[recover]\np99_below = \"400ms\"\n",
+    )
+    .unwrap();
+    let path = write_config(dir.path(), GOOD);
+    let out = Command::new(bin())
+        .args(["check", "-c"])
+        .arg(&path)
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(2));
+    assert!(stderr.contains("policies/failover.toml:4:13: error: recovery bar 400ms is not below the trip threshold 250ms"), "{stderr}");
 }

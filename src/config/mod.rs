@@ -4,6 +4,7 @@
 
 mod diagnostic;
 mod listen;
+pub mod policy;
 mod raw;
 mod validate;
 
@@ -124,10 +125,11 @@ pub struct Listener {
 }
 
 /// A policy named by a listener, resolved to the file that defines it.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq)]
 pub struct PolicyRef {
     pub name: String,
     pub path: PathBuf,
+    pub policy: crate::core::policy::Policy,
 }
 
 /// Source address control: deny wins; with no allow list, all are allowed.

@@ -321,8 +321,21 @@ impl Validator<'_, '_> {
             members.push(idx);
         }
         self.loops(&name, &addrs, &members, groups, raw);
+        let policy = raw.policy.as_ref().and_then(|p| self.policy(&name, p));
+        if let (Some(p), Some(raw_policy)) = (&policy, &raw.policy) {
+            if members.len() < 2 && !raw.primary.get_ref().is_empty() {
+                self.rep.error(
+                    raw_policy.span(),
+                    format!(
+                        "listener `{name}`: policy `{}` needs a backup group to move traffic to",
+                        p.name
+                    ),
+                    Some("add backups = [\"...\"] to the listener".into()),
+                );
+            }
+        }
         Listener {
-            policy: raw.policy.as_ref().and_then(|p| self.policy(&name, p)),
+            policy,
             acl: Acl {
                 allow: raw.allow.as_ref().map(|a| self.cidrs(&name, a, "allow")),
                 deny: self.cidrs(&name, &raw.deny, "deny"),
@@ -446,9 +459,11 @@ impl Validator<'_, '_> {
             dir.join("policies").join(format!("{name}.toml"))
         };
         if path.is_file() {
+            let policy = super::policy::load(name, &path, &mut self.rep.diagnostics)?;
             return Some(PolicyRef {
                 name: name.clone(),
                 path,
+                policy,
             });
         }
         let known = known_policies(&dir.join("policies"));
