@@ -349,10 +349,19 @@ impl PolicyValidator<'_, '_> {
                 &format!("recover.{}_below", q.name()),
                 Duration::ZERO,
             );
-            if let Some((_, above)) = trip.above.iter().find(|(tq, _)| *tq == q) {
-                if d >= *above {
-                    self.rep.error(v.span(), format!("recovery bar {} is not below the trip threshold {}", fmt(d), fmt(*above)), Some("recover below a lower bar than the one that trips (hysteresis), or the policy flaps".into()));
-                }
+            let trip_bar = trip
+                .above
+                .iter()
+                .find(|(tq, _)| *tq == q)
+                .map(|(_, above)| *above);
+            if let Some(above) = trip_bar
+                && d >= above
+            {
+                self.rep.error(
+                    v.span(),
+                    format!("recovery bar {} is not below the trip threshold {}", fmt(d), fmt(above)),
+                    Some("recover below a lower bar than the one that trips (hysteresis), or the policy flaps".into()),
+                );
             }
             below.push((q, d));
         }

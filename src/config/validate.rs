@@ -322,17 +322,17 @@ impl Validator<'_, '_> {
         }
         self.loops(&name, &addrs, &members, groups, raw);
         let policy = raw.policy.as_ref().and_then(|p| self.policy(&name, p));
-        if let (Some(p), Some(raw_policy)) = (&policy, &raw.policy) {
-            if members.len() < 2 && !raw.primary.get_ref().is_empty() {
-                self.rep.error(
-                    raw_policy.span(),
-                    format!(
-                        "listener `{name}`: policy `{}` needs a backup group to move traffic to",
-                        p.name
-                    ),
-                    Some("add backups = [\"...\"] to the listener".into()),
-                );
-            }
+        if let (Some(p), Some(raw_policy)) = (&policy, &raw.policy)
+            && members.len() < 2
+        {
+            self.rep.error(
+                raw_policy.span(),
+                format!(
+                    "listener `{name}`: policy `{}` needs a backup group to move traffic to",
+                    p.name
+                ),
+                Some("add backups = [\"...\"] to the listener".into()),
+            );
         }
         Listener {
             policy,
