@@ -131,9 +131,6 @@ fn runtime() -> anyhow::Result<tokio::runtime::Runtime> {
 }
 
 async fn run(config: Config) -> anyhow::Result<()> {
-    for l in config.listeners.iter().filter(|l| l.policy.is_some()) {
-        tracing::warn!(listener = %l.name, "policy is validated but not yet enforced: weights stay on the primary");
-    }
     let proxy = Proxy::bind(&config)?;
     let states: Vec<_> = config
         .listeners

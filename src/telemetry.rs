@@ -21,6 +21,9 @@ pub const PROBE_UP: &str = "portshift_probe_up";
 pub const ACCEPTED: &str = "portshift_accepted_connections_total";
 pub const DENIED: &str = "portshift_denied_connections_total";
 pub const BUILD_INFO: &str = "portshift_build_info";
+pub const ROUTE_WEIGHT: &str = "portshift_route_weight";
+pub const DECISIONS: &str = "portshift_decisions_total";
+pub const POLICY_STATE: &str = "portshift_policy_state";
 
 /// Histogram buckets in seconds, dense in the 1 ms – 1 s range where latency
 /// alerts are written (e.g. p99 above 250 ms).
@@ -128,6 +131,18 @@ fn describe() {
         BUILD_INFO,
         "Always 1; the version label says which build runs"
     );
+    metrics::describe_gauge!(
+        ROUTE_WEIGHT,
+        "Share of new connections routed to a group, 0 to 1"
+    );
+    metrics::describe_counter!(
+        DECISIONS,
+        "Policy decisions that moved (or in dry-run would move) traffic, by action and rule"
+    );
+    metrics::describe_gauge!(
+        POLICY_STATE,
+        "1 for the listener's current policy state, 0 for the others"
+    );
 }
 
 /// A listener's own counters (not tied to a backend).
@@ -195,5 +210,53 @@ impl BackendMetrics {
 
     pub fn error(&self, kind: ErrorKind) {
         self.errors[kind as usize].increment(1);
+    }
+}
+
+/// A listener's routing and policy gauges.
+#[derive(Debug, Clone)]
+pub struct RouteMetrics {
+    listener: String,
+    weights: Vec<Gauge>,
+}
+
+impl RouteMetrics {
+    pub fn new(listener: &str, groups: &[String]) -> Self {
+        prometheus();
+        let weights = groups
+            .iter()
+            .map(|g| metrics::gauge!(ROUTE_WEIGHT, "listener" => listener.to_owned(), "group" => g.clone()))
+            .collect();
+        RouteMetrics {
+            listener: listener.to_owned(),
+            weights,
+        }
+    }
+
+    /// Publishes the weights in force (basis points) as ratios.
+    pub fn weights(&self, bp: &[u16]) {
+        for (g, &w) in self.weights.iter().zip(bp) {
+            g.set(f64::from(w) / 10_000.0);
+        }
+    }
+
+    /// Counts one decision that moved traffic (`would_` prefix in dry-run).
+    pub fn decision(&self, action: &str, rule: &str, dry_run: bool) {
+        let action = if dry_run {
+            format!("would_{action}")
+        } else {
+            action.to_owned()
+        };
+        metrics::counter!(DECISIONS, "listener" => self.listener.clone(), "action" => action, "rule" => rule.to_owned())
+            .increment(1);
+    }
+
+    /// Sets the state gauge: 1 for `current`, 0 for every other of `all`.
+    pub fn state(&self, current: &str, all: &[&'static str]) {
+        for s in all {
+            let v = if *s == current { 1.0 } else { 0.0 };
+            metrics::gauge!(POLICY_STATE, "listener" => self.listener.clone(), "state" => *s)
+                .set(v);
+        }
     }
 }

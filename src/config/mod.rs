@@ -46,6 +46,9 @@ pub const MIN_SUB_WINDOW: Duration = Duration::from_millis(10);
 pub struct Config {
     pub path: PathBuf,
     pub drain_timeout: Duration,
+    /// Append-only JSON-lines log of policy decisions (relative paths are
+    /// resolved against the config file's folder).
+    pub audit_log: Option<PathBuf>,
     /// The admin listener (`/metrics`), if configured.
     pub admin: Option<Admin>,
     /// The sliding window latency statistics are read over.

@@ -28,6 +28,8 @@ const DEFAULT_RECOVER_FRACTION: f64 = 0.6;
 struct RawPolicy {
     mode: Option<S<String>>,
     interval: Option<S<String>>,
+    window: Option<S<String>>,
+    sub_windows: Option<S<u32>>,
     signal: Option<S<String>>,
     min_samples: Option<S<u64>>,
     no_data: Option<S<String>>,
@@ -175,9 +177,32 @@ impl PolicyValidator<'_, '_> {
         } else {
             self.failover_mode(&raw, &trip, interval)
         };
+        let window = raw.window.as_ref().map(|w| {
+            let span = self.duration(Some(w), "window", Duration::from_secs(10));
+            let slots = raw
+                .sub_windows
+                .as_ref()
+                .map_or(10, |n| (*n.get_ref()).clamp(1, 120));
+            let slot = span / slots;
+            if slot < super::MIN_SUB_WINDOW {
+                self.rep.error(
+                    w.span(),
+                    format!(
+                        "`window` / `sub_windows` gives sub-windows of {}",
+                        fmt(slot)
+                    ),
+                    Some("each sub-window must be at least 10ms".into()),
+                );
+            }
+            crate::core::stats::WindowConfig {
+                slots: slots as usize,
+                slot,
+            }
+        });
         Policy {
             name: name.to_owned(),
             interval,
+            window,
             signal,
             min_samples: raw
                 .min_samples

@@ -14,6 +14,8 @@ pub type S<T> = Spanned<T>;
 pub struct RawConfig {
     /// How long in-flight connections may take to finish after SIGTERM.
     pub drain_timeout: Option<S<String>>,
+    /// Where policy decisions are appended as JSON lines.
+    pub audit_log: Option<String>,
     pub admin: Option<S<RawAdmin>>,
     pub stats: Option<RawStats>,
     #[serde(default, rename = "group")]

@@ -77,6 +77,10 @@ impl Validator<'_, '_> {
         Config {
             path: self.path.to_path_buf(),
             drain_timeout,
+            audit_log: raw
+                .audit_log
+                .as_ref()
+                .map(|p| self.path.parent().unwrap_or(Path::new(".")).join(p)),
             admin,
             stats,
             groups,

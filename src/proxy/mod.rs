@@ -4,7 +4,9 @@
 //! accepting and drains in-flight connections up to a deadline.
 
 mod admin;
+mod audit;
 mod connection;
+mod control;
 mod copy;
 mod outcome;
 mod probe;
@@ -13,9 +15,11 @@ pub use copy::{BUFFER_BYTES, Copied};
 pub use outcome::{ConnectFailure, End, OutcomeCounts, Outcomes};
 
 use crate::config::{Acl, Config, Listener, Probe};
+use crate::core::policy::{GroupInput, Policy};
 use crate::core::routes::{GroupRoutes, Router};
 use crate::core::stats::{GroupStats, Signal, Snapshot};
-use crate::telemetry::{BackendMetrics, ListenerMetrics};
+use crate::telemetry::{BackendMetrics, ListenerMetrics, RouteMetrics};
+use audit::AuditLog;
 use socket2::{Domain, Protocol, Socket, Type};
 use std::future::Future;
 use std::io;
@@ -33,6 +37,19 @@ pub const LISTEN_BACKLOG: i32 = 4096;
 /// Pause after an accept error such as EMFILE, so a full fd table does not
 /// spin a core while connections close and free descriptors.
 const ACCEPT_ERROR_BACKOFF: Duration = Duration::from_millis(50);
+
+/// Why the proxy could not start; nothing was left running.
+#[derive(Debug, thiserror::Error)]
+pub enum StartError {
+    #[error(transparent)]
+    Bind(#[from] BindError),
+    #[error("cannot open audit log {path}: {source}")]
+    AuditLog {
+        path: std::path::PathBuf,
+        #[source]
+        source: io::Error,
+    },
+}
 
 /// A listener that could not be bound; nothing else was left running.
 #[derive(Debug, thiserror::Error)]
@@ -88,7 +105,11 @@ pub struct ListenerState {
     pub stats: Vec<GroupStats>,
     metrics: Vec<Vec<BackendMetrics>>,
     listener_metrics: ListenerMetrics,
+    route_metrics: RouteMetrics,
     probes: Vec<Option<Probe>>,
+    policy: Option<Policy>,
+    /// Length of the stats window, the denominator of connection rates.
+    window: Duration,
     acl: Acl,
     connect_timeout: Duration,
     idle_timeout: Duration,
@@ -108,6 +129,15 @@ impl ListenerState {
     fn new(config: &Config, l: &Listener, clock: Clock) -> Self {
         let shards = std::thread::available_parallelism().map_or(2, |n| n.get());
         let groups: Vec<_> = l.groups.iter().map(|&g| config.group(g)).collect();
+        let policy = l.policy.as_ref().map(|p| p.policy.clone());
+        // A policy may read its own window; otherwise the config's.
+        let window = policy
+            .as_ref()
+            .and_then(|p| p.window)
+            .unwrap_or(config.stats);
+        let names: Vec<String> = groups.iter().map(|g| g.name.clone()).collect();
+        let route_metrics = RouteMetrics::new(&l.name, &names);
+        route_metrics.weights(crate::core::routes::Weights::all_on_first(groups.len()).as_slice());
         ListenerState {
             name: l.name.clone(),
             router: Router::new(
@@ -120,7 +150,7 @@ impl ListenerState {
             clock,
             stats: groups
                 .iter()
-                .map(|g| GroupStats::new(&g.name, g.backends.len(), config.stats, shards))
+                .map(|g| GroupStats::new(&g.name, g.backends.len(), window, shards))
                 .collect(),
             metrics: groups
                 .iter()
@@ -132,7 +162,10 @@ impl ListenerState {
                 })
                 .collect(),
             listener_metrics: ListenerMetrics::new(&l.name),
+            route_metrics,
             probes: groups.iter().map(|g| g.probe.clone()).collect(),
+            policy,
+            window: window.span(),
             acl: l.acl.clone(),
             connect_timeout: l.connect_timeout,
             idle_timeout: l.idle_timeout,
@@ -155,6 +188,21 @@ impl ListenerState {
             .collect()
     }
 
+    /// What the policy engine reads at `now`: one input per group.
+    pub fn policy_inputs(&self, signal: Signal, now: Duration) -> Vec<GroupInput> {
+        let table = self.router.table();
+        self.stats
+            .iter()
+            .zip(table.groups.iter())
+            .map(|(stats, routes)| {
+                let active = (0..routes.backends().len())
+                    .map(|b| u64::from(routes.active(b)))
+                    .sum();
+                GroupInput::from_stats(stats, signal, now, self.window, active)
+            })
+            .collect()
+    }
+
     /// One backend's window for `signal` at this moment.
     pub fn backend_snapshot(&self, group: usize, backend: usize, signal: Signal) -> Snapshot {
         self.stats[group].backends[backend]
@@ -167,6 +215,7 @@ impl ListenerState {
 pub struct Proxy {
     listeners: Vec<(Arc<ListenerState>, Vec<TcpListener>)>,
     admin: Option<TcpListener>,
+    audit: Option<Arc<AuditLog>>,
     drain_timeout: Duration,
 }
 
@@ -183,7 +232,7 @@ impl Proxy {
     /// Binds every address of every listener; on the first failure closes
     /// what was bound and reports which listener and port failed. Must run
     /// inside a tokio runtime.
-    pub fn bind(config: &Config) -> Result<Proxy, BindError> {
+    pub fn bind(config: &Config) -> Result<Proxy, StartError> {
         let clock = Clock::start();
         let admin = match config.admin {
             None => None,
@@ -208,9 +257,19 @@ impl Proxy {
             }
             listeners.push((Arc::new(ListenerState::new(config, l, clock)), sockets));
         }
+        let audit = match &config.audit_log {
+            None => None,
+            Some(path) => Some(Arc::new(AuditLog::open(path).map_err(|source| {
+                StartError::AuditLog {
+                    path: path.clone(),
+                    source,
+                }
+            })?)),
+        };
         Ok(Proxy {
             listeners,
             admin,
+            audit,
             drain_timeout: config.drain_timeout,
         })
     }
@@ -257,6 +316,14 @@ impl Proxy {
         }
         for (state, _) in &self.listeners {
             probe::spawn_all(state, &background, &stop);
+            if let Some(policy) = &state.policy {
+                background.spawn(control::run(
+                    Arc::clone(state),
+                    policy.clone(),
+                    self.audit.clone(),
+                    stop.clone(),
+                ));
+            }
         }
         for (state, sockets) in self.listeners {
             for socket in sockets {

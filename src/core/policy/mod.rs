@@ -129,6 +129,8 @@ pub enum Mode {
 pub struct Policy {
     pub name: String,
     pub interval: Duration,
+    /// The sliding window this policy reads; `None`: the config's `[stats]`.
+    pub window: Option<crate::core::stats::WindowConfig>,
     pub signal: Signal,
     pub min_samples: u64,
     pub no_data: NoData,
@@ -156,6 +158,17 @@ pub enum Phase {
 }
 
 impl Phase {
+    /// Every state name, for the state gauge.
+    pub const NAMES: [&'static str; 7] = [
+        "healthy",
+        "tripped",
+        "shifted",
+        "recovering",
+        "canary_ramping",
+        "canary_rolled_back",
+        "canary_promoted",
+    ];
+
     pub fn name(self) -> &'static str {
         match self {
             Phase::Healthy => "healthy",

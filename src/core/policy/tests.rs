@@ -38,6 +38,7 @@ fn failover() -> Policy {
     Policy {
         name: "failover".into(),
         interval: secs(1),
+        window: None,
         signal: Signal::Exchange,
         min_samples: 20,
         no_data: NoData::Hold,

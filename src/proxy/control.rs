@@ -1,0 +1,108 @@
+//! The control loop: one task per listener with a policy. Every `interval`
+//! it reads the listener's windows, asks the pure engine, publishes the new
+//! weights through the route table's atomic swap (unless dry-run), and
+//! reports the decision to tracing, the audit log and metrics.
+
+use super::ListenerState;
+use super::audit::AuditLog;
+use crate::core::policy::{Action, Decision, Engine, Phase, Policy, PolicyState};
+use serde_json::{Map, Value, json};
+use std::sync::Arc;
+use std::time::SystemTime;
+use tokio::time::MissedTickBehavior;
+use tokio_util::sync::CancellationToken;
+use tracing::{debug, info};
+
+pub async fn run(
+    state: Arc<ListenerState>,
+    policy: Policy,
+    audit: Option<Arc<AuditLog>>,
+    stop: CancellationToken,
+) {
+    let engine = Engine::new(policy);
+    let mut pstate = PolicyState::new(&engine.policy, state.stats.len());
+    let mut tick = tokio::time::interval(engine.policy.interval);
+    tick.set_missed_tick_behavior(MissedTickBehavior::Delay);
+    info!(listener = %state.name, policy = %engine.policy.name, dry_run = engine.policy.dry_run, "policy loop started");
+    loop {
+        tokio::select! {
+            () = stop.cancelled() => return,
+            _ = tick.tick() => {}
+        }
+        let now = state.clock.now();
+        let inputs = state.policy_inputs(engine.policy.signal, now);
+        let d = engine.evaluate(now, &inputs, &mut pstate);
+        if d.changed() && !d.dry_run {
+            state
+                .router
+                .publish(d.weights.clone())
+                .expect("the engine keeps one weight per group, summing to 10000");
+            state.route_metrics.weights(d.weights.as_slice());
+        }
+        state.route_metrics.state(d.phase.name(), &Phase::NAMES);
+        if d.action == Action::Hold {
+            debug!(listener = %state.name, phase = d.phase.name(), bad = d.bad, needed = d.bad_needed, "policy holds");
+            continue;
+        }
+        report(&state, &engine.policy, &d, audit.as_deref());
+    }
+}
+
+fn report(state: &ListenerState, policy: &Policy, d: &Decision, audit: Option<&AuditLog>) {
+    let names: Vec<&str> = state.stats.iter().map(|g| g.name.as_str()).collect();
+    let shares = |w: &[u16]| -> Value {
+        let m: Map<String, Value> = names
+            .iter()
+            .zip(w)
+            .map(|(n, &bp)| ((*n).to_owned(), json!(f64::from(bp) / 100.0)))
+            .collect();
+        Value::Object(m)
+    };
+    let reasons: Vec<Value> = d
+        .reasons
+        .iter()
+        .map(|r| {
+            json!({
+                "rule": r.rule,
+                "group": names.get(r.group).copied().unwrap_or("?"),
+                "value": if r.value.is_finite() { json!(r.value) } else { json!("failing") },
+                "threshold": r.threshold,
+                "fired": r.fired,
+            })
+        })
+        .collect();
+    let record = json!({
+        "time": humantime::format_rfc3339_millis(SystemTime::now()).to_string(),
+        "listener": state.name,
+        "policy": policy.name,
+        "action": d.action.name(),
+        "rule": d.rule,
+        "dry_run": d.dry_run,
+        "phase": d.phase.name(),
+        "from": shares(d.previous.as_slice()),
+        "to": shares(d.weights.as_slice()),
+        "bad": d.bad,
+        "needed": d.bad_needed,
+        "reasons": reasons,
+    });
+    state
+        .route_metrics
+        .decision(d.action.name(), &d.rule, d.dry_run);
+    let verb = if d.dry_run {
+        "policy would move traffic (dry-run)"
+    } else {
+        "policy moved traffic"
+    };
+    info!(
+        listener = %state.name,
+        action = d.action.name(),
+        rule = %d.rule,
+        from = %record["from"],
+        to = %record["to"],
+        reasons = %record["reasons"],
+        "{verb}"
+    );
+    if let Some(audit) = audit {
+        audit.append(&record);
+    }
+}
