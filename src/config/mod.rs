@@ -217,6 +217,11 @@ impl Config {
                     format!("{} ({})", p.name, p.path.display())
                 });
             let _ = writeln!(out, "  policy   {policy}");
+            if let Some(p) = &l.policy {
+                for line in policy::describe(&p.policy) {
+                    let _ = writeln!(out, "           {line}");
+                }
+            }
             let _ = writeln!(
                 out,
                 "  connect  timeout {}, up to {} attempts; idle timeout {}",
