@@ -1,27 +1,88 @@
-//! `portshift demo`: the proxy at work on an embedded default, all on
-//! loopback inside this process. Three HTTP backends (two primary, one
-//! backup), one listener, and three phases of traffic: healthy, one primary
-//! backend dead, the whole primary group dead. It shows where each request
-//! went and that no client saw an error while any backend could serve.
+//! `portshift demo`: the whole product on an embedded default, live in the
+//! terminal. Inside this one process, on loopback only: a primary group of
+//! two HTTP backends and a backup group of one, the proxy running the
+//! shipped failover policy (its timings compressed so the story fits the
+//! run), a steady open-loop load, then a latency spike on the primary, then
+//! healing. A live view shows weights, latency, load and every decision;
+//! the run ends with a summary.
 
 use crate::backend::{self, BackendHandle, BackendOpts, Mode};
-use crate::config::Config;
-use crate::proxy::Proxy;
-use std::collections::BTreeMap;
+use crate::config::policy::parse_text;
+use crate::config::{Config, PolicyRef};
+use crate::core::policy::{Mode as PolicyMode, Policy};
+use crate::core::stats::{Signal, WindowConfig};
+use crate::load::{self, LoadStats};
+use crate::proxy::{ListenerState, Proxy};
+use std::fmt::Write as _;
 use std::io;
 use std::net::SocketAddr;
-use std::path::Path;
-use std::time::{Duration, Instant};
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::sync::atomic::Ordering::Relaxed;
+use std::time::Duration;
+use tokio_util::sync::CancellationToken;
 
-/// The embedded config; `{a}`, `{b}` and `{c}` become the backends' ports.
+/// Prints a line; a closed stdout (`portshift demo | head`) must not
+/// panic the demo, so write errors are ignored.
+macro_rules! say {
+    ($($t:tt)*) => {{
+        use std::io::Write as _;
+        let _ = writeln!(std::io::stdout(), $($t)*);
+    }};
+}
+
+macro_rules! say_raw {
+    ($($t:tt)*) => {{
+        use std::io::Write as _;
+        let _ = write!(std::io::stdout(), $($t)*);
+    }};
+}
+
+/// Shipped policies, embedded so the demo runs from any folder.
+const SHIPPED: [(&str, &str); 3] = [
+    ("failover", include_str!("../policies/failover.toml")),
+    (
+        "conservative",
+        include_str!("../policies/conservative.toml"),
+    ),
+    ("canary", include_str!("../policies/canary.toml")),
+];
+
+/// Backend reply delay when healthy, and during the injected spike.
+const HEALTHY_DELAY: Duration = Duration::from_millis(5);
+const SPIKE_DELAY: Duration = Duration::from_millis(300);
+/// The story's beats, as fractions of the run: calm, spike, heal.
+const FAULT_AT: f64 = 0.15;
+const HEAL_AT: f64 = 0.45;
+/// The run the shipped policies' timings were written for; shorter runs
+/// compress them by `REFERENCE_RUN / duration`.
+const REFERENCE_RUN: Duration = Duration::from_secs(300);
+
+/// Shortest window the demo compresses to: six 400 ms probe rounds.
+const MIN_WINDOW: Duration = Duration::from_millis(2500);
+
+/// The embedded config; `{a}`, `{b}`, `{c}` become backend ports.
 const DEMO_CONFIG: &str = r#"
+[admin]
+listen = "127.0.0.1:0"
+
 [[group]]
 name = "primary"
-backends = ["127.0.0.1:{a}", { addr = "127.0.0.1:{b}", weight = 2 }]
+backends = ["127.0.0.1:{a}", "127.0.0.1:{b}"]
+[group.probe]
+interval = "400ms"
+timeout = "400ms"
+send = "GET /health HTTP/1.1\r\nhost: probe\r\n\r\n"
+expect = "HTTP/1.1 200"
 
 [[group]]
 name = "backup"
 backends = ["127.0.0.1:{c}"]
+[group.probe]
+interval = "400ms"
+timeout = "400ms"
+send = "GET /health HTTP/1.1\r\nhost: probe\r\n\r\n"
+expect = "HTTP/1.1 200"
 
 [[listener]]
 name = "web"
@@ -31,112 +92,343 @@ backups = ["backup"]
 connect_timeout = "1s"
 "#;
 
-/// Runs the three phases with `requests` requests each and prints a report.
-pub async fn run(requests: u32) -> io::Result<()> {
+#[derive(Debug, Clone)]
+pub struct DemoOptions {
+    pub duration: Duration,
+    /// A shipped policy name, a name in ./policies, or a file.
+    pub policy: Option<String>,
+    /// Compress the policy's timings this many times; default from duration.
+    pub speedup: Option<f64>,
+    /// New connections per second.
+    pub rate: f64,
+    /// Redraw a live view (a terminal), or print plain lines.
+    pub tui: bool,
+}
+
+/// What the run showed, in seconds since start.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Summary {
+    pub fault_at: f64,
+    pub heal_at: f64,
+    pub first_shift_at: Option<f64>,
+    pub peak_backup_share: f64,
+    pub back_on_primary_at: Option<f64>,
+    pub requests: u64,
+    pub client_errors: u64,
+}
+
+/// Runs the demo and prints its view and summary.
+pub async fn run(opts: DemoOptions) -> io::Result<Summary> {
+    let speedup = opts
+        .speedup
+        .unwrap_or_else(|| (REFERENCE_RUN.as_secs_f64() / opts.duration.as_secs_f64()).max(1.0));
+    let (name, path, mut policy) = resolve_policy(opts.policy.as_deref())?;
+    compress(&mut policy, speedup);
     let backends = [
         start("primary-a").await?,
         start("primary-b").await?,
         start("backup-a").await?,
     ];
+    let mut config = demo_config(&backends)?;
+    config.listeners[0].policy = Some(PolicyRef {
+        name: name.clone(),
+        path,
+        policy,
+    });
+    let proxy = Proxy::bind(&config).map_err(io::Error::other)?;
+    let addr = proxy.local_addrs()[0].1;
+    let admin = proxy
+        .admin_addr()
+        .expect("the demo config has an admin listener");
+    let state = proxy
+        .listener("web")
+        .expect("the demo config defines `web`");
+    let stop = CancellationToken::new();
+    let server = tokio::spawn(proxy.serve(stop.clone().cancelled_owned()));
+    let stats = Arc::new(LoadStats::default());
+    let load_stop = CancellationToken::new();
+    let load_task = tokio::spawn(load::run(
+        addr,
+        opts.rate,
+        Arc::clone(&stats),
+        load_stop.clone(),
+    ));
+
+    say!(
+        "portshift demo: listener `web` on {addr}, policy `{name}` with its timings compressed {speedup:.1}x"
+    );
+    say!("  admin: http://{admin}/metrics   (curl it, or point Prometheus at it, while this runs)");
+    say!(
+        "  load: {} new connections/s; primary replies in {HEALTHY_DELAY:?}; a {SPIKE_DELAY:?} spike comes at {:.0}s and heals at {:.0}s\n",
+        opts.rate,
+        opts.duration.as_secs_f64() * FAULT_AT,
+        opts.duration.as_secs_f64() * HEAL_AT
+    );
+    let summary = watch(&opts, &state, admin, &backends, &stats).await;
+    load_stop.cancel();
+    let _ = load_task.await;
+    stop.cancel();
+    let _ = server.await;
+    for b in &backends {
+        b.stop().await;
+    }
+    print_summary(&summary);
+    Ok(summary)
+}
+
+/// Drives the story (spike, heal) and the view until the run ends.
+async fn watch(
+    opts: &DemoOptions,
+    state: &ListenerState,
+    admin: SocketAddr,
+    backends: &[BackendHandle; 3],
+    stats: &LoadStats,
+) -> Summary {
+    let total = opts.duration.as_secs_f64();
+    let mut s = Summary {
+        fault_at: total * FAULT_AT,
+        heal_at: total * HEAL_AT,
+        first_shift_at: None,
+        peak_backup_share: 0.0,
+        back_on_primary_at: None,
+        requests: 0,
+        client_errors: 0,
+    };
+    let (mut faulted, mut healed, mut seen, mut last_draw) = (false, false, 0u64, -1.0f64);
+    let mut last_sent = 0u64;
+    let mut lines: Vec<String> = Vec::new();
+    let mut tick = tokio::time::interval(Duration::from_millis(100));
+    loop {
+        // Ctrl-C ends the run early, still with a summary and a clean stop.
+        tokio::select! {
+            _ = tick.tick() => {}
+            _ = tokio::signal::ctrl_c() => break,
+        }
+        let now = state.clock.now().as_secs_f64();
+        if now >= total {
+            break;
+        }
+        if !faulted && now >= s.fault_at {
+            faulted = true;
+            backends[..2].iter().for_each(|b| b.set_delay(SPIKE_DELAY));
+            lines.push(format!(
+                "{now:6.1}s  >>> latency spike on the primary: replies now take {SPIKE_DELAY:?}"
+            ));
+        }
+        if !healed && now >= s.heal_at {
+            healed = true;
+            backends[..2]
+                .iter()
+                .for_each(|b| b.set_delay(HEALTHY_DELAY));
+            lines.push(format!(
+                "{now:6.1}s  >>> the primary heals: replies back to {HEALTHY_DELAY:?}"
+            ));
+        }
+        let backup = f64::from(state.router.weights().as_slice()[1]) / 100.0;
+        s.peak_backup_share = s.peak_backup_share.max(backup);
+        if healed && backup == 0.0 && s.peak_backup_share > 0.0 && s.back_on_primary_at.is_none() {
+            s.back_on_primary_at = Some(now);
+        }
+        for (n, d) in state.decisions.since(seen) {
+            seen = n;
+            let at = d["uptime_s"].as_f64().unwrap_or(now);
+            if d["action"] == "shift" && s.first_shift_at.is_none() && faulted {
+                s.first_shift_at = Some(at);
+            }
+            lines.push(format!("{at:6.1}s  {}", describe_decision(&d)));
+        }
+        if now - last_draw >= 1.0 {
+            let sent = stats.sent.load(Relaxed);
+            let rate = (sent - last_sent) as f64 / (now - last_draw.max(0.0)).max(0.1);
+            last_sent = sent;
+            last_draw = now;
+            let view = view(state, admin, now, total, rate, stats);
+            if opts.tui {
+                say_raw!("\x1b[2J\x1b[H{view}");
+                for l in lines.iter().rev().take(12).rev() {
+                    say!("  {l}");
+                }
+            } else {
+                say!("{}", view.lines().next().unwrap_or_default());
+                for l in lines.drain(..) {
+                    say!("  {l}");
+                }
+            }
+        }
+    }
+    if !opts.tui {
+        lines.drain(..).for_each(|l| say!("  {l}"));
+    }
+    s.requests = stats.sent.load(Relaxed);
+    s.client_errors = stats.errors.load(Relaxed);
+    s
+}
+
+/// The live view: one status line, then a bar and latency per group.
+fn view(
+    state: &ListenerState,
+    admin: SocketAddr,
+    now: f64,
+    total: f64,
+    rate: f64,
+    stats: &LoadStats,
+) -> String {
+    let mut out = String::new();
+    let phase = state.decisions.phase().unwrap_or("starting");
+    let _ = writeln!(
+        out,
+        "t={now:5.1}s/{total:.0}s  state {phase:<11} load {rate:5.0} conn/s  client errors {}",
+        stats.errors.load(Relaxed)
+    );
+    for g in state.view() {
+        let share = f64::from(g.weight_bp) / 100.0;
+        let bar: String = (0..20)
+            .map(|i| if f64::from(i) < share / 5.0 { '#' } else { '.' })
+            .collect();
+        let ex = g.signals[Signal::Exchange.index()];
+        let probe = g.signals[Signal::Probe.index()];
+        let _ = writeln!(
+            out,
+            "  {:<8} [{bar}] {share:5.1}%   p50 {:>7}  p99 {:>7}  {:>4} replies   probe p99 {:>7}{}",
+            g.name,
+            ms(ex.p50),
+            ms(ex.p99),
+            ex.count,
+            ms(probe.p99),
+            if probe.errors > 0 {
+                format!(" ({} failed)", probe.errors)
+            } else {
+                String::new()
+            }
+        );
+    }
+    let _ = writeln!(out, "  admin http://{admin}/metrics    decisions:");
+    out
+}
+
+fn ms(d: Duration) -> String {
+    format!("{:.1}ms", d.as_secs_f64() * 1000.0)
+}
+
+/// One decision as a line: action, weights, and the reason that fired.
+fn describe_decision(d: &serde_json::Value) -> String {
+    let reason = d["reasons"]
+        .as_array()
+        .and_then(|rs| rs.iter().find(|r| r["fired"] == true))
+        .map(|r| {
+            let rule = r["rule"].as_str().unwrap_or("?");
+            // Latency rules (p99_above, recover.p99_below) read best in ms.
+            let latency =
+                rule.trim_start_matches("recover.").starts_with('p') && !rule.contains("ratio");
+            let num = |v: &serde_json::Value| match v.as_f64() {
+                Some(x) if latency => format!("{:.1}ms", x * 1000.0),
+                Some(x) => format!("{x:.3}"),
+                None => v.as_str().unwrap_or("?").to_owned(),
+            };
+            format!(": {rule} {} vs {}", num(&r["value"]), num(&r["threshold"]))
+        })
+        .unwrap_or_default();
+    format!(
+        "{}{:<8} -> primary {:>5}% / backup {:>5}%{reason}",
+        if d["dry_run"] == true { "would " } else { "" },
+        d["action"].as_str().unwrap_or("?"),
+        d["to"]["primary"],
+        d["to"]["backup"],
+    )
+}
+
+fn print_summary(s: &Summary) {
+    let after = |t: Option<f64>, from: f64| match t {
+        Some(t) => format!("at {t:.1}s ({:.1}s after)", t - from),
+        None => "never".into(),
+    };
+    say!("\nsummary");
+    say!("  fault began:             at {:.1}s", s.fault_at);
+    say!(
+        "  first shift:             {}",
+        after(s.first_shift_at, s.fault_at)
+    );
+    say!(
+        "  peak share moved:        {:.0}% to the backup",
+        s.peak_backup_share
+    );
+    say!("  fault healed:            at {:.1}s", s.heal_at);
+    say!(
+        "  traffic back on primary: {}",
+        after(s.back_on_primary_at, s.heal_at)
+    );
+    say!("  client requests:         {}", s.requests);
+    say!("  client errors:           {}", s.client_errors);
+}
+
+/// A shipped name, a name in ./policies, or a path.
+fn resolve_policy(arg: Option<&str>) -> io::Result<(String, PathBuf, Policy)> {
+    let name = arg.unwrap_or("failover");
+    let as_path = Path::new(name);
+    let local = Path::new("policies").join(format!("{name}.toml"));
+    let (path, text) = if name.ends_with(".toml") || name.contains('/') {
+        (as_path.to_path_buf(), std::fs::read_to_string(as_path)?)
+    } else if local.is_file() {
+        (local.clone(), std::fs::read_to_string(&local)?)
+    } else if let Some((_, text)) = SHIPPED.iter().find(|(n, _)| *n == name) {
+        (
+            PathBuf::from(format!("policies/{name}.toml (embedded)")),
+            (*text).to_owned(),
+        )
+    } else {
+        let known: Vec<&str> = SHIPPED.iter().map(|(n, _)| *n).collect();
+        return Err(io::Error::new(
+            io::ErrorKind::NotFound,
+            format!("policy `{name}` not found; shipped: {}", known.join(", ")),
+        ));
+    };
+    let stem = as_path
+        .file_stem()
+        .and_then(|s| s.to_str())
+        .unwrap_or(name)
+        .to_owned();
+    let policy = parse_text(&stem, &path, &text)
+        .map_err(|e| io::Error::new(io::ErrorKind::InvalidData, e.to_string()))?;
+    Ok((stem, path, policy))
+}
+
+/// Divides every timing of the policy by `k` (never below 10 ms), so a
+/// policy written for minutes plays out in the demo's seconds.
+fn compress(p: &mut Policy, k: f64) {
+    let f = |d: Duration| d.div_f64(k).max(Duration::from_millis(10));
+    p.interval = f(p.interval);
+    // The window keeps enough probe rounds to judge a primary that has no
+    // traffic left: at least MIN_WINDOW.
+    let w = p.window.unwrap_or_default();
+    let span = w.span().div_f64(k).max(MIN_WINDOW);
+    p.window = Some(WindowConfig {
+        slots: w.slots,
+        slot: span / w.slots as u32,
+    });
+    match &mut p.mode {
+        PolicyMode::Failover { shift, recover } => {
+            shift.cooldown = f(shift.cooldown);
+            recover.hold = f(recover.hold);
+            recover.cooldown = f(recover.cooldown);
+        }
+        PolicyMode::Canary(c) => c.hold = f(c.hold),
+    }
+}
+
+fn demo_config(backends: &[BackendHandle; 3]) -> io::Result<Config> {
     let text = DEMO_CONFIG
         .replace("{a}", &backends[0].addr().port().to_string())
         .replace("{b}", &backends[1].addr().port().to_string())
         .replace("{c}", &backends[2].addr().port().to_string());
-    let config =
-        Config::parse(Path::new("<demo>"), &text).map_err(|e| io::Error::other(e.to_string()))?;
-    let proxy = Proxy::bind(&config).map_err(io::Error::other)?;
-    let addr = proxy.local_addrs()[0].1;
-    let state = proxy
-        .listener("web")
-        .expect("the demo config defines `web`");
-    let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
-    let server = tokio::spawn(proxy.serve(async {
-        let _ = stop_rx.await;
-    }));
-
-    println!("portshift demo: listener `web` on {addr}");
-    println!(
-        "  primary group: primary-a {} (weight 1), primary-b {} (weight 2)",
-        backends[0].addr(),
-        backends[1].addr()
-    );
-    println!("  backup group:  backup-a {}", backends[2].addr());
-    println!("{requests} HTTP requests per phase, one new connection each\n");
-
-    let mut total_errors = 0;
-    let phases: [(&str, Option<usize>); 3] = [
-        ("1. all healthy", None),
-        ("2. primary-a crashed", Some(0)),
-        (
-            "3. primary-b crashed too: whole primary group down",
-            Some(1),
-        ),
-    ];
-    for (title, kill) in phases {
-        if let Some(i) = kill {
-            backends[i].stop().await;
-        }
-        let r = phase(addr, requests).await;
-        total_errors += r.errors;
-        print_phase(title, &r);
-    }
-
-    let _ = stop_tx.send(());
-    let _ = server.await;
-    let c = state.outcomes.snapshot();
-    println!(
-        "proxy counted: {} accepted, {} connected, {} refused upstream connects retried, {} closed for lack of a backend",
-        c.accepted, c.connected, c.connect_refused, c.no_backend
-    );
-    println!(
-        "bytes: {} client->backend, {} backend->client",
-        c.bytes_up, c.bytes_down
-    );
-    println!("client errors: {total_errors}");
-    backends[2].stop().await;
-    Ok(())
+    Config::parse(Path::new("<demo>"), &text).map_err(|e| io::Error::other(e.to_string()))
 }
 
 async fn start(name: &str) -> io::Result<BackendHandle> {
     let opts = BackendOpts {
         name: name.into(),
         mode: Mode::Http,
-        delay: Duration::from_millis(1),
+        delay: HEALTHY_DELAY,
         greeting: None,
     };
     backend::spawn(SocketAddr::from(([127, 0, 0, 1], 0)), opts).await
-}
-
-struct Phase {
-    served_by: BTreeMap<String, u32>,
-    errors: u32,
-    elapsed: Duration,
-}
-
-async fn phase(addr: SocketAddr, requests: u32) -> Phase {
-    let start = Instant::now();
-    let mut served_by = BTreeMap::new();
-    let mut errors = 0;
-    for _ in 0..requests {
-        match backend::http_get(addr).await {
-            Ok(body) => *served_by.entry(body.trim().to_owned()).or_insert(0) += 1,
-            Err(_) => errors += 1,
-        }
-    }
-    Phase {
-        served_by,
-        errors,
-        elapsed: start.elapsed(),
-    }
-}
-
-fn print_phase(title: &str, r: &Phase) {
-    println!("{title}  ({:.2}s)", r.elapsed.as_secs_f64());
-    let total: u32 = r.served_by.values().sum::<u32>() + r.errors;
-    for (name, n) in &r.served_by {
-        let pct = f64::from(*n) * 100.0 / f64::from(total.max(1));
-        let bar = "#".repeat((pct / 2.5).round() as usize);
-        println!("   {name:<10} {n:>5}  {pct:5.1}%  {bar}");
-    }
-    println!("   errors     {:>5}\n", r.errors);
 }

@@ -18,5 +18,6 @@ pub mod backend;
 pub mod config;
 pub mod core;
 pub mod demo;
+pub mod load;
 pub mod proxy;
 pub mod telemetry;

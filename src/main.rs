@@ -35,12 +35,35 @@ enum Command {
         #[arg(short, long, default_value = "portshift.toml")]
         config: PathBuf,
     },
-    /// Show the proxy at work on an embedded default: backends, the proxy,
-    /// traffic, a failing backend, failover.
+    /// The whole product on an embedded default: backends, the proxy with
+    /// the failover policy, load, a latency spike and its healing, live.
     Demo {
-        /// Requests per phase.
-        #[arg(long, default_value_t = 300)]
-        requests: u32,
+        /// How long the demo runs; the policy's timings are compressed to fit.
+        #[arg(long, value_parser = humantime::parse_duration, default_value = "60s")]
+        duration: Duration,
+        /// Policy to try: a shipped name (failover, conservative, canary) or a file.
+        #[arg(long)]
+        policy: Option<String>,
+        /// Compress the policy's timings this many times (default: 300s / duration).
+        #[arg(long)]
+        speedup: Option<f64>,
+        /// New connections per second.
+        #[arg(long, default_value_t = 200.0)]
+        rate: f64,
+        /// Print plain lines instead of redrawing the screen (automatic when
+        /// stdout is not a terminal).
+        #[arg(long)]
+        no_tui: bool,
+    },
+    /// Open-loop HTTP load: new connections at a fixed rate.
+    Load {
+        /// Where to send requests.
+        #[arg(long)]
+        target: SocketAddr,
+        #[arg(long, default_value_t = 100.0)]
+        rate: f64,
+        #[arg(long, value_parser = humantime::parse_duration, default_value = "10s")]
+        duration: Duration,
     },
     /// A test backend: echo or HTTP, with a reply delay.
     Backend {
@@ -87,9 +110,30 @@ fn main() -> ExitCode {
             Ok(c) => report(runtime().and_then(|rt| rt.block_on(run(c)))),
             Err(e) => config_failed(&e),
         },
-        Command::Demo { requests } => {
-            report(runtime().and_then(|rt| Ok(rt.block_on(portshift::demo::run(requests))?)))
+        Command::Demo {
+            duration,
+            policy,
+            speedup,
+            rate,
+            no_tui,
+        } => {
+            use std::io::IsTerminal;
+            let opts = portshift::demo::DemoOptions {
+                duration,
+                policy,
+                speedup,
+                rate,
+                tui: !no_tui && std::io::stdout().is_terminal(),
+            };
+            report(
+                runtime().and_then(|rt| Ok(rt.block_on(portshift::demo::run(opts)).map(|_| ())?)),
+            )
         }
+        Command::Load {
+            target,
+            rate,
+            duration,
+        } => report(runtime().and_then(|rt| Ok(rt.block_on(load(target, rate, duration))?))),
         Command::Backend {
             listen,
             mode,
@@ -166,6 +210,40 @@ async fn backend(listen: SocketAddr, opts: portshift::backend::BackendOpts) -> a
     tracing::info!(addr = %b.addr(), "backend listening");
     shutdown_signal().await;
     b.stop().await;
+    Ok(())
+}
+
+async fn load(target: SocketAddr, rate: f64, duration: Duration) -> std::io::Result<()> {
+    use std::sync::atomic::Ordering::Relaxed;
+    let stats = std::sync::Arc::new(portshift::load::LoadStats::default());
+    let stop = tokio_util::sync::CancellationToken::new();
+    let task = tokio::spawn(portshift::load::run(
+        target,
+        rate,
+        stats.clone(),
+        stop.clone(),
+    ));
+    let mut tick = tokio::time::interval(Duration::from_secs(1));
+    tick.tick().await;
+    for second in 1..=duration.as_secs().max(1) {
+        tick.tick().await;
+        println!(
+            "{second:>4}s sent {:>8} ok {:>8} errors {:>6} mean {:?} served by {:?}",
+            stats.sent.load(Relaxed),
+            stats.ok.load(Relaxed),
+            stats.errors.load(Relaxed),
+            stats.mean_latency(),
+            stats.served_by()
+        );
+    }
+    stop.cancel();
+    task.await.map_err(std::io::Error::other)?;
+    println!(
+        "done: {} sent, {} ok, {} errors",
+        stats.sent.load(Relaxed),
+        stats.ok.load(Relaxed),
+        stats.errors.load(Relaxed)
+    );
     Ok(())
 }
 

@@ -109,6 +109,17 @@ pub fn load(name: &str, path: &Path, out: &mut Vec<super::Diagnostic>) -> Option
     policy
 }
 
+/// Parses and validates policy `text` (named `name`, read from `path`).
+pub fn parse_text(name: &str, path: &Path, text: &str) -> Result<Policy, super::ConfigError> {
+    let mut rep = Reporter::new(path, text);
+    match parse(name, text, &mut rep) {
+        Some(p) => Ok(p),
+        None => Err(super::ConfigError {
+            diagnostics: rep.diagnostics,
+        }),
+    }
+}
+
 /// Parses policy `text`; `None` when anything was reported.
 pub fn parse(name: &str, text: &str, rep: &mut Reporter<'_>) -> Option<Policy> {
     let raw: RawPolicy = match toml::from_str(text) {

@@ -11,6 +11,7 @@ mod copy;
 mod outcome;
 mod probe;
 
+pub use control::RecentDecisions;
 pub use copy::{BUFFER_BYTES, Copied};
 pub use outcome::{ConnectFailure, End, OutcomeCounts, Outcomes};
 
@@ -101,6 +102,8 @@ pub struct ListenerState {
     pub router: Router,
     pub outcomes: Outcomes,
     pub clock: Clock,
+    /// The policy loop's latest decisions and state.
+    pub decisions: RecentDecisions,
     /// Per group (same order as the router's groups), per backend.
     pub stats: Vec<GroupStats>,
     metrics: Vec<Vec<BackendMetrics>>,
@@ -148,6 +151,7 @@ impl ListenerState {
             ),
             outcomes: Outcomes::default(),
             clock,
+            decisions: RecentDecisions::default(),
             stats: groups
                 .iter()
                 .map(|g| GroupStats::new(&g.name, g.backends.len(), window, shards))

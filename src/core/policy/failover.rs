@@ -29,6 +29,10 @@ pub fn evaluate(
         let v = verdict::trip(p, inputs, g, None, &mut ignored);
         state.bad[g].push(v, p.no_data);
     }
+    // Recovery bookkeeping comes first, every evaluation: a primary left
+    // with no traffic can only show that it healed through its probes, and
+    // doing so clears its trip.
+    track_recovery(p, recover, primary, now, inputs, state, &mut reasons);
     let (bad, needed) = (state.bad[0].count(), state.bad[0].needed());
     let tripped = state.bad[0].tripped();
     let last_change = state.last_change;
@@ -39,18 +43,6 @@ pub fn evaluate(
             .find(|r| r.fired && r.group == group)
             .map_or_else(|| "tripped".to_string(), |r| r.rule.clone())
     };
-
-    // Recovery bookkeeping happens every evaluation, whatever else moves.
-    track_recovery(
-        p,
-        recover,
-        primary,
-        tripped,
-        now,
-        inputs,
-        state,
-        &mut reasons,
-    );
 
     // 1. Shift off a tripped primary.
     let moved = TOTAL_BP - u32::from(state.weights.as_slice()[0]);
@@ -137,24 +129,24 @@ pub fn evaluate(
     decision(Action::Hold, "hold", reasons, bad, needed)
 }
 
-/// Starts, keeps or resets the recovery clock of the primary.
-#[allow(clippy::too_many_arguments)]
+/// Starts, keeps or resets the recovery clock of the primary. Meeting the
+/// recovery bar also clears a trip that only silence was keeping alive.
 fn track_recovery(
     p: &Policy,
     recover: &Recover,
     primary: Verdict,
-    tripped: bool,
     now: Duration,
     inputs: &[GroupInput],
     state: &mut PolicyState,
     reasons: &mut Vec<Reason>,
 ) {
-    if state.weights.as_slice()[0] == TOTAL_BP as u16 || tripped || primary == Verdict::Bad {
+    if state.weights.as_slice()[0] == TOTAL_BP as u16 || primary == Verdict::Bad {
         state.healthy_since = None;
         return;
     }
     match verdict::recovered(p, recover, &inputs[0], reasons) {
         Verdict::Good => {
+            state.bad[0].clear();
             state.healthy_since.get_or_insert(now);
         }
         Verdict::Bad => state.healthy_since = None,

@@ -227,6 +227,34 @@ fn recovery_needs_the_lower_bar_held_then_returns_gradually() {
 }
 
 #[test]
+fn fully_failed_over_primary_recovers_through_its_probes() {
+    // The primary is slow until 30 s; it then has no traffic at all, and
+    // its probes show 300 ms until 60 s, then 20 ms.
+    let ds = simulate(failover(), 140, |t| {
+        let mut p = if t < 30 { gi(300, 500, 0) } else { gi(0, 0, 0) };
+        p.probe = dist(if t < 60 { 300 } else { 20 }, 10, 0);
+        vec![p, gi(50, 500, 0)]
+    });
+    let share = backup_share(&ds);
+    assert_eq!(share[25], 10_000, "fully failed over");
+    assert!(
+        share[30..90].iter().all(|&s| s == 10_000),
+        "no return while the probes are slow"
+    );
+    assert_eq!(ds[59].phase, Phase::Tripped);
+    assert_eq!(ds[70].phase, Phase::Recovering);
+    assert_eq!(
+        ds[90].action,
+        Action::Recover {
+            from: 1,
+            to: 0,
+            bp: 1000
+        }
+    );
+    assert_eq!(share[108], 0);
+}
+
+#[test]
 fn bad_of_last_counts_intermittent_slowness() {
     let policy = Policy {
         counting: Counting::BadOfLast { bad: 3, of: 5 },

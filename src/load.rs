@@ -1,0 +1,96 @@
+//! An open-loop load generator: HTTP GETs at a fixed rate, each on a new
+//! connection, whatever the server's speed (a closed loop would slow down
+//! with the server and hide the very latency we want to see). Used by the
+//! demo, the tests and `portshift load`.
+
+use crate::backend::http_get;
+use std::collections::BTreeMap;
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+use tokio::sync::Semaphore;
+use tokio_util::sync::CancellationToken;
+
+/// Most requests in flight at once: bounds memory and sockets when the
+/// target stalls (a black hole must not make the generator grow forever).
+pub const MAX_IN_FLIGHT: usize = 2048;
+/// A request that has not finished by then counts as an error.
+pub const REQUEST_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// Live counters of a running load.
+#[derive(Debug, Default)]
+pub struct LoadStats {
+    pub sent: AtomicU64,
+    pub ok: AtomicU64,
+    pub errors: AtomicU64,
+    /// Requests not sent because `MAX_IN_FLIGHT` were already pending.
+    pub skipped: AtomicU64,
+    /// Replies by body (the backend's name).
+    served_by: Mutex<BTreeMap<String, u64>>,
+    latency_us_total: AtomicU64,
+}
+
+impl LoadStats {
+    pub fn served_by(&self) -> BTreeMap<String, u64> {
+        self.served_by
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone()
+    }
+
+    /// Mean latency of successful requests so far.
+    pub fn mean_latency(&self) -> Duration {
+        let ok = self.ok.load(Relaxed).max(1);
+        Duration::from_micros(self.latency_us_total.load(Relaxed) / ok)
+    }
+
+    fn record(&self, r: Result<String, ()>, took: Duration) {
+        match r {
+            Ok(body) => {
+                self.ok.fetch_add(1, Relaxed);
+                self.latency_us_total
+                    .fetch_add(took.as_micros() as u64, Relaxed);
+                let mut m = self.served_by.lock().unwrap_or_else(|p| p.into_inner());
+                *m.entry(body.trim().to_owned()).or_default() += 1;
+            }
+            Err(()) => {
+                self.errors.fetch_add(1, Relaxed);
+            }
+        }
+    }
+}
+
+/// Sends `rate` requests per second to `target` until `stop`, then waits for
+/// those in flight. Returns when all have finished.
+pub async fn run(target: SocketAddr, rate: f64, stats: Arc<LoadStats>, stop: CancellationToken) {
+    assert!(rate > 0.0, "rate is positive");
+    let slots = Arc::new(Semaphore::new(MAX_IN_FLIGHT));
+    let tasks = tokio_util::task::TaskTracker::new();
+    let mut tick = tokio::time::interval(Duration::from_secs_f64(1.0 / rate));
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Burst);
+    loop {
+        tokio::select! {
+            () = stop.cancelled() => break,
+            _ = tick.tick() => {}
+        }
+        let Ok(permit) = Arc::clone(&slots).try_acquire_owned() else {
+            stats.skipped.fetch_add(1, Relaxed);
+            continue;
+        };
+        stats.sent.fetch_add(1, Relaxed);
+        let stats = Arc::clone(&stats);
+        tasks.spawn(async move {
+            let start = tokio::time::Instant::now();
+            let r = tokio::time::timeout(REQUEST_TIMEOUT, http_get(target)).await;
+            let r = match r {
+                Ok(Ok(body)) => Ok(body),
+                _ => Err(()),
+            };
+            stats.record(r, start.elapsed());
+            drop(permit);
+        });
+    }
+    tasks.close();
+    tasks.wait().await;
+}
