@@ -176,6 +176,18 @@ fn runtime() -> anyhow::Result<tokio::runtime::Runtime> {
 
 async fn run(config: Config) -> anyhow::Result<()> {
     let proxy = Proxy::bind(&config)?;
+    let handle = proxy.handle();
+    tokio::spawn(async move {
+        use tokio::signal::unix::{SignalKind, signal};
+        let Ok(mut hup) = signal(SignalKind::hangup()) else {
+            return;
+        };
+        while hup.recv().await.is_some() {
+            tracing::info!("SIGHUP: reloading the config");
+            // The outcome is logged, counted and shown in /status.
+            let _ = handle.reload().await;
+        }
+    });
     let states: Vec<_> = config
         .listeners
         .iter()

@@ -24,6 +24,9 @@ pub const BUILD_INFO: &str = "portshift_build_info";
 pub const ROUTE_WEIGHT: &str = "portshift_route_weight";
 pub const DECISIONS: &str = "portshift_decisions_total";
 pub const POLICY_STATE: &str = "portshift_policy_state";
+pub const ROUTE_PINNED: &str = "portshift_route_pinned";
+pub const POLICY_PAUSED: &str = "portshift_policy_paused";
+pub const RELOADS: &str = "portshift_config_reloads_total";
 
 /// Histogram buckets in seconds, dense in the 1 ms – 1 s range where latency
 /// alerts are written (e.g. p99 above 250 ms).
@@ -143,6 +146,18 @@ fn describe() {
         POLICY_STATE,
         "1 for the listener's current policy state, 0 for the others"
     );
+    metrics::describe_gauge!(
+        ROUTE_PINNED,
+        "1 while an operator pin holds the listener's weights"
+    );
+    metrics::describe_gauge!(
+        POLICY_PAUSED,
+        "1 while the listener's policy is paused by an operator"
+    );
+    metrics::describe_counter!(
+        RELOADS,
+        "Config reloads (SIGHUP or POST /reload) by result: ok or error"
+    );
 }
 
 /// A listener's own counters (not tied to a backend).
@@ -225,7 +240,11 @@ impl RouteMetrics {
         prometheus();
         let weights = groups
             .iter()
-            .map(|g| metrics::gauge!(ROUTE_WEIGHT, "listener" => listener.to_owned(), "group" => g.clone()))
+            .enumerate()
+            .map(|(i, g)| {
+                let role = if i == 0 { "primary" } else { "backup" };
+                metrics::gauge!(ROUTE_WEIGHT, "listener" => listener.to_owned(), "group" => g.clone(), "role" => role)
+            })
             .collect();
         RouteMetrics {
             listener: listener.to_owned(),
@@ -251,6 +270,13 @@ impl RouteMetrics {
             .increment(1);
     }
 
+    /// Whether an operator pin or pause holds the listener.
+    pub fn steering(&self, pinned: bool, paused: bool) {
+        let b = |x: bool| if x { 1.0 } else { 0.0 };
+        metrics::gauge!(ROUTE_PINNED, "listener" => self.listener.clone()).set(b(pinned));
+        metrics::gauge!(POLICY_PAUSED, "listener" => self.listener.clone()).set(b(paused));
+    }
+
     /// Sets the state gauge: 1 for `current`, 0 for every other of `all`.
     pub fn state(&self, current: &str, all: &[&'static str]) {
         for s in all {
@@ -259,4 +285,10 @@ impl RouteMetrics {
                 .set(v);
         }
     }
+}
+
+/// Counts one config reload by result.
+pub fn reload(ok: bool) {
+    prometheus();
+    metrics::counter!(RELOADS, "result" => if ok { "ok" } else { "error" }).increment(1);
 }

@@ -67,9 +67,20 @@ pub struct Group {
     pub probe: Option<Probe>,
 }
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Admin {
     pub listen: SocketAddr,
+    /// Where the bearer token comes from; with one, every admin call must
+    /// carry `Authorization: Bearer TOKEN`.
+    pub token: Option<TokenSource>,
+}
+
+/// The admin token is read from a file or an environment variable, never
+/// written in the config itself.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum TokenSource {
+    File(PathBuf),
+    Env(String),
 }
 
 /// An active health and latency probe for every backend of a group: TCP
@@ -111,7 +122,7 @@ impl Balance {
     }
 }
 
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, PartialEq)]
 pub struct Listener {
     pub name: String,
     /// Every address this listener binds (ranges expanded); never empty.

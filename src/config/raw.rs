@@ -37,6 +37,10 @@ pub struct RawGroup {
 #[serde(deny_unknown_fields)]
 pub struct RawAdmin {
     pub listen: S<String>,
+    /// File holding the bearer token (never the token itself in config).
+    pub token_file: Option<S<String>>,
+    /// Environment variable holding the bearer token.
+    pub token_env: Option<S<String>>,
 }
 
 #[derive(Debug, Deserialize)]

@@ -214,7 +214,8 @@ impl Validator<'_, '_> {
     }
 
     fn admin(&mut self, raw: &S<RawAdmin>, listeners: &[Listener]) -> Option<Admin> {
-        let listen = &raw.get_ref().listen;
+        let a = raw.get_ref();
+        let listen = &a.listen;
         let Ok(addr) = listen.get_ref().parse::<SocketAddr>() else {
             self.rep.error(
                 listen.span(),
@@ -223,11 +224,37 @@ impl Validator<'_, '_> {
             );
             return None;
         };
-        if !addr.ip().is_loopback() {
+        let token = match (&a.token_file, &a.token_env) {
+            (Some(f), Some(_)) => {
+                self.rep.error(
+                    f.span(),
+                    "admin: both `token_file` and `token_env` are set",
+                    Some("choose one source for the token".into()),
+                );
+                None
+            }
+            (Some(f), None) => Some(TokenSource::File(
+                self.path
+                    .parent()
+                    .unwrap_or(Path::new("."))
+                    .join(f.get_ref()),
+            )),
+            (None, Some(e)) if e.get_ref().is_empty() => {
+                self.rep.error(
+                    e.span(),
+                    "admin: `token_env` is empty",
+                    Some("name the environment variable, e.g. \"PORTSHIFT_ADMIN_TOKEN\"".into()),
+                );
+                None
+            }
+            (None, Some(e)) => Some(TokenSource::Env(e.get_ref().clone())),
+            (None, None) => None,
+        };
+        if !addr.ip().is_loopback() && token.is_none() {
             self.rep.error(
                 listen.span(),
-                format!("admin: {addr} is not a loopback address; the admin plane would be open to the network"),
-                Some("bind it to 127.0.0.1 or [::1] and scrape through a local agent or tunnel".into()),
+                format!("admin: {addr} is not a loopback address and no token is configured; the admin plane would be open to the network"),
+                Some("bind 127.0.0.1 or [::1], or set `token_file` or `token_env` so every call needs a bearer token".into()),
             );
         }
         if let Some(l) = listeners
@@ -240,7 +267,10 @@ impl Validator<'_, '_> {
                 Some("give the admin plane its own port".into()),
             );
         }
-        Some(Admin { listen: addr })
+        Some(Admin {
+            listen: addr,
+            token,
+        })
     }
 
     fn stats(&mut self, raw: Option<&RawStats>) -> WindowConfig {

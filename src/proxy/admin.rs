@@ -1,18 +1,56 @@
-//! The admin HTTP listener. Today: `GET /metrics` in Prometheus text format.
-//! (The status and control API builds on this router.)
+//! The admin HTTP API on `[admin] listen`:
+//!
+//! - `GET /metrics`: Prometheus text.
+//! - `GET /status`: every listener's groups, backends, weights, policy
+//!   state, windowed quantiles and latest decisions, as JSON.
+//! - `PUT /routes/{listener}/weights` `{"primary": 50, "backup": 50}`: pin
+//!   weights (percent per group), suspending the policy; `DELETE` releases.
+//! - `POST /routes/{listener}/policy/pause` and `/resume`.
+//! - `POST /reload`: as SIGHUP.
+//!
+//! Errors are JSON `{"error": "..."}` with a 4xx status. With a token
+//! configured every call needs `Authorization: Bearer TOKEN`. Every
+//! mutating call is written to the audit log.
 
+use super::{ListenerState, ProxyHandle};
+use crate::config::{Config, TokenSource};
+use crate::core::routes::{TOTAL_BP, Weights};
+use crate::core::stats::{Signal, Snapshot};
 use axum::Router;
-use axum::http::header;
-use axum::response::IntoResponse;
-use axum::routing::get;
+use axum::body::Bytes;
+use axum::extract::{ConnectInfo, DefaultBodyLimit, Path, Request, State};
+use axum::http::{HeaderMap, Method, StatusCode, header};
+use axum::middleware::{self, Next};
+use axum::response::{IntoResponse, Response};
+use axum::routing::{get, post, put};
+use serde_json::{Map, Value, json};
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::{Duration, SystemTime};
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
-use tracing::warn;
+use tracing::{info, warn};
 
-pub async fn serve(listener: TcpListener, stop: CancellationToken) {
-    let app = Router::new().route("/metrics", get(metrics));
+/// Largest request body: a weights map is a few dozen bytes.
+const MAX_BODY_BYTES: usize = 16 * 1024;
+/// Decisions shown per listener in `/status`.
+const STATUS_DECISIONS: usize = 10;
+
+pub async fn serve(listener: TcpListener, handle: ProxyHandle, stop: CancellationToken) {
+    let app = Router::new()
+        .route("/metrics", get(metrics))
+        .route("/status", get(status))
+        .route("/routes/{listener}/weights", put(pin).delete(release))
+        .route("/routes/{listener}/policy/pause", post(pause))
+        .route("/routes/{listener}/policy/resume", post(resume))
+        .route("/reload", post(reload))
+        .fallback(not_found)
+        .layer(DefaultBodyLimit::max(MAX_BODY_BYTES))
+        .layer(middleware::from_fn_with_state(handle.clone(), auth))
+        .with_state(handle);
     let shutdown = async move { stop.cancelled().await };
-    if let Err(e) = axum::serve(listener, app)
+    let service = app.into_make_service_with_connect_info::<SocketAddr>();
+    if let Err(e) = axum::serve(listener, service)
         .with_graceful_shutdown(shutdown)
         .await
     {
@@ -20,9 +58,412 @@ pub async fn serve(listener: TcpListener, stop: CancellationToken) {
     }
 }
 
+/// Reads the admin bearer token from the file or variable the config names.
+pub fn read_token(config: &Config) -> Result<Option<String>, String> {
+    let Some(source) = config.admin.as_ref().and_then(|a| a.token.as_ref()) else {
+        return Ok(None);
+    };
+    let token = match source {
+        TokenSource::File(p) => {
+            std::fs::read_to_string(p).map_err(|e| format!("cannot read {}: {e}", p.display()))?
+        }
+        TokenSource::Env(var) => {
+            std::env::var(var).map_err(|_| format!("environment variable {var} is not set"))?
+        }
+    };
+    let token = token.trim().to_owned();
+    if token.is_empty() {
+        return Err("the token is empty".into());
+    }
+    Ok(Some(token))
+}
+
+fn reply(status: StatusCode, body: Value) -> Response {
+    (
+        status,
+        [(header::CONTENT_TYPE, "application/json")],
+        body.to_string(),
+    )
+        .into_response()
+}
+
+fn error(status: StatusCode, message: impl Into<String>) -> Response {
+    reply(status, json!({ "error": message.into() }))
+}
+
+async fn auth(
+    State(h): State<ProxyHandle>,
+    headers: HeaderMap,
+    req: Request,
+    next: Next,
+) -> Response {
+    if let Some(token) = h.admin_token() {
+        let given = headers
+            .get(header::AUTHORIZATION)
+            .and_then(|v| v.to_str().ok())
+            .and_then(|v| v.strip_prefix("Bearer "))
+            .unwrap_or("");
+        if !constant_time_eq(given.as_bytes(), token.as_bytes()) {
+            return error(StatusCode::UNAUTHORIZED, "missing or wrong bearer token");
+        }
+    }
+    next.run(req).await
+}
+
+/// Compares without stopping at the first difference, so response time
+/// does not leak how much of a guessed token was right.
+fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
+    a.len() == b.len() && a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
+}
+
+async fn not_found(method: Method, uri: axum::http::Uri) -> Response {
+    error(
+        StatusCode::NOT_FOUND,
+        format!("no such endpoint: {method} {}", uri.path()),
+    )
+}
+
 async fn metrics() -> impl IntoResponse {
     (
         [(header::CONTENT_TYPE, "text/plain; version=0.0.4")],
         crate::telemetry::prometheus().render(),
     )
+}
+
+fn find(h: &ProxyHandle, name: &str) -> Result<Arc<ListenerState>, String> {
+    h.listener(name).ok_or_else(|| {
+        let known: Vec<String> = h.listeners().iter().map(|(s, _)| s.name.clone()).collect();
+        format!("no listener `{name}`; known: {}", known.join(", "))
+    })
+}
+
+/// Writes a mutating call to the audit log and the log.
+fn audit(h: &ProxyHandle, peer: SocketAddr, call: &str, body: Value, result: &Response) {
+    let ok = result.status().is_success();
+    h.audit(&json!({
+        "time": humantime::format_rfc3339_millis(SystemTime::now()).to_string(),
+        "actor": "admin-api",
+        "peer": peer.to_string(),
+        "call": call,
+        "body": body,
+        "result": if ok { "ok" } else { "refused" },
+        "status": result.status().as_u16(),
+    }));
+    info!(%peer, call, status = result.status().as_u16(), "admin call");
+}
+
+async fn pin(
+    State(h): State<ProxyHandle>,
+    ConnectInfo(peer): ConnectInfo<SocketAddr>,
+    Path(name): Path<String>,
+    body: Bytes,
+) -> Response {
+    let parsed: Result<Value, _> = serde_json::from_slice(&body);
+    let result = match (&parsed, find(&h, &name)) {
+        (_, Err(msg)) => error(StatusCode::NOT_FOUND, msg),
+        (Err(e), _) => error(
+            StatusCode::BAD_REQUEST,
+            format!("body is not JSON: {e}; send e.g. {{\"primary\": 90, \"backup\": 10}}"),
+        ),
+        (Ok(v), Ok(state)) => match weights_from_percent(&state.group_names(), v) {
+            Err(why) => error(StatusCode::BAD_REQUEST, why),
+            Ok(w) => match state.pin(w.clone()) {
+                Ok(()) => reply(
+                    StatusCode::OK,
+                    json!({ "listener": name, "pinned": percent_map(&state.group_names(), w.as_slice()), "policy": "suspended" }),
+                ),
+                Err(e) => error(StatusCode::BAD_REQUEST, e.to_string()),
+            },
+        },
+    };
+    audit(
+        &h,
+        peer,
+        &format!("PUT /routes/{name}/weights"),
+        parsed.unwrap_or(Value::Null),
+        &result,
+    );
+    result
+}
+
+async fn release(
+    State(h): State<ProxyHandle>,
+    ConnectInfo(peer): ConnectInfo<SocketAddr>,
+    Path(name): Path<String>,
+) -> Response {
+    let result = match find(&h, &name) {
+        Err(msg) => error(StatusCode::NOT_FOUND, msg),
+        Ok(state) => {
+            let was = state.release();
+            reply(
+                StatusCode::OK,
+                json!({ "listener": name, "released": was, "weights": percent_map(&state.group_names(), state.router.weights().as_slice()) }),
+            )
+        }
+    };
+    audit(
+        &h,
+        peer,
+        &format!("DELETE /routes/{name}/weights"),
+        Value::Null,
+        &result,
+    );
+    result
+}
+
+async fn pause(
+    State(h): State<ProxyHandle>,
+    ConnectInfo(peer): ConnectInfo<SocketAddr>,
+    Path(name): Path<String>,
+) -> Response {
+    set_paused(h, peer, name, true)
+}
+
+async fn resume(
+    State(h): State<ProxyHandle>,
+    ConnectInfo(peer): ConnectInfo<SocketAddr>,
+    Path(name): Path<String>,
+) -> Response {
+    set_paused(h, peer, name, false)
+}
+
+fn set_paused(h: ProxyHandle, peer: SocketAddr, name: String, paused: bool) -> Response {
+    let result = match find(&h, &name) {
+        Err(msg) => error(StatusCode::NOT_FOUND, msg),
+        Ok(state) if state.policy().is_none() => error(
+            StatusCode::CONFLICT,
+            format!("listener `{name}` has no policy to pause or resume"),
+        ),
+        Ok(state) => {
+            state.set_paused(paused);
+            reply(
+                StatusCode::OK,
+                json!({ "listener": name, "paused": paused }),
+            )
+        }
+    };
+    let verb = if paused { "pause" } else { "resume" };
+    audit(
+        &h,
+        peer,
+        &format!("POST /routes/{name}/policy/{verb}"),
+        Value::Null,
+        &result,
+    );
+    result
+}
+
+async fn reload(
+    State(h): State<ProxyHandle>,
+    ConnectInfo(peer): ConnectInfo<SocketAddr>,
+) -> Response {
+    let result = match h.reload().await {
+        Ok(report) => reply(
+            StatusCode::OK,
+            json!({ "reloaded": true, "changes": report }),
+        ),
+        Err(e) => error(
+            StatusCode::UNPROCESSABLE_ENTITY,
+            format!("reload refused, the running config is unchanged: {e}"),
+        ),
+    };
+    audit(&h, peer, "POST /reload", Value::Null, &result);
+    result
+}
+
+/// `{"group": percent, ...}` -> basis points per group in listener order.
+/// Every key must be a group; the percentages must add up to 100; groups
+/// left out get 0.
+pub fn weights_from_percent(groups: &[String], v: &Value) -> Result<Weights, String> {
+    let Some(map) = v.as_object() else {
+        return Err(
+            "send an object mapping group name to percent, e.g. {\"primary\": 90, \"backup\": 10}"
+                .into(),
+        );
+    };
+    let mut pct = vec![0.0f64; groups.len()];
+    for (k, v) in map {
+        let i = groups.iter().position(|g| g == k).ok_or_else(|| {
+            format!(
+                "`{k}` is not a group of this listener; groups: {}",
+                groups.join(", ")
+            )
+        })?;
+        let p = v
+            .as_f64()
+            .filter(|p| (0.0..=100.0).contains(p))
+            .ok_or_else(|| format!("`{k}`: {v} is not a percentage from 0 to 100"))?;
+        pct[i] = p;
+    }
+    let sum: f64 = pct.iter().sum();
+    if (sum - 100.0).abs() > 0.01 {
+        return Err(format!(
+            "percentages add up to {sum}; they must add up to 100"
+        ));
+    }
+    let mut bp: Vec<u16> = pct.iter().map(|p| (p * 100.0).round() as u16).collect();
+    // Rounding may leave a basis point or two over or under: settle it on
+    // the largest share.
+    let total: i32 = bp.iter().map(|&b| i32::from(b)).sum();
+    let largest = (0..bp.len())
+        .max_by_key(|&i| bp[i])
+        .expect("a listener has groups");
+    bp[largest] = (i32::from(bp[largest]) + TOTAL_BP as i32 - total) as u16;
+    Weights::new(bp).map_err(|e| e.to_string())
+}
+
+fn percent_map(groups: &[String], bp: &[u16]) -> Value {
+    Value::Object(
+        groups
+            .iter()
+            .zip(bp)
+            .map(|(g, &b)| (g.clone(), json!(f64::from(b) / 100.0)))
+            .collect::<Map<_, _>>(),
+    )
+}
+
+fn snapshot_json(s: &Snapshot) -> Value {
+    let ms = |d: Duration| (d.as_secs_f64() * 1e6).round() / 1e3;
+    json!({
+        "count": s.count, "errors": s.errors, "error_rate": s.error_rate(),
+        "min_ms": ms(s.min), "p50_ms": ms(s.p50), "p90_ms": ms(s.p90), "p99_ms": ms(s.p99), "p999_ms": ms(s.p999), "max_ms": ms(s.max),
+    })
+}
+
+async fn status(State(h): State<ProxyHandle>) -> Response {
+    let listeners: Vec<Value> = h
+        .listeners()
+        .iter()
+        .map(|(s, addrs)| listener_status(s, addrs))
+        .collect();
+    let last_reload = h.last_reload().map(|r| {
+        let at = humantime::format_rfc3339_millis(r.at).to_string();
+        match r.result {
+            Ok(report) => json!({ "at": at, "ok": true, "changes": report }),
+            Err(e) => json!({ "at": at, "ok": false, "error": e }),
+        }
+    });
+    reply(
+        StatusCode::OK,
+        json!({
+            "version": env!("CARGO_PKG_VERSION"),
+            "uptime_s": h.uptime().as_secs_f64(),
+            "last_reload": last_reload,
+            "listeners": listeners,
+        }),
+    )
+}
+
+fn listener_status(s: &ListenerState, addrs: &[SocketAddr]) -> Value {
+    let names = s.group_names();
+    let table = s.router.table();
+    let groups: Vec<Value> = s
+        .view()
+        .iter()
+        .enumerate()
+        .map(|(gi, g)| {
+            let routes = &table.groups[gi];
+            let backends: Vec<Value> = routes
+                .backends()
+                .iter()
+                .enumerate()
+                .map(|(bi, b)| json!({ "addr": b.addr.to_string(), "weight": b.weight, "active": routes.active(bi), "probe_up": routes.is_up(bi) }))
+                .collect();
+            let latency: Map<String, Value> = Signal::ALL.iter().map(|sig| (sig.name().to_owned(), snapshot_json(&g.signals[sig.index()]))).collect();
+            json!({
+                "name": g.name,
+                "role": if gi == 0 { "primary" } else { "backup" },
+                "weight_percent": f64::from(g.weight_bp) / 100.0,
+                "backends": backends,
+                "latency": latency,
+            })
+        })
+        .collect();
+    let policy = s.policy().map(|p| {
+        json!({
+            "name": p.name,
+            "mode": match p.mode { crate::core::policy::Mode::Failover { .. } => "failover", crate::core::policy::Mode::Canary(_) => "canary" },
+            "dry_run": p.dry_run,
+            "state": s.decisions.phase().unwrap_or("starting"),
+            "paused": s.is_paused(),
+        })
+    });
+    let recent = s.decisions.since(0);
+    let decisions: Vec<Value> = recent
+        .iter()
+        .rev()
+        .take(STATUS_DECISIONS)
+        .rev()
+        .map(|(_, d)| d.clone())
+        .collect();
+    let c = s.outcomes.snapshot();
+    json!({
+        "name": s.name,
+        "listen": addrs.iter().map(|a| a.to_string()).collect::<Vec<_>>(),
+        "weights_percent": percent_map(&names, s.router.weights().as_slice()),
+        "pinned": s.pinned().map(|w| percent_map(&names, w.as_slice())),
+        "policy": policy,
+        "groups": groups,
+        "connections": {
+            "accepted": c.accepted, "denied": c.denied, "connected": c.connected, "active": c.active,
+            "no_backend": c.no_backend, "connect_refused": c.connect_refused, "connect_timeout": c.connect_timeout,
+            "reset": c.reset, "idle_timeout": c.idle_timeout, "bytes_to_backend": c.bytes_up, "bytes_to_client": c.bytes_down,
+        },
+        "decisions": decisions,
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn percent_maps_to_basis_points() {
+        let g = vec!["primary".to_string(), "backup".to_string()];
+        assert_eq!(
+            weights_from_percent(&g, &json!({"primary": 90, "backup": 10}))
+                .unwrap()
+                .as_slice(),
+            &[9000, 1000]
+        );
+        assert_eq!(
+            weights_from_percent(&g, &json!({"backup": 100}))
+                .unwrap()
+                .as_slice(),
+            &[0, 10_000]
+        );
+        assert_eq!(
+            weights_from_percent(&g, &json!({"primary": 33.333, "backup": 66.667}))
+                .unwrap()
+                .as_slice(),
+            &[3333, 6667]
+        );
+        assert!(
+            weights_from_percent(&g, &json!({"primary": 50}))
+                .unwrap_err()
+                .contains("add up to 50")
+        );
+        assert!(
+            weights_from_percent(&g, &json!({"tax": 100}))
+                .unwrap_err()
+                .contains("not a group")
+        );
+        assert!(
+            weights_from_percent(&g, &json!([1, 2]))
+                .unwrap_err()
+                .contains("object")
+        );
+        assert!(
+            weights_from_percent(&g, &json!({"primary": 120, "backup": -20}))
+                .unwrap_err()
+                .contains("percentage")
+        );
+    }
+
+    #[test]
+    fn token_comparison() {
+        assert!(constant_time_eq(b"abc", b"abc"));
+        assert!(!constant_time_eq(b"abc", b"abd"));
+        assert!(!constant_time_eq(b"abc", b"ab"));
+    }
 }

@@ -1,9 +1,9 @@
 //! One client connection: connect upstream following the route plan, then
 //! copy until done, recording latency signals and every outcome.
 
-use super::ListenerState;
 use super::copy;
 use super::outcome::{ConnectFailure, End};
+use super::state::ListenerState;
 use crate::core::routes::{Attempt, GroupRoutes};
 use crate::core::stats::Signal;
 use crate::core::turns::Turn;

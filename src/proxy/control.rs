@@ -3,8 +3,8 @@
 //! weights through the route table's atomic swap (unless dry-run), and
 //! reports the decision to tracing, the audit log and metrics.
 
-use super::ListenerState;
 use super::audit::AuditLog;
+use super::state::ListenerState;
 use crate::core::policy::{Action, Decision, Engine, Phase, Policy, PolicyState};
 use serde_json::{Map, Value, json};
 use std::collections::VecDeque;
@@ -62,14 +62,28 @@ impl RecentDecisions {
     }
 }
 
+/// Every value of the state gauge: the engine's phases plus the operator's.
+const STATES: [&str; 9] = [
+    Phase::NAMES[0],
+    Phase::NAMES[1],
+    Phase::NAMES[2],
+    Phase::NAMES[3],
+    Phase::NAMES[4],
+    Phase::NAMES[5],
+    Phase::NAMES[6],
+    "paused",
+    "pinned",
+];
+
 pub async fn run(
     state: Arc<ListenerState>,
     policy: Policy,
-    audit: Option<Arc<AuditLog>>,
+    audit: Arc<AuditLog>,
     stop: CancellationToken,
 ) {
     let engine = Engine::new(policy);
     let mut pstate = PolicyState::new(&engine.policy, state.stats.len());
+    let mut steering = state.steering_generation();
     let mut tick = tokio::time::interval(engine.policy.interval);
     tick.set_missed_tick_behavior(MissedTickBehavior::Delay);
     info!(listener = %state.name, policy = %engine.policy.name, dry_run = engine.policy.dry_run, "policy loop started");
@@ -79,6 +93,25 @@ pub async fn run(
             _ = tick.tick() => {}
         }
         let now = state.clock.now();
+        // An operator's pin or pause suspends the policy.
+        let suspended = if state.pinned().is_some() {
+            Some("pinned")
+        } else {
+            state.is_paused().then_some("paused")
+        };
+        if let Some(why) = suspended {
+            state.route_metrics.state(why, &STATES);
+            state.decisions.set_phase(why);
+            continue;
+        }
+        // After a pin or release, the weights in force are the policy's own.
+        let generation = state.steering_generation();
+        if generation != steering {
+            steering = generation;
+            pstate.weights = state.router.weights();
+            pstate.last_change = Some(now);
+            pstate.healthy_since = None;
+        }
         let inputs = state.policy_inputs(engine.policy.signal, now);
         let d = engine.evaluate(now, &inputs, &mut pstate);
         if d.changed() && !d.dry_run {
@@ -88,17 +121,17 @@ pub async fn run(
                 .expect("the engine keeps one weight per group, summing to 10000");
             state.route_metrics.weights(d.weights.as_slice());
         }
-        state.route_metrics.state(d.phase.name(), &Phase::NAMES);
+        state.route_metrics.state(d.phase.name(), &STATES);
         state.decisions.set_phase(d.phase.name());
         if d.action == Action::Hold {
             debug!(listener = %state.name, phase = d.phase.name(), bad = d.bad, needed = d.bad_needed, "policy holds");
             continue;
         }
-        report(&state, &engine.policy, &d, audit.as_deref());
+        report(&state, &engine.policy, &d, &audit);
     }
 }
 
-fn report(state: &ListenerState, policy: &Policy, d: &Decision, audit: Option<&AuditLog>) {
+fn report(state: &ListenerState, policy: &Policy, d: &Decision, audit: &AuditLog) {
     let names: Vec<&str> = state.stats.iter().map(|g| g.name.as_str()).collect();
     let shares = |w: &[u16]| -> Value {
         let m: Map<String, Value> = names
@@ -153,8 +186,6 @@ fn report(state: &ListenerState, policy: &Policy, d: &Decision, audit: Option<&A
         reasons = %record["reasons"],
         "{verb}"
     );
-    if let Some(audit) = audit {
-        audit.append(&record);
-    }
+    audit.append(&record);
     state.decisions.push(record);
 }

@@ -1,7 +1,8 @@
 //! The tokio shell: binds every listener (all or nothing), accepts, applies
 //! the ACL, asks the route table where to go, connects upstream with
 //! retries, and copies bytes until the connection ends. On shutdown it stops
-//! accepting and drains in-flight connections up to a deadline.
+//! accepting and drains in-flight connections up to a deadline. The admin
+//! API and hot reload act on the running proxy through a `ProxyHandle`.
 
 mod admin;
 mod audit;
@@ -10,35 +11,28 @@ mod control;
 mod copy;
 mod outcome;
 mod probe;
+mod runtime;
+mod state;
 
 pub use control::RecentDecisions;
 pub use copy::{BUFFER_BYTES, Copied};
 pub use outcome::{ConnectFailure, End, OutcomeCounts, Outcomes};
+pub use runtime::{ReloadOutcome, ReloadReport};
+pub use state::{Clock, GroupView, ListenerState};
 
-use crate::config::{Acl, Config, Listener, Probe};
-use crate::core::policy::{GroupInput, Policy};
-use crate::core::routes::{GroupRoutes, Router};
-use crate::core::stats::{GroupStats, Signal, Snapshot};
-use crate::telemetry::{BackendMetrics, ListenerMetrics, RouteMetrics};
-use audit::AuditLog;
+use crate::config::Config;
+use runtime::Shared;
 use socket2::{Domain, Protocol, Socket, Type};
 use std::future::Future;
 use std::io;
 use std::net::SocketAddr;
 use std::sync::Arc;
-use std::time::{Duration, Instant};
 use tokio::net::TcpListener;
-use tokio_util::sync::CancellationToken;
-use tokio_util::task::TaskTracker;
 use tracing::{info, warn};
 
 /// Accept queue length: the kernel's default cap (somaxconn) on current
 /// Linux, so bursts of new connections queue rather than get dropped.
 pub const LISTEN_BACKLOG: i32 = 4096;
-/// Pause after an accept error such as EMFILE, so a full fd table does not
-/// spin a core while connections close and free descriptors.
-const ACCEPT_ERROR_BACKOFF: Duration = Duration::from_millis(50);
-
 /// Why the proxy could not start; nothing was left running.
 #[derive(Debug, thiserror::Error)]
 pub enum StartError {
@@ -50,6 +44,8 @@ pub enum StartError {
         #[source]
         source: io::Error,
     },
+    #[error("admin token: {0}")]
+    AdminToken(String),
 }
 
 /// A listener that could not be bound; nothing else was left running.
@@ -75,152 +71,10 @@ fn bind_hint(e: &io::Error) -> &'static str {
     }
 }
 
-/// The shell's one clock: time since the proxy started, the `now` that the
-/// pure core takes as an argument.
-#[derive(Debug, Clone, Copy)]
-pub struct Clock {
-    base: Instant,
-}
-
-impl Clock {
-    pub fn start() -> Self {
-        Clock {
-            base: Instant::now(),
-        }
-    }
-
-    pub fn now(&self) -> Duration {
-        self.base.elapsed()
-    }
-}
-
-/// What one listener needs at run time, shared by its accept loops,
-/// connection tasks and probes.
-#[derive(Debug)]
-pub struct ListenerState {
-    pub name: String,
-    pub router: Router,
-    pub outcomes: Outcomes,
-    pub clock: Clock,
-    /// The policy loop's latest decisions and state.
-    pub decisions: RecentDecisions,
-    /// Per group (same order as the router's groups), per backend.
-    pub stats: Vec<GroupStats>,
-    metrics: Vec<Vec<BackendMetrics>>,
-    listener_metrics: ListenerMetrics,
-    route_metrics: RouteMetrics,
-    probes: Vec<Option<Probe>>,
-    policy: Option<Policy>,
-    /// Length of the stats window, the denominator of connection rates.
-    window: Duration,
-    acl: Acl,
-    connect_timeout: Duration,
-    idle_timeout: Duration,
-    connect_attempts: usize,
-}
-
-/// One group's windowed view, for the policy loop, tests and status.
-#[derive(Debug, Clone, PartialEq)]
-pub struct GroupView {
-    pub name: String,
-    pub weight_bp: u16,
-    /// Indexed by `Signal::index()`.
-    pub signals: [Snapshot; 4],
-}
-
-impl ListenerState {
-    fn new(config: &Config, l: &Listener, clock: Clock) -> Self {
-        let shards = std::thread::available_parallelism().map_or(2, |n| n.get());
-        let groups: Vec<_> = l.groups.iter().map(|&g| config.group(g)).collect();
-        let policy = l.policy.as_ref().map(|p| p.policy.clone());
-        // A policy may read its own window; otherwise the config's.
-        let window = policy
-            .as_ref()
-            .and_then(|p| p.window)
-            .unwrap_or(config.stats);
-        let names: Vec<String> = groups.iter().map(|g| g.name.clone()).collect();
-        let route_metrics = RouteMetrics::new(&l.name, &names);
-        route_metrics.weights(crate::core::routes::Weights::all_on_first(groups.len()).as_slice());
-        ListenerState {
-            name: l.name.clone(),
-            router: Router::new(
-                groups
-                    .iter()
-                    .map(|g| Arc::new(GroupRoutes::new(&g.name, g.backends.clone(), g.balance)))
-                    .collect(),
-            ),
-            outcomes: Outcomes::default(),
-            clock,
-            decisions: RecentDecisions::default(),
-            stats: groups
-                .iter()
-                .map(|g| GroupStats::new(&g.name, g.backends.len(), window, shards))
-                .collect(),
-            metrics: groups
-                .iter()
-                .map(|g| {
-                    g.backends
-                        .iter()
-                        .map(|b| BackendMetrics::new(&l.name, &g.name, &b.addr.to_string()))
-                        .collect()
-                })
-                .collect(),
-            listener_metrics: ListenerMetrics::new(&l.name),
-            route_metrics,
-            probes: groups.iter().map(|g| g.probe.clone()).collect(),
-            policy,
-            window: window.span(),
-            acl: l.acl.clone(),
-            connect_timeout: l.connect_timeout,
-            idle_timeout: l.idle_timeout,
-            connect_attempts: l.connect_attempts as usize,
-        }
-    }
-
-    /// Every group's windowed latency and errors at this moment.
-    pub fn view(&self) -> Vec<GroupView> {
-        let now = self.clock.now();
-        let weights = self.router.weights();
-        self.stats
-            .iter()
-            .zip(weights.as_slice())
-            .map(|(g, &w)| GroupView {
-                name: g.name.clone(),
-                weight_bp: w,
-                signals: Signal::ALL.map(|s| g.snapshot(s, now)),
-            })
-            .collect()
-    }
-
-    /// What the policy engine reads at `now`: one input per group.
-    pub fn policy_inputs(&self, signal: Signal, now: Duration) -> Vec<GroupInput> {
-        let table = self.router.table();
-        self.stats
-            .iter()
-            .zip(table.groups.iter())
-            .map(|(stats, routes)| {
-                let active = (0..routes.backends().len())
-                    .map(|b| u64::from(routes.active(b)))
-                    .sum();
-                GroupInput::from_stats(stats, signal, now, self.window, active)
-            })
-            .collect()
-    }
-
-    /// One backend's window for `signal` at this moment.
-    pub fn backend_snapshot(&self, group: usize, backend: usize, signal: Signal) -> Snapshot {
-        self.stats[group].backends[backend]
-            .signal(signal)
-            .snapshot(self.clock.now())
-    }
-}
-
 /// Every listener bound and ready to serve.
 pub struct Proxy {
-    listeners: Vec<(Arc<ListenerState>, Vec<TcpListener>)>,
+    shared: Arc<Shared>,
     admin: Option<TcpListener>,
-    audit: Option<Arc<AuditLog>>,
-    drain_timeout: Duration,
 }
 
 /// How serving ended.
@@ -230,15 +84,30 @@ pub struct DrainReport {
     pub cut: usize,
 }
 
+/// A clonable handle on the running proxy: listeners, reload, audit.
+#[derive(Clone)]
+pub struct ProxyHandle {
+    shared: Arc<Shared>,
+}
+
 // === impl Proxy ===
 
 impl Proxy {
-    /// Binds every address of every listener; on the first failure closes
-    /// what was bound and reports which listener and port failed. Must run
-    /// inside a tokio runtime.
+    /// Binds every address of every listener (and the admin address); on
+    /// the first failure closes what was bound and reports which listener
+    /// and port failed. Must run inside a tokio runtime.
     pub fn bind(config: &Config) -> Result<Proxy, StartError> {
-        let clock = Clock::start();
-        let admin = match config.admin {
+        Self::bind_with_token(config, None)
+    }
+
+    /// As `bind`, with the admin bearer token already read from its file or
+    /// environment variable (see `admin::read_token`).
+    pub fn bind_with_token(config: &Config, token: Option<String>) -> Result<Proxy, StartError> {
+        let token = match token {
+            Some(t) => Some(t),
+            None => admin::read_token(config).map_err(StartError::AdminToken)?,
+        };
+        let admin = match &config.admin {
             None => None,
             Some(a) => Some(bind_one(a.listen).map_err(|source| BindError {
                 listener: "admin".into(),
@@ -247,48 +116,14 @@ impl Proxy {
                 source,
             })?),
         };
-        let mut listeners = Vec::new();
-        for l in &config.listeners {
-            let mut sockets = Vec::new();
-            for &addr in &l.addrs {
-                let socket = bind_one(addr).map_err(|source| BindError {
-                    listener: l.name.clone(),
-                    addr,
-                    port: addr.port(),
-                    source,
-                })?;
-                sockets.push(socket);
-            }
-            listeners.push((Arc::new(ListenerState::new(config, l, clock)), sockets));
-        }
-        let audit = match &config.audit_log {
-            None => None,
-            Some(path) => Some(Arc::new(AuditLog::open(path).map_err(|source| {
-                StartError::AuditLog {
-                    path: path.clone(),
-                    source,
-                }
-            })?)),
-        };
-        Ok(Proxy {
-            listeners,
-            admin,
-            audit,
-            drain_timeout: config.drain_timeout,
-        })
+        let shared = Arc::new(Shared::bind(config, token)?);
+        Ok(Proxy { shared, admin })
     }
 
     /// Each listener's name with the addresses it actually bound (port 0 in
     /// the config becomes the port the OS chose).
     pub fn local_addrs(&self) -> Vec<(String, SocketAddr)> {
-        self.listeners
-            .iter()
-            .flat_map(|(s, socks)| {
-                socks
-                    .iter()
-                    .filter_map(move |l| Some((s.name.clone(), l.local_addr().ok()?)))
-            })
-            .collect()
+        self.shared.local_addrs()
     }
 
     /// The admin address actually bound, if any.
@@ -296,74 +131,98 @@ impl Proxy {
         self.admin.as_ref().and_then(|a| a.local_addr().ok())
     }
 
-    /// Shared state of the listener named `name`: its router (to publish
-    /// weights) and its outcome counters.
+    /// Shared state of the listener named `name`.
     pub fn listener(&self, name: &str) -> Option<Arc<ListenerState>> {
-        self.listeners
-            .iter()
-            .find(|(s, _)| s.name == name)
-            .map(|(s, _)| Arc::clone(s))
+        self.shared.listener(name)
+    }
+
+    pub fn handle(&self) -> ProxyHandle {
+        ProxyHandle {
+            shared: Arc::clone(&self.shared),
+        }
     }
 
     /// Serves until `shutdown` completes, then stops accepting and waits for
     /// in-flight connections up to the drain timeout.
     pub async fn serve(self, shutdown: impl Future<Output = ()>) -> DrainReport {
-        let stop = CancellationToken::new();
-        let conns = TaskTracker::new();
-        let accepts = TaskTracker::new();
-        let background = TaskTracker::new();
+        let shared = self.shared;
+        shared.start();
         if let Some(admin) = self.admin {
             if let Ok(addr) = admin.local_addr() {
-                info!(%addr, "admin listening: /metrics");
+                info!(%addr, "admin listening: /metrics, /status, /routes, /reload");
             }
-            background.spawn(admin::serve(admin, stop.clone()));
+            let handle = ProxyHandle {
+                shared: Arc::clone(&shared),
+            };
+            shared
+                .background
+                .spawn(admin::serve(admin, handle, shared.stop.clone()));
         }
-        for (state, _) in &self.listeners {
-            probe::spawn_all(state, &background, &stop);
-            if let Some(policy) = &state.policy {
-                background.spawn(control::run(
-                    Arc::clone(state),
-                    policy.clone(),
-                    self.audit.clone(),
-                    stop.clone(),
-                ));
-            }
-        }
-        for (state, sockets) in self.listeners {
-            for socket in sockets {
-                if let Ok(addr) = socket.local_addr() {
-                    info!(listener = %state.name, %addr, "listening");
-                }
-                accepts.spawn(accept_loop(
-                    socket,
-                    Arc::clone(&state),
-                    conns.clone(),
-                    stop.clone(),
-                ));
-            }
-        }
-        accepts.close();
         shutdown.await;
-        stop.cancel();
-        accepts.wait().await;
-        background.close();
-        background.wait().await;
-        conns.close();
-        info!(in_flight = conns.len(), deadline = ?self.drain_timeout, "stopped accepting; draining");
-        if tokio::time::timeout(self.drain_timeout, conns.wait())
+        shared.stop.cancel();
+        shared.close_listeners().await;
+        shared.background.close();
+        shared.background.wait().await;
+        shared.conns.close();
+        let drain_timeout = shared
+            .config
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .drain_timeout;
+        info!(in_flight = shared.conns.len(), deadline = ?drain_timeout, "stopped accepting; draining");
+        if tokio::time::timeout(drain_timeout, shared.conns.wait())
             .await
             .is_ok()
         {
             info!("drained");
             return DrainReport { cut: 0 };
         }
-        let cut = conns.len();
+        let cut = shared.conns.len();
         warn!(cut, "drain deadline passed; closing remaining connections");
         DrainReport { cut }
     }
 }
 
-fn bind_one(addr: SocketAddr) -> io::Result<TcpListener> {
+// === impl ProxyHandle ===
+
+impl ProxyHandle {
+    /// Re-reads the config file and applies it; a bad file changes nothing.
+    pub async fn reload(&self) -> Result<ReloadReport, String> {
+        self.shared.reload().await
+    }
+
+    pub fn listener(&self, name: &str) -> Option<Arc<ListenerState>> {
+        self.shared.listener(name)
+    }
+
+    /// Every listener with the addresses it listens on, in config order.
+    pub fn listeners(&self) -> Vec<(Arc<ListenerState>, Vec<SocketAddr>)> {
+        self.shared.listeners()
+    }
+
+    pub fn last_reload(&self) -> Option<ReloadOutcome> {
+        self.shared
+            .last_reload
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone()
+    }
+
+    /// Writes one record to the audit log (if configured).
+    pub fn audit(&self, record: &serde_json::Value) {
+        self.shared.audit.append(record);
+    }
+
+    pub(crate) fn admin_token(&self) -> Option<&str> {
+        self.shared.admin_token.as_deref()
+    }
+
+    pub(crate) fn uptime(&self) -> std::time::Duration {
+        self.shared.clock.now()
+    }
+}
+
+pub(crate) fn bind_one(addr: SocketAddr) -> io::Result<TcpListener> {
     let socket = Socket::new(Domain::for_address(addr), Type::STREAM, Some(Protocol::TCP))?;
     if addr.is_ipv6() {
         // `[::]` and `0.0.0.0` are separate listeners, as validation assumes.
@@ -375,38 +234,4 @@ fn bind_one(addr: SocketAddr) -> io::Result<TcpListener> {
     socket.bind(&addr.into())?;
     socket.listen(LISTEN_BACKLOG)?;
     TcpListener::from_std(socket.into())
-}
-
-async fn accept_loop(
-    listener: TcpListener,
-    state: Arc<ListenerState>,
-    conns: TaskTracker,
-    stop: CancellationToken,
-) {
-    loop {
-        let accepted = tokio::select! {
-            () = stop.cancelled() => return,
-            r = listener.accept() => r,
-        };
-        match accepted {
-            Ok((client, peer)) => {
-                if !state.acl.admits(peer.ip()) {
-                    state.outcomes.denied();
-                    state.listener_metrics.denied.increment(1);
-                    tracing::debug!(listener = %state.name, %peer, "source denied by acl");
-                    continue;
-                }
-                state.outcomes.accepted();
-                state.listener_metrics.accepted.increment(1);
-                conns.spawn(connection::handle(Arc::clone(&state), client));
-            }
-            Err(e) => {
-                // EMFILE/ENFILE and friends: the listener survives, backs off.
-                state.outcomes.accept_error();
-                state.listener_metrics.accept_error.increment(1);
-                warn!(listener = %state.name, error = %e, "accept failed; backing off");
-                tokio::time::sleep(ACCEPT_ERROR_BACKOFF).await;
-            }
-        }
-    }
 }

@@ -4,7 +4,7 @@
 //! feeds rise/fall hysteresis that marks the backend up or down in the
 //! route table. A group at 0% traffic still has a signal this way.
 
-use super::ListenerState;
+use super::state::ListenerState;
 use crate::config::Probe;
 use crate::core::probe::{ProbeHealth, Transition};
 use crate::core::stats::Signal;

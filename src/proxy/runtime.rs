@@ -1,0 +1,425 @@
+//! The running proxy: its listeners as they are now, serving, and hot
+//! reload. A reload validates the new file first and changes nothing if it
+//! is bad; otherwise unchanged listeners keep running untouched, changed
+//! ones restart on the sockets they keep (no port is closed and reopened),
+//! new ones bind, removed ones stop accepting while their established
+//! connections finish.
+
+use super::audit::AuditLog;
+use super::state::{Clock, ListenerState};
+use super::{BindError, StartError, bind_one, connection, control, probe};
+use crate::config::{Config, Group, Listener};
+use crate::core::stats::WindowConfig;
+use std::collections::HashMap;
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicBool, Ordering::Relaxed};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, SystemTime};
+use tokio::net::TcpListener;
+use tokio::task::JoinHandle;
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+use tracing::{info, warn};
+
+/// Pause after an accept error such as EMFILE, so a full fd table does not
+/// spin a core while connections close and free descriptors.
+const ACCEPT_ERROR_BACKOFF: Duration = Duration::from_millis(50);
+
+/// Everything a listener is built from; equal specs mean nothing to do on
+/// reload.
+#[derive(Debug, Clone, PartialEq)]
+struct ListenerSpec {
+    listener: Listener,
+    groups: Vec<Group>,
+    stats: WindowConfig,
+}
+
+impl ListenerSpec {
+    fn of(config: &Config, l: &Listener) -> Self {
+        ListenerSpec {
+            listener: l.clone(),
+            groups: l.groups.iter().map(|&g| config.group(g).clone()).collect(),
+            stats: config.stats,
+        }
+    }
+}
+
+enum Slot {
+    /// Bound, not accepting yet (before `serve`).
+    Idle(TcpListener),
+    /// Its accept loop hands the socket back when cancelled.
+    Accepting(JoinHandle<TcpListener>),
+    /// Only while a slot is being moved from one state to the next.
+    Moving,
+}
+
+struct BoundSocket {
+    /// As written in the config (port 0 stays 0), the key for reuse.
+    configured: SocketAddr,
+    local: SocketAddr,
+    slot: Slot,
+}
+
+struct Running {
+    state: Arc<ListenerState>,
+    spec: ListenerSpec,
+    /// Stops this listener's accept loops, probes and policy loop.
+    token: CancellationToken,
+    sockets: Vec<BoundSocket>,
+}
+
+/// The last reload's time and result.
+#[derive(Debug, Clone)]
+pub struct ReloadOutcome {
+    pub at: SystemTime,
+    pub result: Result<ReloadReport, String>,
+}
+
+/// What a successful reload changed, by listener name.
+#[derive(Debug, Clone, Default, PartialEq, Eq, serde::Serialize)]
+pub struct ReloadReport {
+    pub added: Vec<String>,
+    pub changed: Vec<String>,
+    pub removed: Vec<String>,
+    pub unchanged: Vec<String>,
+}
+
+pub(crate) struct Shared {
+    pub clock: Clock,
+    pub config: Mutex<Config>,
+    listeners: Mutex<Vec<Running>>,
+    pub conns: TaskTracker,
+    pub background: TaskTracker,
+    pub stop: CancellationToken,
+    pub audit: Arc<AuditLog>,
+    pub admin_token: Option<String>,
+    reload_lock: tokio::sync::Mutex<()>,
+    serving: AtomicBool,
+    pub last_reload: Mutex<Option<ReloadOutcome>>,
+}
+
+fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|p| p.into_inner())
+}
+
+// === impl Shared ===
+
+impl Shared {
+    /// Binds every listener (all or nothing) without accepting yet.
+    pub fn bind(config: &Config, admin_token: Option<String>) -> Result<Shared, StartError> {
+        let clock = Clock::start();
+        let mut bound: HashMap<SocketAddr, Vec<TcpListener>> = HashMap::new();
+        for l in &config.listeners {
+            for &addr in &l.addrs {
+                let socket = bind_one(addr).map_err(|source| BindError {
+                    listener: l.name.clone(),
+                    addr,
+                    port: addr.port(),
+                    source,
+                })?;
+                bound.entry(addr).or_default().push(socket);
+            }
+        }
+        let audit =
+            AuditLog::open(config.audit_log.as_deref()).map_err(|source| StartError::AuditLog {
+                path: config.audit_log.clone().unwrap_or_default(),
+                source,
+            })?;
+        let listeners = config
+            .listeners
+            .iter()
+            .map(|l| new_running(config, l, clock, CancellationToken::new(), &mut bound))
+            .collect();
+        Ok(Shared {
+            clock,
+            config: Mutex::new(config.clone()),
+            listeners: Mutex::new(listeners),
+            conns: TaskTracker::new(),
+            background: TaskTracker::new(),
+            stop: CancellationToken::new(),
+            audit: Arc::new(audit),
+            admin_token,
+            reload_lock: tokio::sync::Mutex::new(()),
+            serving: AtomicBool::new(false),
+            last_reload: Mutex::new(None),
+        })
+    }
+
+    /// Starts every listener's accept loops, probes and policy loop.
+    pub fn start(self: &Arc<Self>) {
+        self.serving.store(true, Relaxed);
+        let mut listeners = lock(&self.listeners);
+        for r in listeners.iter_mut() {
+            r.token = self.stop.child_token();
+            self.start_running(r);
+        }
+    }
+
+    fn start_running(&self, r: &mut Running) {
+        probe::spawn_all(&r.state, &self.background, &r.token);
+        if let Some(policy) = r.state.policy() {
+            self.background.spawn(control::run(
+                Arc::clone(&r.state),
+                policy.clone(),
+                Arc::clone(&self.audit),
+                r.token.clone(),
+            ));
+        }
+        for s in r.sockets.iter_mut() {
+            s.slot = match std::mem::replace(&mut s.slot, Slot::Moving) {
+                Slot::Idle(l) => {
+                    info!(listener = %r.state.name, addr = %s.local, "listening");
+                    let task =
+                        accept_loop(l, Arc::clone(&r.state), self.conns.clone(), r.token.clone());
+                    Slot::Accepting(tokio::spawn(task))
+                }
+                other => other,
+            };
+        }
+    }
+
+    /// Every listener's name and bound addresses.
+    pub fn local_addrs(&self) -> Vec<(String, SocketAddr)> {
+        lock(&self.listeners)
+            .iter()
+            .flat_map(|r| r.sockets.iter().map(|s| (r.state.name.clone(), s.local)))
+            .collect()
+    }
+
+    pub fn listener(&self, name: &str) -> Option<Arc<ListenerState>> {
+        lock(&self.listeners)
+            .iter()
+            .find(|r| r.state.name == name)
+            .map(|r| Arc::clone(&r.state))
+    }
+
+    pub fn listeners(&self) -> Vec<(Arc<ListenerState>, Vec<SocketAddr>)> {
+        lock(&self.listeners)
+            .iter()
+            .map(|r| {
+                (
+                    Arc::clone(&r.state),
+                    r.sockets.iter().map(|s| s.local).collect(),
+                )
+            })
+            .collect()
+    }
+
+    /// Stops every accept loop and closes every listening socket.
+    pub async fn close_listeners(&self) {
+        let all = std::mem::take(&mut *lock(&self.listeners));
+        for r in all {
+            drop(stop_running(r).await);
+        }
+    }
+
+    /// Re-reads the config file and applies the difference; a bad file
+    /// changes nothing. Serialized: one reload at a time.
+    pub async fn reload(self: &Arc<Self>) -> Result<ReloadReport, String> {
+        let _one = self.reload_lock.lock().await;
+        let result = self.reload_inner().await;
+        crate::telemetry::reload(result.is_ok());
+        match &result {
+            Ok(r) => {
+                info!(added = ?r.added, changed = ?r.changed, removed = ?r.removed, "config reloaded")
+            }
+            Err(e) => warn!(error = %e, "config reload failed; the running config is unchanged"),
+        }
+        *lock(&self.last_reload) = Some(ReloadOutcome {
+            at: SystemTime::now(),
+            result: result.clone(),
+        });
+        result
+    }
+
+    async fn reload_inner(self: &Arc<Self>) -> Result<ReloadReport, String> {
+        let path: PathBuf = lock(&self.config).path.clone();
+        let new = Config::load(&path).map_err(|e| e.to_string())?;
+        if lock(&self.config).admin != new.admin {
+            warn!("admin address or token changes take effect on restart only");
+        }
+        // Plan without touching anything: which listeners stay as they are,
+        // which sockets can be handed over, what must be bound fresh.
+        let old: Vec<(String, ListenerSpec, Vec<SocketAddr>)> = lock(&self.listeners)
+            .iter()
+            .map(|r| {
+                (
+                    r.state.name.clone(),
+                    r.spec.clone(),
+                    r.sockets.iter().map(|s| s.configured).collect(),
+                )
+            })
+            .collect();
+        let mut report = ReloadReport::default();
+        let mut keep = Vec::new();
+        for l in &new.listeners {
+            let spec = ListenerSpec::of(&new, l);
+            match old.iter().find(|(n, _, _)| *n == l.name) {
+                Some((_, s, _)) if *s == spec => {
+                    keep.push(l.name.clone());
+                    report.unchanged.push(l.name.clone());
+                }
+                Some(_) => report.changed.push(l.name.clone()),
+                None => report.added.push(l.name.clone()),
+            }
+        }
+        report.removed = old
+            .iter()
+            .filter(|(n, _, _)| !new.listeners.iter().any(|l| l.name == *n))
+            .map(|(n, _, _)| n.clone())
+            .collect();
+        let mut handed_over: HashMap<SocketAddr, usize> = HashMap::new();
+        for (name, _, addrs) in &old {
+            if !keep.contains(name) {
+                addrs
+                    .iter()
+                    .for_each(|a| *handed_over.entry(*a).or_default() += 1);
+            }
+        }
+        let mut fresh: HashMap<SocketAddr, Vec<TcpListener>> = HashMap::new();
+        for l in new.listeners.iter().filter(|l| !keep.contains(&l.name)) {
+            for &addr in &l.addrs {
+                match handed_over.get_mut(&addr) {
+                    Some(n) if *n > 0 => *n -= 1,
+                    _ => {
+                        let socket = bind_one(addr).map_err(|source| {
+                            BindError {
+                                listener: l.name.clone(),
+                                addr,
+                                port: addr.port(),
+                                source,
+                            }
+                            .to_string()
+                        })?;
+                        fresh.entry(addr).or_default().push(socket);
+                    }
+                }
+            }
+        }
+        self.audit.reopen(new.audit_log.as_deref()).map_err(|e| {
+            format!(
+                "cannot open audit log {}: {e}",
+                new.audit_log
+                    .as_deref()
+                    .unwrap_or(std::path::Path::new(""))
+                    .display()
+            )
+        })?;
+
+        // Commit: stop what changes, hand its sockets over, start the new.
+        let current = std::mem::take(&mut *lock(&self.listeners));
+        let (mut kept, gone): (Vec<Running>, Vec<Running>) = current
+            .into_iter()
+            .partition(|r| keep.contains(&r.state.name));
+        for r in gone {
+            for (addr, socket) in stop_running(r).await {
+                fresh.entry(addr).or_default().push(socket);
+            }
+        }
+        let serving = self.serving.load(Relaxed);
+        let mut next = Vec::new();
+        for l in &new.listeners {
+            if let Some(i) = kept.iter().position(|r| r.state.name == l.name) {
+                next.push(kept.remove(i));
+                continue;
+            }
+            let mut r = new_running(&new, l, self.clock, self.stop.child_token(), &mut fresh);
+            if serving {
+                self.start_running(&mut r);
+            }
+            next.push(r);
+        }
+        for (addr, sockets) in fresh {
+            if !sockets.is_empty() {
+                info!(%addr, "stopped listening");
+            }
+        }
+        *lock(&self.listeners) = next;
+        *lock(&self.config) = new;
+        Ok(report)
+    }
+}
+
+/// A listener's running parts, taking its sockets from `bound`.
+fn new_running(
+    config: &Config,
+    l: &Listener,
+    clock: Clock,
+    token: CancellationToken,
+    bound: &mut HashMap<SocketAddr, Vec<TcpListener>>,
+) -> Running {
+    let sockets = l
+        .addrs
+        .iter()
+        .map(|&configured| {
+            let socket = bound
+                .get_mut(&configured)
+                .and_then(Vec::pop)
+                .expect("every address of the listener was bound or handed over");
+            let local = socket.local_addr().unwrap_or(configured);
+            BoundSocket {
+                configured,
+                local,
+                slot: Slot::Idle(socket),
+            }
+        })
+        .collect();
+    Running {
+        state: Arc::new(ListenerState::new(config, l, clock)),
+        spec: ListenerSpec::of(config, l),
+        token,
+        sockets,
+    }
+}
+
+/// Stops a listener's loops and returns its sockets, still bound.
+async fn stop_running(r: Running) -> Vec<(SocketAddr, TcpListener)> {
+    r.token.cancel();
+    let mut out = Vec::new();
+    for s in r.sockets {
+        let socket = match s.slot {
+            Slot::Idle(l) => Some(l),
+            Slot::Accepting(h) => h.await.ok(),
+            Slot::Moving => None,
+        };
+        if let Some(l) = socket {
+            out.push((s.configured, l));
+        }
+    }
+    out
+}
+
+async fn accept_loop(
+    listener: TcpListener,
+    state: Arc<ListenerState>,
+    conns: TaskTracker,
+    stop: CancellationToken,
+) -> TcpListener {
+    loop {
+        let accepted = tokio::select! {
+            () = stop.cancelled() => return listener,
+            r = listener.accept() => r,
+        };
+        match accepted {
+            Ok((client, peer)) => {
+                if !state.acl.admits(peer.ip()) {
+                    state.outcomes.denied();
+                    state.listener_metrics.denied.increment(1);
+                    tracing::debug!(listener = %state.name, %peer, "source denied by acl");
+                    continue;
+                }
+                state.outcomes.accepted();
+                state.listener_metrics.accepted.increment(1);
+                conns.spawn(connection::handle(Arc::clone(&state), client));
+            }
+            Err(e) => {
+                // EMFILE/ENFILE and friends: the listener survives, backs off.
+                state.outcomes.accept_error();
+                state.listener_metrics.accept_error.increment(1);
+                warn!(listener = %state.name, error = %e, "accept failed; backing off");
+                tokio::time::sleep(ACCEPT_ERROR_BACKOFF).await;
+            }
+        }
+    }
+}

@@ -1,0 +1,221 @@
+//! One listener's run-time state, shared by its accept loops, connection
+//! tasks, probes, policy loop and the admin API.
+
+use super::control::RecentDecisions;
+use super::outcome::Outcomes;
+use crate::config::{Acl, Config, Listener, Probe};
+use crate::core::policy::{GroupInput, Policy};
+use crate::core::routes::{GroupRoutes, Router, Weights, WeightsError};
+use crate::core::stats::{GroupStats, Signal, Snapshot};
+use crate::telemetry::{BackendMetrics, ListenerMetrics, RouteMetrics};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering::Relaxed};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+/// The shell's one clock: time since the proxy started, the `now` that the
+/// pure core takes as an argument.
+#[derive(Debug, Clone, Copy)]
+pub struct Clock {
+    base: Instant,
+}
+
+impl Clock {
+    pub fn start() -> Self {
+        Clock {
+            base: Instant::now(),
+        }
+    }
+
+    pub fn now(&self) -> Duration {
+        self.base.elapsed()
+    }
+}
+
+#[derive(Debug)]
+pub struct ListenerState {
+    pub name: String,
+    pub router: Router,
+    pub outcomes: Outcomes,
+    pub clock: Clock,
+    /// The policy loop's latest decisions and state.
+    pub decisions: RecentDecisions,
+    /// Per group (same order as the router's groups), per backend.
+    pub stats: Vec<GroupStats>,
+    pub(super) metrics: Vec<Vec<BackendMetrics>>,
+    pub(super) listener_metrics: ListenerMetrics,
+    pub(super) route_metrics: RouteMetrics,
+    pub(super) probes: Vec<Option<Probe>>,
+    pub(super) policy: Option<Policy>,
+    /// Length of the stats window, the denominator of connection rates.
+    window: Duration,
+    pub(super) acl: Acl,
+    pub(super) connect_timeout: Duration,
+    pub(super) idle_timeout: Duration,
+    pub(super) connect_attempts: usize,
+    /// An operator's pinned weights; while set, the policy is suspended.
+    pin: Mutex<Option<Weights>>,
+    paused: AtomicBool,
+    /// Bumped by every pin and release, so the policy loop knows to take
+    /// the weights in force as its own again.
+    steering: AtomicU64,
+}
+
+/// One group's windowed view, for the policy loop, tests and status.
+#[derive(Debug, Clone, PartialEq)]
+pub struct GroupView {
+    pub name: String,
+    pub weight_bp: u16,
+    /// Indexed by `Signal::index()`.
+    pub signals: [Snapshot; 4],
+}
+
+// === impl ListenerState ===
+
+impl ListenerState {
+    pub(super) fn new(config: &Config, l: &Listener, clock: Clock) -> Self {
+        let shards = std::thread::available_parallelism().map_or(2, |n| n.get());
+        let groups: Vec<_> = l.groups.iter().map(|&g| config.group(g)).collect();
+        let policy = l.policy.as_ref().map(|p| p.policy.clone());
+        // A policy may read its own window; otherwise the config's.
+        let window = policy
+            .as_ref()
+            .and_then(|p| p.window)
+            .unwrap_or(config.stats);
+        let names: Vec<String> = groups.iter().map(|g| g.name.clone()).collect();
+        let route_metrics = RouteMetrics::new(&l.name, &names);
+        route_metrics.weights(Weights::all_on_first(groups.len()).as_slice());
+        route_metrics.steering(false, false);
+        ListenerState {
+            name: l.name.clone(),
+            router: Router::new(
+                groups
+                    .iter()
+                    .map(|g| Arc::new(GroupRoutes::new(&g.name, g.backends.clone(), g.balance)))
+                    .collect(),
+            ),
+            outcomes: Outcomes::default(),
+            clock,
+            decisions: RecentDecisions::default(),
+            stats: groups
+                .iter()
+                .map(|g| GroupStats::new(&g.name, g.backends.len(), window, shards))
+                .collect(),
+            metrics: groups
+                .iter()
+                .map(|g| {
+                    g.backends
+                        .iter()
+                        .map(|b| BackendMetrics::new(&l.name, &g.name, &b.addr.to_string()))
+                        .collect()
+                })
+                .collect(),
+            listener_metrics: ListenerMetrics::new(&l.name),
+            route_metrics,
+            probes: groups.iter().map(|g| g.probe.clone()).collect(),
+            policy,
+            window: window.span(),
+            acl: l.acl.clone(),
+            connect_timeout: l.connect_timeout,
+            idle_timeout: l.idle_timeout,
+            connect_attempts: l.connect_attempts as usize,
+            pin: Mutex::new(None),
+            paused: AtomicBool::new(false),
+            steering: AtomicU64::new(0),
+        }
+    }
+
+    pub fn policy(&self) -> Option<&Policy> {
+        self.policy.as_ref()
+    }
+
+    /// Group names, primary first.
+    pub fn group_names(&self) -> Vec<String> {
+        self.stats.iter().map(|g| g.name.clone()).collect()
+    }
+
+    /// Every group's windowed latency and errors at this moment.
+    pub fn view(&self) -> Vec<GroupView> {
+        let now = self.clock.now();
+        let weights = self.router.weights();
+        self.stats
+            .iter()
+            .zip(weights.as_slice())
+            .map(|(g, &w)| GroupView {
+                name: g.name.clone(),
+                weight_bp: w,
+                signals: Signal::ALL.map(|s| g.snapshot(s, now)),
+            })
+            .collect()
+    }
+
+    /// What the policy engine reads at `now`: one input per group.
+    pub fn policy_inputs(&self, signal: Signal, now: Duration) -> Vec<GroupInput> {
+        let table = self.router.table();
+        self.stats
+            .iter()
+            .zip(table.groups.iter())
+            .map(|(stats, routes)| {
+                let active = (0..routes.backends().len())
+                    .map(|b| u64::from(routes.active(b)))
+                    .sum();
+                GroupInput::from_stats(stats, signal, now, self.window, active)
+            })
+            .collect()
+    }
+
+    /// One backend's window for `signal` at this moment.
+    pub fn backend_snapshot(&self, group: usize, backend: usize, signal: Signal) -> Snapshot {
+        self.stats[group].backends[backend]
+            .signal(signal)
+            .snapshot(self.clock.now())
+    }
+
+    /// Pins the weights: they apply to the next connection and the policy
+    /// is suspended until `release`.
+    pub fn pin(&self, weights: Weights) -> Result<(), WeightsError> {
+        self.router.publish(weights.clone())?;
+        *self.pin.lock().unwrap_or_else(|p| p.into_inner()) = Some(weights);
+        self.steering.fetch_add(1, Relaxed);
+        self.route_metrics.weights(self.router.weights().as_slice());
+        self.route_metrics.steering(true, self.is_paused());
+        Ok(())
+    }
+
+    /// Releases a pin. A policy resumes from the weights in force; without
+    /// a policy, all traffic returns to the primary. False when nothing was
+    /// pinned.
+    pub fn release(&self) -> bool {
+        let was = self
+            .pin
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .take()
+            .is_some();
+        if was && self.policy.is_none() {
+            let all = Weights::all_on_first(self.stats.len());
+            self.router.publish(all).expect("one weight per group");
+            self.route_metrics.weights(self.router.weights().as_slice());
+        }
+        self.steering.fetch_add(1, Relaxed);
+        self.route_metrics.steering(false, self.is_paused());
+        was
+    }
+
+    pub fn pinned(&self) -> Option<Weights> {
+        self.pin.lock().unwrap_or_else(|p| p.into_inner()).clone()
+    }
+
+    pub fn set_paused(&self, paused: bool) {
+        self.paused.store(paused, Relaxed);
+        self.route_metrics.steering(self.pinned().is_some(), paused);
+    }
+
+    pub fn is_paused(&self) -> bool {
+        self.paused.load(Relaxed)
+    }
+
+    /// Changes each time an operator pins or releases.
+    pub(super) fn steering_generation(&self) -> u64 {
+        self.steering.load(Relaxed)
+    }
+}
