@@ -96,6 +96,11 @@ pub fn prometheus() -> &'static PrometheusHandle {
             })
             .expect("spawning one thread at start succeeds");
         metrics::gauge!(BUILD_INFO, "version" => env!("CARGO_PKG_VERSION")).set(1.0);
+        // Series that exist from the start: increase() cannot see the first
+        // event of a counter that appears with it.
+        for result in ["ok", "error"] {
+            metrics::counter!(RELOADS, "result" => result).increment(0);
+        }
         handle
     })
 }
@@ -256,6 +261,20 @@ impl RouteMetrics {
     pub fn weights(&self, bp: &[u16]) {
         for (g, &w) in self.weights.iter().zip(bp) {
             g.set(f64::from(w) / 10_000.0);
+        }
+    }
+
+    /// Registers, at zero, every decision series a policy can produce, so
+    /// the first real decision shows up in increase() and in annotations.
+    pub fn register_decisions(&self, pairs: &[(&str, String)], dry_run: bool) {
+        for (action, rule) in pairs {
+            let action = if dry_run {
+                format!("would_{action}")
+            } else {
+                (*action).to_owned()
+            };
+            metrics::counter!(DECISIONS, "listener" => self.listener.clone(), "action" => action, "rule" => rule.clone())
+                .increment(0);
         }
     }
 

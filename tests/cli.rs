@@ -444,3 +444,82 @@ fn policy_errors_name_the_policy_file() {
     assert_eq!(out.status.code(), Some(2));
     assert!(stderr.contains("policies/failover.toml:4:13: error: recovery bar 400ms is not below the trip threshold 250ms"), "{stderr}");
 }
+
+/// SIGHUP reloads the file: a broken file is refused and logged, a good one
+/// adds its listener.
+#[test]
+fn sighup_reloads_the_config_file() {
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    let echo = rt.block_on(echo_backend());
+    let dir = tempfile::tempdir().unwrap();
+    let first = two_group_config(&[echo.addr()], &[echo.addr()], "");
+    let path = write_config(dir.path(), &first);
+    let mut child = Command::new(bin())
+        .args(["run", "-c"])
+        .arg(&path)
+        .env("RUST_LOG", "info")
+        .env("NO_COLOR", "1")
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut lines = BufReader::new(child.stderr.take().unwrap()).lines();
+    let mut wait_for = |want: &str| -> String {
+        for line in lines.by_ref() {
+            let line = line.unwrap();
+            if line.contains(want) {
+                return line;
+            }
+        }
+        panic!("proxy exited before logging {want:?}");
+    };
+    wait_for("listening");
+    let hup = || {
+        assert!(
+            Command::new("kill")
+                .args(["-HUP", &child.id().to_string()])
+                .status()
+                .unwrap()
+                .success()
+        )
+    };
+
+    std::fs::write(&path, "this is not toml").unwrap();
+    hup();
+    let refused = wait_for("config reload failed");
+    assert!(refused.contains("portshift.toml:1:"), "{refused}");
+
+    std::fs::write(
+        &path,
+        format!(
+            "{first}\n{}",
+            two_group_config(&[echo.addr()], &[echo.addr()], "")
+                .split("[[listener]]")
+                .nth(1)
+                .map(|l| format!(
+                    "[[listener]]{}",
+                    l.replace("name = \"l\"", "name = \"added\"")
+                ))
+                .unwrap()
+        ),
+    )
+    .unwrap();
+    hup();
+    let line = wait_for("listener=added");
+    let addr: SocketAddr = line
+        .split("addr=")
+        .nth(1)
+        .unwrap()
+        .split_whitespace()
+        .next()
+        .unwrap()
+        .parse()
+        .unwrap();
+    let mut c = TcpStream::connect(addr).unwrap();
+    c.set_read_timeout(Some(PATIENCE)).unwrap();
+    c.write_all(b"hello").unwrap();
+    let mut buf = [0u8; 5];
+    c.read_exact(&mut buf).unwrap();
+    assert_eq!(&buf, b"hello", "the listener added by SIGHUP serves");
+    let _ = child.kill();
+    let _ = child.wait();
+}

@@ -83,6 +83,9 @@ pub async fn run(
 ) {
     let engine = Engine::new(policy);
     let mut pstate = PolicyState::new(&engine.policy, state.stats.len());
+    state
+        .route_metrics
+        .register_decisions(&possible_decisions(&engine.policy), engine.policy.dry_run);
     let mut steering = state.steering_generation();
     let mut tick = tokio::time::interval(engine.policy.interval);
     tick.set_missed_tick_behavior(MissedTickBehavior::Delay);
@@ -188,4 +191,59 @@ fn report(state: &ListenerState, policy: &Policy, d: &Decision, audit: &AuditLog
     );
     audit.append(&record);
     state.decisions.push(record);
+}
+
+/// Every (action, rule) pair `policy` can report: a short, fixed list per
+/// policy, registered up front so dashboards see the first decision.
+fn possible_decisions(policy: &Policy) -> Vec<(&'static str, String)> {
+    let t = &policy.trip;
+    let mut trip_rules: Vec<String> = t
+        .above
+        .iter()
+        .map(|(q, _)| format!("{}_above", q.name()))
+        .collect();
+    let optional = [
+        (t.error_rate_above.is_some(), "error_rate_above"),
+        (t.worse_than_backup.is_some(), "worse_than_backup"),
+        (
+            t.active_connections_above.is_some(),
+            "active_connections_above",
+        ),
+        (
+            t.new_connections_per_second_above.is_some(),
+            "new_connections_per_second_above",
+        ),
+    ];
+    trip_rules.extend(
+        optional
+            .iter()
+            .filter(|(on, _)| *on)
+            .map(|(_, r)| (*r).to_owned()),
+    );
+    match &policy.mode {
+        crate::core::policy::Mode::Failover { .. } => {
+            let mut out: Vec<(&'static str, String)> =
+                trip_rules.iter().map(|r| ("shift", r.clone())).collect();
+            out.extend(trip_rules.iter().map(|r| ("shift", format!("cascade.{r}"))));
+            out.push(("recover", "recover".into()));
+            out
+        }
+        crate::core::policy::Mode::Canary(c) => {
+            let mut out = vec![
+                ("canary_advance", "canary.step".to_string()),
+                ("canary_promote", "canary.promote".to_string()),
+            ];
+            out.push((
+                "canary_rollback",
+                format!("canary.{}_ratio_above", c.quantile.name()),
+            ));
+            out.push(("canary_rollback", "canary.error_rate_increase_above".into()));
+            out.extend(
+                trip_rules
+                    .iter()
+                    .map(|r| ("canary_rollback", format!("canary.{r}"))),
+            );
+            out
+        }
+    }
 }

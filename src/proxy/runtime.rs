@@ -272,8 +272,10 @@ impl Shared {
         let mut handed_over: HashMap<SocketAddr, usize> = HashMap::new();
         for (name, _, addrs) in &old {
             if !keep.contains(name) {
+                // Port 0 means "any free port": never handed over, always fresh.
                 addrs
                     .iter()
+                    .filter(|a| a.port() != 0)
                     .for_each(|a| *handed_over.entry(*a).or_default() += 1);
             }
         }
@@ -314,7 +316,11 @@ impl Shared {
             .partition(|r| keep.contains(&r.state.name));
         for r in gone {
             for (addr, socket) in stop_running(r).await {
-                fresh.entry(addr).or_default().push(socket);
+                if addr.port() == 0 {
+                    drop(socket);
+                } else {
+                    fresh.entry(addr).or_default().push(socket);
+                }
             }
         }
         let serving = self.serving.load(Relaxed);

@@ -1,0 +1,413 @@
+//! The admin API and hot reload against a running proxy over loopback:
+//! pins, pause/resume, status, errors, tokens, and reloads good and bad.
+
+mod common;
+
+use common::*;
+use portshift::config::Config;
+use portshift::proxy::{Proxy, ProxyHandle};
+use serde_json::Value;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::TcpStream;
+
+/// One HTTP call to the admin API; returns status and parsed JSON body (or
+/// the raw text as a JSON string).
+async fn call(
+    admin: SocketAddr,
+    method: &str,
+    path: &str,
+    body: &str,
+    token: Option<&str>,
+) -> (u16, Value) {
+    let mut s = TcpStream::connect(admin).await.unwrap();
+    let auth = token.map_or(String::new(), |t| format!("authorization: Bearer {t}\r\n"));
+    let req = format!(
+        "{method} {path} HTTP/1.1\r\nhost: admin\r\n{auth}content-type: application/json\r\ncontent-length: {}\r\nconnection: close\r\n\r\n{body}",
+        body.len()
+    );
+    s.write_all(req.as_bytes()).await.unwrap();
+    let mut out = Vec::new();
+    tokio::time::timeout(PATIENCE, s.read_to_end(&mut out))
+        .await
+        .unwrap()
+        .unwrap();
+    let text = String::from_utf8_lossy(&out);
+    let status: u16 = text.split_whitespace().nth(1).unwrap().parse().unwrap();
+    let body = text.split_once("\r\n\r\n").map(|(_, b)| b).unwrap_or("");
+    (
+        status,
+        serde_json::from_str(body).unwrap_or(Value::String(body.to_owned())),
+    )
+}
+
+struct Running {
+    dir: tempfile::TempDir,
+    path: PathBuf,
+    admin: SocketAddr,
+    addrs: Vec<(String, SocketAddr)>,
+    handle: ProxyHandle,
+}
+
+impl Running {
+    fn addr(&self, listener: &str) -> SocketAddr {
+        self.addrs
+            .iter()
+            .find(|(n, _)| n == listener)
+            .map(|(_, a)| *a)
+            .expect("listener bound")
+    }
+}
+
+async fn run(text: &str) -> Running {
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::create_dir(dir.path().join("policies")).unwrap();
+    let shipped = Path::new(env!("CARGO_MANIFEST_DIR")).join("policies/failover.toml");
+    std::fs::copy(shipped, dir.path().join("policies/failover.toml")).unwrap();
+    let path = write_config(dir.path(), text);
+    let config = Config::load(&path).unwrap_or_else(|e| panic!("{e}"));
+    let proxy = Proxy::bind(&config).unwrap();
+    let admin = proxy.admin_addr().expect("admin configured");
+    let addrs = proxy.local_addrs();
+    let handle = proxy.handle();
+    tokio::spawn(proxy.serve(std::future::pending()));
+    Running {
+        dir,
+        path,
+        admin,
+        addrs,
+        handle,
+    }
+}
+
+fn config(listener: &str, primary: SocketAddr, backup: SocketAddr, extra: &str) -> String {
+    format!(
+        "audit_log = \"audit.jsonl\"\n[admin]\nlisten = \"127.0.0.1:0\"\n{}",
+        two_group_config(&[primary], &[backup], extra)
+            .replace("name = \"l\"", &format!("name = \"{listener}\""))
+    )
+}
+
+/// A pin moves the next connections where it says and suspends the policy;
+/// releasing it resumes the policy.
+#[tokio::test]
+async fn pin_steers_traffic_and_release_resumes_policy() {
+    let (p, b) = (
+        named_backend("primary").await,
+        named_backend("backup").await,
+    );
+    let r = run(&config("pin", p, b, "policy = \"failover\"")).await;
+    let (status, body) = call(
+        r.admin,
+        "PUT",
+        "/routes/pin/weights",
+        r#"{"primary": 0, "backup": 100}"#,
+        None,
+    )
+    .await;
+    assert_eq!(status, 200, "{body}");
+    assert_eq!(body["pinned"]["backup"], 100.0);
+    for _ in 0..10 {
+        assert_eq!(
+            read_all(r.addr("pin")).await.unwrap(),
+            b"backup",
+            "traffic follows the pin"
+        );
+    }
+    tokio::time::sleep(Duration::from_millis(1500)).await; // a policy tick passes
+    let (_, status) = call(r.admin, "GET", "/status", "", None).await;
+    let l = &status["listeners"][0];
+    assert_eq!(l["pinned"]["backup"], 100.0);
+    assert_eq!(l["policy"]["state"], "pinned", "{l}");
+    assert_eq!(l["weights_percent"]["backup"], 100.0);
+
+    let (status, body) = call(r.admin, "DELETE", "/routes/pin/weights", "", None).await;
+    assert_eq!((status, &body["released"]), (200, &Value::Bool(true)));
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    let (_, status) = call(r.admin, "GET", "/status", "", None).await;
+    assert_ne!(
+        status["listeners"][0]["policy"]["state"], "pinned",
+        "the policy resumed"
+    );
+    assert!(status["listeners"][0]["pinned"].is_null());
+
+    let audit = std::fs::read_to_string(r.dir.path().join("audit.jsonl")).unwrap();
+    assert!(
+        audit.contains("\"call\":\"PUT /routes/pin/weights\""),
+        "{audit}"
+    );
+    assert!(
+        audit.contains("\"call\":\"DELETE /routes/pin/weights\""),
+        "{audit}"
+    );
+}
+
+/// Without a policy, releasing a pin returns all traffic to the primary.
+#[tokio::test]
+async fn release_without_policy_returns_to_primary() {
+    let (p, b) = (
+        named_backend("primary").await,
+        named_backend("backup").await,
+    );
+    let r = run(&config("nopolicy", p, b, "")).await;
+    assert_eq!(
+        call(
+            r.admin,
+            "PUT",
+            "/routes/nopolicy/weights",
+            r#"{"backup": 100}"#,
+            None
+        )
+        .await
+        .0,
+        200
+    );
+    assert_eq!(read_all(r.addr("nopolicy")).await.unwrap(), b"backup");
+    assert_eq!(
+        call(r.admin, "DELETE", "/routes/nopolicy/weights", "", None)
+            .await
+            .0,
+        200
+    );
+    assert_eq!(read_all(r.addr("nopolicy")).await.unwrap(), b"primary");
+    let (status, body) = call(r.admin, "POST", "/routes/nopolicy/policy/pause", "", None).await;
+    assert_eq!(status, 409, "{body}");
+    assert!(body["error"].as_str().unwrap().contains("no policy"));
+}
+
+/// Pause and resume the policy; the state says so.
+#[tokio::test]
+async fn pause_and_resume_policy() {
+    let (p, b) = (
+        named_backend("primary").await,
+        named_backend("backup").await,
+    );
+    let r = run(&config("pause", p, b, "policy = \"failover\"")).await;
+    assert_eq!(
+        call(r.admin, "POST", "/routes/pause/policy/pause", "", None)
+            .await
+            .0,
+        200
+    );
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    let (_, s) = call(r.admin, "GET", "/status", "", None).await;
+    assert_eq!(s["listeners"][0]["policy"]["paused"], true);
+    assert_eq!(s["listeners"][0]["policy"]["state"], "paused");
+    assert_eq!(
+        call(r.admin, "POST", "/routes/pause/policy/resume", "", None)
+            .await
+            .0,
+        200
+    );
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    let (_, s) = call(r.admin, "GET", "/status", "", None).await;
+    assert_eq!(s["listeners"][0]["policy"]["state"], "healthy");
+}
+
+/// Bad requests get a 4xx with a JSON error saying what was wrong.
+#[tokio::test]
+async fn bad_requests_get_clear_json_errors() {
+    let (p, b) = (
+        named_backend("primary").await,
+        named_backend("backup").await,
+    );
+    let r = run(&config("errs", p, b, "")).await;
+    let cases: &[(&str, &str, &str, u16, &str)] = &[
+        (
+            "PUT",
+            "/routes/nope/weights",
+            r#"{"primary": 100}"#,
+            404,
+            "no listener `nope`; known: errs",
+        ),
+        (
+            "PUT",
+            "/routes/errs/weights",
+            "not json",
+            400,
+            "body is not JSON",
+        ),
+        (
+            "PUT",
+            "/routes/errs/weights",
+            r#"{"primary": 60}"#,
+            400,
+            "add up to 60",
+        ),
+        (
+            "PUT",
+            "/routes/errs/weights",
+            r#"{"tax": 100}"#,
+            400,
+            "`tax` is not a group of this listener",
+        ),
+        ("GET", "/nowhere", "", 404, "no such endpoint: GET /nowhere"),
+    ];
+    for (method, path, body, want_status, want) in cases {
+        let (status, reply) = call(r.admin, method, path, body, None).await;
+        assert_eq!(status, *want_status, "{method} {path}: {reply}");
+        assert!(
+            reply["error"].as_str().unwrap_or_default().contains(want),
+            "{method} {path}: {reply}"
+        );
+    }
+    let huge = format!("{{\"primary\": 100, \"pad\": \"{}\"}}", "x".repeat(100_000));
+    assert_eq!(
+        call(r.admin, "PUT", "/routes/errs/weights", &huge, None)
+            .await
+            .0,
+        413,
+        "oversized bodies are refused"
+    );
+    assert_eq!(
+        read_all(r.addr("errs")).await.unwrap(),
+        b"primary",
+        "nothing changed"
+    );
+}
+
+/// With a token, every call needs it.
+#[tokio::test]
+async fn token_guards_every_call() {
+    let (p, b) = (
+        named_backend("primary").await,
+        named_backend("backup").await,
+    );
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::write(dir.path().join("token"), "s3cret\n").unwrap();
+    let text = config("tok", p, b, "").replace(
+        "listen = \"127.0.0.1:0\"\n[[group]]",
+        "listen = \"127.0.0.1:0\"\ntoken_file = \"token\"\n[[group]]",
+    );
+    let path = write_config(dir.path(), &text);
+    let proxy = Proxy::bind(&Config::load(&path).unwrap()).unwrap();
+    let admin = proxy.admin_addr().unwrap();
+    tokio::spawn(proxy.serve(std::future::pending()));
+    assert_eq!(call(admin, "GET", "/status", "", None).await.0, 401);
+    assert_eq!(
+        call(admin, "GET", "/metrics", "", Some("wrong")).await.0,
+        401
+    );
+    assert_eq!(
+        call(admin, "GET", "/status", "", Some("s3cret")).await.0,
+        200
+    );
+    assert_eq!(call(admin, "POST", "/reload", "", None).await.0, 401);
+}
+
+/// A broken file on reload: the old config keeps serving, the error is
+/// reported by the API, in /status and in metrics.
+#[tokio::test]
+async fn bad_reload_keeps_old_config_and_says_why() {
+    let (p, b) = (
+        named_backend("primary").await,
+        named_backend("backup").await,
+    );
+    let r = run(&config("keep", p, b, "")).await;
+    std::fs::write(
+        &r.path,
+        "[[listener]]\nname = \"keep\"\nlisten = [\"127.0.0.1:0\"]\nprimary = \"gone\"\n",
+    )
+    .unwrap();
+    let (status, body) = call(r.admin, "POST", "/reload", "", None).await;
+    assert_eq!(status, 422, "{body}");
+    let msg = body["error"].as_str().unwrap();
+    assert!(
+        msg.contains(
+            "portshift.toml:4:11: error: listener `keep`: primary group `gone` is not defined"
+        ),
+        "{msg}"
+    );
+    assert!(msg.contains("the running config is unchanged"));
+    assert_eq!(
+        read_all(r.addr("keep")).await.unwrap(),
+        b"primary",
+        "the old config still serves"
+    );
+    let (_, s) = call(r.admin, "GET", "/status", "", None).await;
+    assert_eq!(s["last_reload"]["ok"], false);
+    let (_, metrics) = call(r.admin, "GET", "/metrics", "", None).await;
+    assert!(
+        metrics
+            .as_str()
+            .unwrap()
+            .contains("portshift_config_reloads_total{result=\"error\"}")
+    );
+}
+
+/// Reload adding a listener: it accepts; removing one: new connections are
+/// refused while an established connection finishes.
+#[tokio::test]
+async fn reload_adds_and_removes_listeners_without_cutting_connections() {
+    let (p, b) = (
+        named_backend("primary").await,
+        named_backend("backup").await,
+    );
+    let echo = echo_backend().await;
+    let r = run(&config("old", echo.addr(), b, "")).await;
+    let old_addr = r.addr("old");
+    let mut established = TcpStream::connect(old_addr).await.unwrap();
+    established.write_all(b"before").await.unwrap();
+    let mut buf = [0u8; 6];
+    tokio::time::timeout(PATIENCE, established.read_exact(&mut buf))
+        .await
+        .unwrap()
+        .unwrap();
+
+    // Swap listener `old` for `new`.
+    let text = config("new", p, b, "");
+    std::fs::write(&r.path, &text).unwrap();
+    let (status, body) = call(r.admin, "POST", "/reload", "", None).await;
+    assert_eq!(status, 200, "{body}");
+    assert_eq!(body["changes"]["added"][0], "new");
+    assert_eq!(body["changes"]["removed"][0], "old");
+    let new_addr = r.handle.listeners()[0].1[0];
+    assert_eq!(
+        read_all(new_addr).await.unwrap(),
+        b"primary",
+        "the added listener accepts"
+    );
+    assert!(
+        TcpStream::connect(old_addr).await.is_err(),
+        "the removed listener no longer accepts"
+    );
+    established.write_all(b"after!").await.unwrap();
+    tokio::time::timeout(PATIENCE, established.read_exact(&mut buf))
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(&buf, b"after!", "the established connection was not cut");
+}
+
+/// A reload that leaves a listener unchanged keeps it as it was: same
+/// state, same pin, same socket.
+#[tokio::test]
+async fn reload_keeps_unchanged_listeners_untouched() {
+    let (p, b) = (
+        named_backend("primary").await,
+        named_backend("backup").await,
+    );
+    let r = run(&config("same", p, b, "")).await;
+    assert_eq!(
+        call(
+            r.admin,
+            "PUT",
+            "/routes/same/weights",
+            r#"{"backup": 100}"#,
+            None
+        )
+        .await
+        .0,
+        200
+    );
+    let (status, body) = call(r.admin, "POST", "/reload", "", None).await;
+    assert_eq!(status, 200, "{body}");
+    assert_eq!(body["changes"]["unchanged"][0], "same");
+    assert_eq!(
+        read_all(r.addr("same")).await.unwrap(),
+        b"backup",
+        "pin and socket survived"
+    );
+}
