@@ -7,7 +7,6 @@
 //! the run ends with a summary.
 
 use crate::backend::{self, BackendHandle, BackendOpts, Mode};
-use crate::config::policy::parse_text;
 use crate::config::{Config, PolicyRef};
 use crate::core::policy::{Mode as PolicyMode, Policy};
 use crate::core::stats::{Signal, WindowConfig};
@@ -37,16 +36,6 @@ macro_rules! say_raw {
         let _ = write!(std::io::stdout(), $($t)*);
     }};
 }
-
-/// Shipped policies, embedded so the demo runs from any folder.
-const SHIPPED: [(&str, &str); 3] = [
-    ("failover", include_str!("../policies/failover.toml")),
-    (
-        "conservative",
-        include_str!("../policies/conservative.toml"),
-    ),
-    ("canary", include_str!("../policies/canary.toml")),
-];
 
 /// Backend reply delay when healthy, and during the injected spike.
 const HEALTHY_DELAY: Duration = Duration::from_millis(5);
@@ -363,33 +352,9 @@ fn print_summary(s: &Summary) {
 
 /// A shipped name, a name in ./policies, or a path.
 fn resolve_policy(arg: Option<&str>) -> io::Result<(String, PathBuf, Policy)> {
-    let name = arg.unwrap_or("failover");
-    let as_path = Path::new(name);
-    let local = Path::new("policies").join(format!("{name}.toml"));
-    let (path, text) = if name.ends_with(".toml") || name.contains('/') {
-        (as_path.to_path_buf(), std::fs::read_to_string(as_path)?)
-    } else if local.is_file() {
-        (local.clone(), std::fs::read_to_string(&local)?)
-    } else if let Some((_, text)) = SHIPPED.iter().find(|(n, _)| *n == name) {
-        (
-            PathBuf::from(format!("policies/{name}.toml (embedded)")),
-            (*text).to_owned(),
-        )
-    } else {
-        let known: Vec<&str> = SHIPPED.iter().map(|(n, _)| *n).collect();
-        return Err(io::Error::new(
-            io::ErrorKind::NotFound,
-            format!("policy `{name}` not found; shipped: {}", known.join(", ")),
-        ));
-    };
-    let stem = as_path
-        .file_stem()
-        .and_then(|s| s.to_str())
-        .unwrap_or(name)
-        .to_owned();
-    let policy = parse_text(&stem, &path, &text)
-        .map_err(|e| io::Error::new(io::ErrorKind::InvalidData, e.to_string()))?;
-    Ok((stem, path, policy))
+    let r = crate::config::shipped::resolve(arg.unwrap_or("failover"))
+        .map_err(|e| io::Error::new(io::ErrorKind::InvalidInput, e))?;
+    Ok((r.name, r.path, r.policy))
 }
 
 /// Divides every timing of the policy by `k` (never below 10 ms), so a

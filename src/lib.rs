@@ -20,4 +20,5 @@ pub mod core;
 pub mod demo;
 pub mod load;
 pub mod proxy;
+pub mod sim;
 pub mod telemetry;

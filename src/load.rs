@@ -94,3 +94,39 @@ pub async fn run(target: SocketAddr, rate: f64, stats: Arc<LoadStats>, stop: Can
     tasks.close();
     tasks.wait().await;
 }
+
+/// Sends one request at each of `times` (offsets from now), as a
+/// simulator's arrivals, until done or `stop`; waits for those in flight.
+pub async fn run_schedule(
+    target: SocketAddr,
+    times: Vec<Duration>,
+    stats: Arc<LoadStats>,
+    stop: CancellationToken,
+) {
+    let start = tokio::time::Instant::now();
+    let slots = Arc::new(Semaphore::new(MAX_IN_FLIGHT));
+    let tasks = tokio_util::task::TaskTracker::new();
+    for at in times {
+        tokio::select! {
+            () = stop.cancelled() => break,
+            () = tokio::time::sleep_until(start + at) => {}
+        }
+        let Ok(permit) = Arc::clone(&slots).try_acquire_owned() else {
+            stats.skipped.fetch_add(1, Relaxed);
+            continue;
+        };
+        stats.sent.fetch_add(1, Relaxed);
+        let stats = Arc::clone(&stats);
+        tasks.spawn(async move {
+            let begun = tokio::time::Instant::now();
+            let r = match tokio::time::timeout(REQUEST_TIMEOUT, http_get(target)).await {
+                Ok(Ok(body)) => Ok(body),
+                _ => Err(()),
+            };
+            stats.record(r, begun.elapsed());
+            drop(permit);
+        });
+    }
+    tasks.close();
+    tasks.wait().await;
+}

@@ -29,6 +29,10 @@ enum Command {
         /// Config file.
         #[arg(short, long, default_value = "portshift.toml")]
         config: PathBuf,
+        /// Record every proxied connection to this trace file (CSV), for
+        /// `portshift sim` to replay.
+        #[arg(long)]
+        record: Option<PathBuf>,
     },
     /// Validate a config and print what would run; exit 2 on any problem.
     Check {
@@ -54,6 +58,26 @@ enum Command {
         /// stdout is not a terminal).
         #[arg(long)]
         no_tui: bool,
+    },
+    /// Replay a scenario offline through the policy engine, deterministically.
+    Sim {
+        /// Scenario file (see sim/).
+        scenario: PathBuf,
+        /// Policy to judge: shipped name or file; repeat to compare several.
+        #[arg(long = "policy")]
+        policies: Vec<String>,
+        /// Seed (default: the scenario's).
+        #[arg(long)]
+        seed: Option<u64>,
+        /// Write timelines (CSV, JSON) and charts (SVG) here.
+        #[arg(long)]
+        out: Option<PathBuf>,
+        /// Print one JSON document instead of tables.
+        #[arg(long)]
+        json: bool,
+        /// Sweep a policy key: KEY=FROM..TO:STEP, e.g. trip.p99_above=100ms..400ms:50ms.
+        #[arg(long)]
+        sweep: Option<String>,
     },
     /// Open-loop HTTP load: new connections at a fixed rate.
     Load {
@@ -106,10 +130,49 @@ fn main() -> ExitCode {
             }
             Err(e) => config_failed(&e),
         },
-        Command::Run { config } => match Config::load(&config) {
-            Ok(c) => report(runtime().and_then(|rt| rt.block_on(run(c)))),
+        Command::Run { config, record } => match Config::load(&config) {
+            Ok(c) => report(runtime().and_then(|rt| rt.block_on(run(c, record)))),
             Err(e) => config_failed(&e),
         },
+        Command::Sim {
+            scenario,
+            policies,
+            seed,
+            out,
+            json,
+            sweep,
+        } => {
+            use std::io::IsTerminal;
+            let opts = portshift::sim::SimOptions {
+                scenario,
+                policies,
+                seed,
+                out,
+                sweep,
+                progress: !json && std::io::stderr().is_terminal(),
+            };
+            match portshift::sim::run(&opts) {
+                Ok(r) if json => {
+                    println!(
+                        "{}",
+                        serde_json::to_string_pretty(&r.doc).expect("values serialize")
+                    );
+                    ExitCode::SUCCESS
+                }
+                Ok(r) => {
+                    print!("{}", r.text);
+                    ExitCode::SUCCESS
+                }
+                Err(e @ portshift::sim::SimError::Write { .. }) => {
+                    eprintln!("error: {e}");
+                    ExitCode::from(1)
+                }
+                Err(e) => {
+                    eprintln!("{e}");
+                    ExitCode::from(2)
+                }
+            }
+        }
         Command::Demo {
             duration,
             policy,
@@ -174,8 +237,14 @@ fn runtime() -> anyhow::Result<tokio::runtime::Runtime> {
         .context("cannot start the async runtime")
 }
 
-async fn run(config: Config) -> anyhow::Result<()> {
+async fn run(config: Config, record: Option<PathBuf>) -> anyhow::Result<()> {
     let proxy = Proxy::bind(&config)?;
+    if let Some(path) = record {
+        let writer = portshift::sim::trace::TraceWriter::create(&path)
+            .with_context(|| format!("cannot create trace file {}", path.display()))?;
+        proxy.handle().set_trace(std::sync::Arc::new(writer));
+        tracing::info!(path = %path.display(), "recording a trace of every connection");
+    }
     let handle = proxy.handle();
     tokio::spawn(async move {
         use tokio::signal::unix::{SignalKind, signal};

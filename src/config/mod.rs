@@ -2,10 +2,11 @@
 //! below, where bad states cannot be written. Every problem is reported at
 //! once, each with file, line and column.
 
-mod diagnostic;
+pub(crate) mod diagnostic;
 mod listen;
 pub mod policy;
 mod raw;
+pub mod shipped;
 mod validate;
 
 pub use diagnostic::{ConfigError, Diagnostic};

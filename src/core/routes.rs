@@ -257,8 +257,16 @@ impl RouteTable {
     /// down come after all of those. At most `max` attempts; weight-0
     /// backends are never tried.
     pub fn plan(&self, ticket: u64, max: usize) -> Vec<Attempt> {
-        let first_group = self.weights.pick(ticket);
         let mut plan = Vec::with_capacity(max);
+        self.plan_into(ticket, max, &mut plan);
+        plan
+    }
+
+    /// As `plan`, into a reused buffer: no allocation on the hot path.
+    pub fn plan_into(&self, ticket: u64, max: usize, plan: &mut Vec<Attempt>) {
+        plan.clear();
+        let first_group = self.weights.pick(ticket);
+        // Allocates only when some backend is probed down.
         let mut down = Vec::new();
         let mut push = |group: usize, backend: usize| {
             let a = Attempt { group, backend };
@@ -284,7 +292,6 @@ impl RouteTable {
         }
         plan.extend(down);
         plan.truncate(max);
-        plan
     }
 }
 
@@ -342,6 +349,12 @@ impl Router {
         let table = self.table.load_full();
         let plan = table.plan(ticket, max_attempts);
         (table, plan)
+    }
+
+    /// The plan for the next new connection, into a reused buffer.
+    pub fn plan_next_into(&self, max_attempts: usize, out: &mut Vec<Attempt>) {
+        let ticket = self.tickets.fetch_add(1, Ordering::Relaxed);
+        self.table.load().plan_into(ticket, max_attempts, out);
     }
 }
 

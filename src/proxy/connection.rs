@@ -7,21 +7,38 @@ use super::state::ListenerState;
 use crate::core::routes::{Attempt, GroupRoutes};
 use crate::core::stats::Signal;
 use crate::core::turns::Turn;
+use crate::sim::trace::TraceRecord;
 use crate::telemetry::ErrorKind;
 use std::io;
 use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
 use std::time::Duration;
 use tokio::net::TcpStream;
 use tracing::debug;
 
 pub async fn handle(state: Arc<ListenerState>, mut client: TcpStream) {
     let _active = state.outcomes.active_guard();
+    let arrived = state.clock.now();
     let (table, plan) = state.router.plan_next(state.connect_attempts);
-    let Some((attempt, mut upstream)) = connect_first(&state, &table.groups, &plan).await else {
+    let Some((attempt, mut upstream, connect)) = connect_first(&state, &table.groups, &plan).await
+    else {
         // Every attempt failed: close the client now rather than let it hang.
         state.outcomes.no_backend();
         state.listener_metrics.no_backend.increment(1);
         debug!(listener = %state.name, attempts = plan.len(), "no backend reachable; closing client");
+        if let Some(trace) = state.trace.load().as_ref() {
+            trace.write(&TraceRecord {
+                t: arrived,
+                listener: &state.name,
+                group: "",
+                backend: "",
+                connect: None,
+                first_byte: None,
+                outcome: "no_backend",
+                bytes_to_backend: 0,
+                bytes_to_client: 0,
+            });
+        }
         return;
     };
     state.outcomes.connected();
@@ -32,10 +49,12 @@ pub async fn handle(state: Arc<ListenerState>, mut client: TcpStream) {
     let stats = &state.stats[attempt.group].backends[attempt.backend];
     metrics.connections.increment(1);
     metrics.active.increment(1.0);
+    let first_byte_us = AtomicU64::new(0);
     let on_turn = |turn: Turn, now: Duration| {
         stats.record(Signal::Exchange, now, turn.latency);
         metrics.latency(Signal::Exchange, turn.latency);
         if turn.first_byte {
+            first_byte_us.store(turn.latency.as_micros().max(1) as u64, Relaxed);
             stats.record(Signal::FirstByte, now, turn.latency);
             metrics.latency(Signal::FirstByte, turn.latency);
         }
@@ -61,6 +80,25 @@ pub async fn handle(state: Arc<ListenerState>, mut client: TcpStream) {
         }
     }
     state.outcomes.ended(copied.end, copied.up, copied.down);
+    if let Some(trace) = state.trace.load().as_ref() {
+        let fb = first_byte_us.load(Relaxed);
+        let routes = &table.groups[attempt.group];
+        trace.write(&TraceRecord {
+            t: arrived,
+            listener: &state.name,
+            group: &routes.name,
+            backend: &routes.addr(attempt.backend).to_string(),
+            connect: Some(connect),
+            first_byte: (fb > 0).then(|| Duration::from_micros(fb)),
+            outcome: match copied.end {
+                End::Closed => "closed",
+                End::IdleTimeout => "idle_timeout",
+                End::Reset => "reset",
+            },
+            bytes_to_backend: copied.up,
+            bytes_to_client: copied.down,
+        });
+    }
 }
 
 /// Tries the plan in order; a refused or timed-out backend is followed by the
@@ -70,7 +108,7 @@ async fn connect_first(
     state: &ListenerState,
     groups: &[Arc<GroupRoutes>],
     plan: &[Attempt],
-) -> Option<(Attempt, TcpStream)> {
+) -> Option<(Attempt, TcpStream, Duration)> {
     for (i, &attempt) in plan.iter().enumerate() {
         let addr = groups[attempt.group].addr(attempt.backend);
         let stats = &state.stats[attempt.group].backends[attempt.backend];
@@ -83,7 +121,7 @@ async fn connect_first(
                 let now = state.clock.now();
                 stats.record(Signal::Connect, now, now - started);
                 metrics.latency(Signal::Connect, now - started);
-                return Some((attempt, stream));
+                return Some((attempt, stream, now - started));
             }
             Ok(Err(e)) if e.kind() == io::ErrorKind::ConnectionRefused => ConnectFailure::Refused,
             Ok(Err(_)) => ConnectFailure::Other,

@@ -208,6 +208,11 @@ impl ProxyHandle {
             .clone()
     }
 
+    /// Records every connection that ends from now on to `trace`.
+    pub fn set_trace(&self, trace: Arc<crate::sim::trace::TraceWriter>) {
+        self.shared.trace.store(Some(trace));
+    }
+
     /// Writes one record to the audit log (if configured).
     pub fn audit(&self, record: &serde_json::Value) {
         self.shared.audit.append(record);

@@ -6,7 +6,7 @@
 //! connections finish.
 
 use super::audit::AuditLog;
-use super::state::{Clock, ListenerState};
+use super::state::{Clock, ListenerState, TraceSlot};
 use super::{BindError, StartError, bind_one, connection, control, probe};
 use crate::config::{Config, Group, Listener};
 use crate::core::stats::WindowConfig;
@@ -94,6 +94,7 @@ pub(crate) struct Shared {
     pub stop: CancellationToken,
     pub audit: Arc<AuditLog>,
     pub admin_token: Option<String>,
+    pub trace: TraceSlot,
     reload_lock: tokio::sync::Mutex<()>,
     serving: AtomicBool,
     pub last_reload: Mutex<Option<ReloadOutcome>>,
@@ -126,10 +127,20 @@ impl Shared {
                 path: config.audit_log.clone().unwrap_or_default(),
                 source,
             })?;
+        let trace = TraceSlot::default();
         let listeners = config
             .listeners
             .iter()
-            .map(|l| new_running(config, l, clock, CancellationToken::new(), &mut bound))
+            .map(|l| {
+                new_running(
+                    config,
+                    l,
+                    clock,
+                    &trace,
+                    CancellationToken::new(),
+                    &mut bound,
+                )
+            })
             .collect();
         Ok(Shared {
             clock,
@@ -140,6 +151,7 @@ impl Shared {
             stop: CancellationToken::new(),
             audit: Arc::new(audit),
             admin_token,
+            trace,
             reload_lock: tokio::sync::Mutex::new(()),
             serving: AtomicBool::new(false),
             last_reload: Mutex::new(None),
@@ -330,7 +342,14 @@ impl Shared {
                 next.push(kept.remove(i));
                 continue;
             }
-            let mut r = new_running(&new, l, self.clock, self.stop.child_token(), &mut fresh);
+            let mut r = new_running(
+                &new,
+                l,
+                self.clock,
+                &self.trace,
+                self.stop.child_token(),
+                &mut fresh,
+            );
             if serving {
                 self.start_running(&mut r);
             }
@@ -352,6 +371,7 @@ fn new_running(
     config: &Config,
     l: &Listener,
     clock: Clock,
+    trace: &TraceSlot,
     token: CancellationToken,
     bound: &mut HashMap<SocketAddr, Vec<TcpListener>>,
 ) -> Running {
@@ -372,7 +392,7 @@ fn new_running(
         })
         .collect();
     Running {
-        state: Arc::new(ListenerState::new(config, l, clock)),
+        state: Arc::new(ListenerState::new(config, l, clock, Arc::clone(trace))),
         spec: ListenerSpec::of(config, l),
         token,
         sockets,

@@ -12,6 +12,9 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering::Relaxed};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
+/// The optional trace file, settable while running.
+pub type TraceSlot = Arc<arc_swap::ArcSwapOption<crate::sim::trace::TraceWriter>>;
+
 /// The shell's one clock: time since the proxy started, the `now` that the
 /// pure core takes as an argument.
 #[derive(Debug, Clone, Copy)]
@@ -55,6 +58,9 @@ pub struct ListenerState {
     /// An operator's pinned weights; while set, the policy is suspended.
     pin: Mutex<Option<Weights>>,
     paused: AtomicBool,
+    /// Where finished connections are recorded (`run --record`), shared by
+    /// every listener.
+    pub(super) trace: TraceSlot,
     /// Bumped by every pin and release, so the policy loop knows to take
     /// the weights in force as its own again.
     steering: AtomicU64,
@@ -72,7 +78,7 @@ pub struct GroupView {
 // === impl ListenerState ===
 
 impl ListenerState {
-    pub(super) fn new(config: &Config, l: &Listener, clock: Clock) -> Self {
+    pub(super) fn new(config: &Config, l: &Listener, clock: Clock, trace: TraceSlot) -> Self {
         let shards = std::thread::available_parallelism().map_or(2, |n| n.get());
         let groups: Vec<_> = l.groups.iter().map(|&g| config.group(g)).collect();
         let policy = l.policy.as_ref().map(|p| p.policy.clone());
@@ -120,6 +126,7 @@ impl ListenerState {
             connect_attempts: l.connect_attempts as usize,
             pin: Mutex::new(None),
             paused: AtomicBool::new(false),
+            trace,
             steering: AtomicU64::new(0),
         }
     }

@@ -111,6 +111,14 @@ pub fn trip(
         }
         *verdict = fold(*verdict, v);
     };
+    // Errors first: when failures also push a quantile over its bar, the
+    // error rate is the truer name for what went wrong.
+    if let Some(limit) = t.error_rate_above {
+        let value = (input.attempts >= p.min_samples)
+            .then(|| input.error_rate())
+            .flatten();
+        check("error_rate_above".into(), value, limit, &mut verdict);
+    }
     for &(q, limit) in &t.above {
         let value = enough
             .then(|| input.latency.quantile_secs(q.fraction()))
@@ -121,12 +129,6 @@ pub fn trip(
             limit.as_secs_f64(),
             &mut verdict,
         );
-    }
-    if let Some(limit) = t.error_rate_above {
-        let value = (input.attempts >= p.min_samples)
-            .then(|| input.error_rate())
-            .flatten();
-        check("error_rate_above".into(), value, limit, &mut verdict);
     }
     if let (Some(k), Some(b)) = (t.worse_than_backup, relative_to) {
         let q = t.relative_quantile.unwrap_or(Quantile::P99).fraction();

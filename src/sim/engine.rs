@@ -1,0 +1,787 @@
+//! The discrete-event engine: a virtual clock, one event queue, and the
+//! *same* route table, stats and policy engine the proxy runs. Requests
+//! arrive from the load model, follow the route table's plan (with the
+//! proxy's retries), wait for a worker at their backend (the capacity
+//! model), and report latency to the stats exactly as the proxy would.
+//! Single-threaded and seeded: the same seed gives the same run.
+
+use super::model::{Arrivals, Sampler};
+use super::scenario::Scenario;
+use crate::config::{Backend, Balance};
+use crate::core::policy::{Action, Decision, Engine, GroupInput, Policy, PolicyState, Reason};
+use crate::core::routes::{Attempt, GroupRoutes, Router};
+use crate::core::stats::{GroupStats, Signal, WindowConfig, new_histogram};
+use hdrhistogram::Histogram;
+use rand::{Rng, SeedableRng};
+use rand_xoshiro::Xoshiro256PlusPlus;
+use std::cmp::Reverse;
+use std::collections::{BinaryHeap, VecDeque};
+use std::net::SocketAddr;
+use std::time::Duration;
+
+/// Seeds of the independent random streams, mixed with the scenario seed.
+const ARRIVAL_STREAM: u64 = 0xA11;
+const PROBE_STREAM: u64 = 0x9B0;
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
+enum Ev {
+    Arrival,
+    /// A request's connect attempt ends (refused or timed out) at this time.
+    ConnectFailed(u32),
+    /// A request finishes service at its backend.
+    Done(u32),
+    PolicyTick,
+    TimelineTick,
+    ProbeTick,
+}
+
+struct Req {
+    arrival: u64,
+    seed: u64,
+    plan: Vec<Attempt>,
+    attempt: usize,
+    /// When the upstream connection was established (ns).
+    connected: u64,
+    fails: bool,
+    degraded: bool,
+    live: bool,
+}
+
+#[derive(Default)]
+struct BackendRt {
+    busy: u32,
+    queue: VecDeque<u32>,
+}
+
+/// One row of the per-tick timeline.
+#[derive(Debug, Clone, PartialEq)]
+pub struct TickRow {
+    pub t: f64,
+    pub weights_pct: Vec<f64>,
+    /// The policy's signal per group over the stats window.
+    pub group_p50_ms: Vec<f64>,
+    pub group_p99_ms: Vec<f64>,
+    pub requests: u64,
+    pub errors: u64,
+    /// Client-seen p99 of the requests that finished in this tick.
+    pub client_p99_ms: f64,
+    /// The latest evaluation's conditions: rule, value, threshold, fired.
+    pub conditions: Vec<Reason>,
+    pub phase: String,
+}
+
+/// A decision that moved (or in dry-run would move) traffic.
+#[derive(Debug, Clone, PartialEq)]
+pub struct DecisionRow {
+    pub t: f64,
+    pub action: String,
+    pub rule: String,
+    pub weights_pct: Vec<f64>,
+    pub reasons: Vec<Reason>,
+}
+
+/// Client-seen outcome of one phase (before, during each fault, after).
+#[derive(Debug, Clone, PartialEq)]
+pub struct PhaseStats {
+    pub name: String,
+    pub requests: u64,
+    pub errors: u64,
+    pub slo_violations: u64,
+    pub p50_ms: f64,
+    pub p99_ms: f64,
+    pub p999_ms: f64,
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub struct Headline {
+    pub first_shift_at_s: Option<f64>,
+    pub first_rule: Option<String>,
+    pub time_to_detect_s: Option<f64>,
+    pub time_to_mitigate_s: Option<f64>,
+    pub time_to_fail_back_s: Option<f64>,
+    /// Largest share off the primary at any moment, 0 to 1.
+    pub max_backup_share: f64,
+    pub weight_changes: u64,
+    /// Times traffic went back toward the primary and then away again.
+    pub flaps: u64,
+    pub served_by_degraded: u64,
+    pub slo_violations: u64,
+    pub client_errors: u64,
+    pub client_p50_ms: f64,
+    pub client_p99_ms: f64,
+    pub client_p999_ms: f64,
+    pub phases: Vec<PhaseStats>,
+}
+
+/// Everything one run of one policy produced.
+#[derive(Debug, Clone)]
+pub struct SimRun {
+    pub policy: String,
+    pub requests: u64,
+    pub events: u64,
+    /// The event cap stopped the run early.
+    pub truncated: bool,
+    pub timeline: Vec<TickRow>,
+    pub decisions: Vec<DecisionRow>,
+    pub headline: Headline,
+}
+
+fn ns(d: Duration) -> u64 {
+    d.as_nanos() as u64
+}
+
+fn secs(t: u64) -> f64 {
+    t as f64 / 1e9
+}
+
+fn dur(t: u64) -> Duration {
+    Duration::from_nanos(t)
+}
+
+/// Runs `scenario` under `policy` with `seed`; `progress` is told the
+/// simulated seconds done after each tick.
+pub fn run(
+    scenario: &Scenario,
+    policy: &Policy,
+    seed: u64,
+    progress: &mut dyn FnMut(f64),
+) -> SimRun {
+    Sim::new(scenario, policy, seed).run(progress)
+}
+
+struct Sim<'a> {
+    sc: &'a Scenario,
+    engine: Engine,
+    pstate: PolicyState,
+    router: Router,
+    stats: Vec<GroupStats>,
+    samplers: Vec<Vec<Sampler>>,
+    rt: Vec<Vec<BackendRt>>,
+    events: BinaryHeap<Reverse<(u64, u64, Ev)>>,
+    seq: u64,
+    arrivals: Arrivals,
+    probe_rng: Xoshiro256PlusPlus,
+    reqs: Vec<Req>,
+    free: Vec<u32>,
+    window: WindowConfig,
+    end: u64,
+    // Results.
+    requests: u64,
+    events_done: u64,
+    client: Histogram<u32>,
+    tick_client: Histogram<u32>,
+    tick_requests: u64,
+    tick_errors: u64,
+    phases: Vec<(String, Histogram<u32>, u64, u64)>,
+    timeline: Vec<TickRow>,
+    decisions: Vec<DecisionRow>,
+    last_reasons: Vec<Reason>,
+    slo_violations: u64,
+    client_errors: u64,
+    served_by_degraded: u64,
+}
+
+impl<'a> Sim<'a> {
+    fn new(sc: &'a Scenario, policy: &Policy, seed: u64) -> Self {
+        let window = policy
+            .window
+            .or_else(|| {
+                sc.measurement.window.map(|w| WindowConfig {
+                    slots: 10,
+                    slot: w / 10,
+                })
+            })
+            .unwrap_or_default();
+        let groups: Vec<_> = sc
+            .groups
+            .iter()
+            .enumerate()
+            .map(|(gi, g)| {
+                // Addresses only name backends; the simulator never connects.
+                let backends = (0..g.backends.len())
+                    .map(|bi| Backend {
+                        addr: SocketAddr::from(([127, 0, gi as u8, 1], 10_000 + bi as u16)),
+                        weight: 1,
+                    })
+                    .collect();
+                std::sync::Arc::new(GroupRoutes::new(&g.name, backends, Balance::RoundRobin))
+            })
+            .collect();
+        let phases = phase_names(sc)
+            .into_iter()
+            .map(|n| (n, new_histogram(), 0, 0))
+            .collect();
+        Sim {
+            sc,
+            engine: Engine::new(policy.clone()),
+            pstate: PolicyState::new(policy, sc.groups.len()),
+            router: Router::new(groups),
+            stats: sc
+                .groups
+                .iter()
+                .map(|g| GroupStats::new(&g.name, g.backends.len(), window, 1))
+                .collect(),
+            samplers: sc
+                .groups
+                .iter()
+                .map(|g| {
+                    g.backends
+                        .iter()
+                        .map(|b| Sampler::new(&b.latency))
+                        .collect()
+                })
+                .collect(),
+            rt: sc
+                .groups
+                .iter()
+                .map(|g| g.backends.iter().map(|_| BackendRt::default()).collect())
+                .collect(),
+            events: BinaryHeap::new(),
+            seq: 0,
+            arrivals: Arrivals::new(&sc.load, seed ^ ARRIVAL_STREAM),
+            probe_rng: Xoshiro256PlusPlus::seed_from_u64(seed ^ PROBE_STREAM),
+            reqs: Vec::new(),
+            free: Vec::new(),
+            window,
+            end: ns(sc.duration),
+            requests: 0,
+            events_done: 0,
+            client: new_histogram(),
+            tick_client: new_histogram(),
+            tick_requests: 0,
+            tick_errors: 0,
+            phases,
+            timeline: Vec::new(),
+            decisions: Vec::new(),
+            last_reasons: Vec::new(),
+            slo_violations: 0,
+            client_errors: 0,
+            served_by_degraded: 0,
+        }
+    }
+
+    fn req(&self, id: u32) -> &Req {
+        let r = &self.reqs[id as usize];
+        debug_assert!(r.live, "events only name live requests");
+        r
+    }
+
+    fn req_mut(&mut self, id: u32) -> &mut Req {
+        let r = &mut self.reqs[id as usize];
+        debug_assert!(r.live, "events only name live requests");
+        r
+    }
+
+    fn push(&mut self, at: u64, ev: Ev) {
+        self.seq += 1;
+        self.events.push(Reverse((at, self.seq, ev)));
+    }
+
+    fn run(mut self, progress: &mut dyn FnMut(f64)) -> SimRun {
+        if let Some(first) = self.arrivals.next(0.0, secs(self.end)) {
+            self.push((first * 1e9) as u64, Ev::Arrival);
+        }
+        self.push(0, Ev::PolicyTick);
+        self.push(ns(self.sc.tick), Ev::TimelineTick);
+        if self.sc.measurement.probe_interval.is_some() {
+            self.push(0, Ev::ProbeTick);
+        }
+        let mut truncated = false;
+        while let Some(Reverse((t, _, ev))) = self.events.pop() {
+            if t > self.end {
+                break;
+            }
+            self.events_done += 1;
+            if self.events_done > self.sc.max_events {
+                truncated = true;
+                break;
+            }
+            match ev {
+                Ev::Arrival => self.arrival(t),
+                Ev::ConnectFailed(id) => {
+                    self.connect_error(t, id);
+                    self.try_connect(t, id);
+                }
+                Ev::Done(id) => self.done(t, id),
+                Ev::PolicyTick => self.policy_tick(t),
+                Ev::TimelineTick => {
+                    self.timeline_tick(t);
+                    progress(secs(t));
+                }
+                Ev::ProbeTick => self.probe_tick(t),
+            }
+        }
+        let headline = self.headline();
+        SimRun {
+            policy: self.engine.policy.name.clone(),
+            requests: self.requests,
+            events: self.events_done,
+            truncated,
+            timeline: self.timeline,
+            decisions: self.decisions,
+            headline,
+        }
+    }
+
+    fn arrival(&mut self, t: u64) {
+        if let Some(next) = self.arrivals.next(secs(t), secs(self.end)) {
+            self.push(((next * 1e9) as u64).max(t), Ev::Arrival);
+        }
+        let seed = self.arrivals.request_seed();
+        self.requests += 1;
+        // Slots are reused with their plan buffers: no allocation per request.
+        let id = match self.free.pop() {
+            Some(id) => id,
+            None => {
+                self.reqs.push(Req {
+                    arrival: 0,
+                    seed: 0,
+                    plan: Vec::new(),
+                    attempt: 0,
+                    connected: 0,
+                    fails: false,
+                    degraded: false,
+                    live: false,
+                });
+                (self.reqs.len() - 1) as u32
+            }
+        };
+        let req = &mut self.reqs[id as usize];
+        self.router
+            .plan_next_into(self.sc.measurement.connect_attempts as usize, &mut req.plan);
+        (
+            req.arrival,
+            req.seed,
+            req.attempt,
+            req.connected,
+            req.fails,
+            req.degraded,
+            req.live,
+        ) = (t, seed, 0, 0, false, false, true);
+        self.try_connect(t, id);
+    }
+
+    /// Connects the request's current attempt at `t`, or moves on.
+    fn try_connect(&mut self, t: u64, id: u32) {
+        loop {
+            let req = self.req_mut(id);
+            let Some(&a) = req.plan.get(req.attempt) else {
+                self.finish(t, id, None);
+                return;
+            };
+            req.attempt += 1;
+            let (refuse, black_hole) = self.fault_blocks(t, a.group, a.backend);
+            let full = {
+                let b = &self.rt[a.group][a.backend];
+                b.busy >= self.sc.groups[a.group].backends[a.backend].workers
+                    && b.queue.len() as u32 >= self.sc.groups[a.group].backends[a.backend].queue
+            };
+            if black_hole {
+                self.push(
+                    t + ns(self.sc.measurement.connect_timeout),
+                    Ev::ConnectFailed(id),
+                );
+                return;
+            }
+            if refuse || full {
+                self.connect_error(t, id);
+                continue;
+            }
+            let rtt = ns(self.sc.measurement.rtt);
+            self.stats[a.group].backends[a.backend].record(Signal::Connect, dur(t + rtt), dur(rtt));
+            let (service, fails, degraded) = self.service(t, id, a);
+            let req = self.req_mut(id);
+            req.connected = t + rtt;
+            req.fails = fails;
+            req.degraded = degraded;
+            let b = &mut self.rt[a.group][a.backend];
+            if b.busy < self.sc.groups[a.group].backends[a.backend].workers {
+                b.busy += 1;
+                self.push(t + rtt + service, Ev::Done(id));
+            } else {
+                b.queue.push_back(id);
+            }
+            return;
+        }
+    }
+
+    /// Records a failed connect attempt against its backend.
+    fn connect_error(&mut self, t: u64, id: u32) {
+        let req = self.req(id);
+        let a = req.plan[req.attempt - 1];
+        self.stats[a.group].backends[a.backend].record_error(Signal::Connect, dur(t));
+    }
+
+    /// Refuse / black-hole faults on (group, backend) at `t`.
+    fn fault_blocks(&self, t: u64, g: usize, b: usize) -> (bool, bool) {
+        let now = dur(t);
+        self.sc
+            .faults
+            .iter()
+            .filter(|f| f.hits(g, b) && f.active(now))
+            .fold((false, false), |(r, h), f| {
+                (r || f.refuse, h || f.black_hole)
+            })
+    }
+
+    /// Service time (ns), whether the exchange fails, and whether a fault
+    /// degraded it. Drawn from the request's own seed and the backend.
+    fn service(&self, t: u64, id: u32, a: Attempt) -> (u64, bool, bool) {
+        let req = self.req(id);
+        let mix = (a.group as u64) << 32 | a.backend as u64;
+        let mut rng =
+            Xoshiro256PlusPlus::seed_from_u64(req.seed ^ mix.wrapping_mul(0x9E37_79B9_7F4A_7C15));
+        let mut s = self.samplers[a.group][a.backend].sample(&mut rng);
+        let u: f64 = rng.random();
+        let now = dur(t);
+        let (mut fails, mut degraded) = (false, false);
+        for f in self
+            .sc
+            .faults
+            .iter()
+            .filter(|f| f.hits(a.group, a.backend) && f.active(now))
+        {
+            degraded = true;
+            let add = if f.drift {
+                let span = (f.until - f.at).as_secs_f64().max(1e-9);
+                f.latency_add.as_secs_f64() * ((now - f.at).as_secs_f64() / span).min(1.0)
+            } else {
+                f.latency_add.as_secs_f64()
+            };
+            s = s * f.latency_factor + add;
+            fails |= u < f.error_rate;
+        }
+        ((s * 1e9) as u64, fails, degraded)
+    }
+
+    fn done(&mut self, t: u64, id: u32) {
+        let req = self.req(id);
+        let a = req.plan[req.attempt - 1];
+        let exchange = dur(t - req.connected);
+        let (fails, degraded) = (req.fails, req.degraded);
+        let stats = &self.stats[a.group].backends[a.backend];
+        if fails {
+            stats.record_error(Signal::Exchange, dur(t));
+        } else {
+            stats.record(Signal::Exchange, dur(t), exchange);
+            // One request per connection: first_byte equals exchange, so it
+            // is recorded only for a policy that reads it.
+            if self.engine.policy.signal == Signal::FirstByte {
+                stats.record(Signal::FirstByte, dur(t), exchange);
+            }
+        }
+        if degraded {
+            self.served_by_degraded += 1;
+        }
+        // The next waiting request takes the worker.
+        let b = &mut self.rt[a.group][a.backend];
+        b.busy -= 1;
+        if let Some(next) = b.queue.pop_front() {
+            b.busy += 1;
+            let next_req = self.req(next);
+            let (service, _, _) = self.service(next_req.connected, next, a);
+            self.push(t + service, Ev::Done(next));
+        }
+        self.finish(t, id, (!fails).then_some(()));
+    }
+
+    /// The client's view of a finished request (None: it failed).
+    fn finish(&mut self, t: u64, id: u32, ok: Option<()>) {
+        let req = self.req_mut(id);
+        req.live = false;
+        let arrival = req.arrival;
+        self.free.push(id);
+        let latency_us = ((t - arrival) / 1000).max(1);
+        let phase = phase_of(self.sc, dur(arrival));
+        let p = &mut self.phases[phase];
+        p.2 += 1;
+        self.tick_requests += 1;
+        let over = ok.is_none() || dur(t - arrival) > self.sc.slo;
+        if over {
+            self.slo_violations += 1;
+            p.3 += 1;
+        }
+        match ok {
+            Some(()) => {
+                let _ = self
+                    .client
+                    .record(latency_us.min(crate::core::stats::HIGHEST_US));
+                let _ = self
+                    .tick_client
+                    .record(latency_us.min(crate::core::stats::HIGHEST_US));
+                let _ = p.1.record(latency_us.min(crate::core::stats::HIGHEST_US));
+            }
+            None => {
+                self.client_errors += 1;
+                self.tick_errors += 1;
+            }
+        }
+    }
+
+    fn policy_tick(&mut self, t: u64) {
+        let interval = ns(self.engine.policy.interval);
+        self.push(t + interval, Ev::PolicyTick);
+        // Stale measurements: the policy sees the window as of `stale` ago.
+        let seen = dur(t.saturating_sub(ns(self.sc.measurement.stale)));
+        let signal = self.engine.policy.signal;
+        let inputs: Vec<GroupInput> = self
+            .stats
+            .iter()
+            .zip(&self.rt)
+            .map(|(s, rt)| {
+                let active = rt
+                    .iter()
+                    .map(|b| u64::from(b.busy) + b.queue.len() as u64)
+                    .sum();
+                GroupInput::from_stats(s, signal, seen, self.window.span(), active)
+            })
+            .collect();
+        let d = self.engine.evaluate(dur(t), &inputs, &mut self.pstate);
+        if d.changed() && !d.dry_run {
+            self.router
+                .publish(d.weights.clone())
+                .expect("the engine keeps one weight per group");
+        }
+        self.last_reasons = d.reasons.clone();
+        if d.action != Action::Hold {
+            self.decisions.push(decision_row(secs(t), &d));
+        }
+    }
+
+    fn timeline_tick(&mut self, t: u64) {
+        self.push(t + ns(self.sc.tick), Ev::TimelineTick);
+        let now = dur(t);
+        let signal = self.engine.policy.signal;
+        let snaps: Vec<_> = self.stats.iter().map(|g| g.snapshot(signal, now)).collect();
+        let ms = |d: Duration| d.as_secs_f64() * 1000.0;
+        let client_p99 = if self.tick_client.is_empty() {
+            0.0
+        } else {
+            self.tick_client.value_at_quantile(0.99) as f64 / 1000.0
+        };
+        self.timeline.push(TickRow {
+            t: secs(t),
+            weights_pct: self
+                .router
+                .weights()
+                .as_slice()
+                .iter()
+                .map(|&w| f64::from(w) / 100.0)
+                .collect(),
+            group_p50_ms: snaps.iter().map(|s| ms(s.p50)).collect(),
+            group_p99_ms: snaps.iter().map(|s| ms(s.p99)).collect(),
+            requests: self.tick_requests,
+            errors: self.tick_errors,
+            client_p99_ms: client_p99,
+            conditions: self.last_reasons.clone(),
+            phase: self.pstate.phase.name().to_owned(),
+        });
+        self.tick_client.reset();
+        self.tick_requests = 0;
+        self.tick_errors = 0;
+    }
+
+    /// Probes every backend: connect time plus one service time, unless a
+    /// fault refuses or swallows it; `probe_loss` drops results.
+    fn probe_tick(&mut self, t: u64) {
+        let interval = ns(self
+            .sc
+            .measurement
+            .probe_interval
+            .expect("scheduled only with an interval"));
+        self.push(t + interval, Ev::ProbeTick);
+        for g in 0..self.sc.groups.len() {
+            for b in 0..self.sc.groups[g].backends.len() {
+                let lost = self.probe_rng.random::<f64>() < self.sc.measurement.probe_loss;
+                let mut rng = Xoshiro256PlusPlus::seed_from_u64(self.probe_rng.random());
+                if lost {
+                    continue;
+                }
+                let (refuse, hole) = self.fault_blocks(t, g, b);
+                let stats = &self.stats[g].backends[b];
+                if refuse || hole {
+                    stats.record_error(Signal::Probe, dur(t));
+                    continue;
+                }
+                let mut s = self.samplers[g][b].sample(&mut rng);
+                let mut fails = false;
+                let u: f64 = rng.random();
+                for f in self
+                    .sc
+                    .faults
+                    .iter()
+                    .filter(|f| f.hits(g, b) && f.active(dur(t)))
+                {
+                    s = s * f.latency_factor + f.latency_add.as_secs_f64();
+                    // A probe with send/expect fails like any request.
+                    fails |= u < f.error_rate;
+                }
+                if fails {
+                    stats.record_error(Signal::Probe, dur(t));
+                    continue;
+                }
+                let probe = self.sc.measurement.rtt + Duration::from_secs_f64(s);
+                stats.record(Signal::Probe, dur(t) + probe, probe);
+            }
+        }
+    }
+
+    fn headline(&self) -> Headline {
+        let first_fault = self.sc.faults.iter().map(|f| f.at).min();
+        let last_fault_end = self.sc.faults.iter().map(|f| f.until).max();
+        let first_shift = self
+            .decisions
+            .iter()
+            .find(|d| d.action == "shift" && first_fault.is_none_or(|f| d.t >= f.as_secs_f64()));
+        let first_shift_at = first_shift.map(|d| d.t);
+        let time_to_mitigate = first_shift_at.and_then(|s| {
+            let start = first_fault.map_or(0.0, |f| f.as_secs_f64());
+            self.timeline
+                .iter()
+                .find(|r| {
+                    r.t >= s
+                        && r.requests > 0
+                        && r.client_p99_ms <= self.sc.slo.as_secs_f64() * 1000.0
+                })
+                .map(|r| r.t - start)
+        });
+        let primary = |r: &TickRow| r.weights_pct.first().copied().unwrap_or(100.0);
+        let moved_at_all = self.timeline.iter().any(|r| primary(r) < 100.0);
+        let time_to_fail_back = match (last_fault_end, moved_at_all) {
+            (Some(end), true) => {
+                let end = end.as_secs_f64();
+                let last_off = self
+                    .timeline
+                    .iter()
+                    .rev()
+                    .find(|r| primary(r) < 100.0)
+                    .map(|r| r.t);
+                match last_off {
+                    Some(t) if t < self.timeline.last().map_or(0.0, |r| r.t) => self
+                        .timeline
+                        .iter()
+                        .find(|r| r.t > t && primary(r) >= 100.0)
+                        .map(|r| (r.t - end).max(0.0)),
+                    _ => None,
+                }
+            }
+            _ => None,
+        };
+        let mut flaps = 0;
+        let mut returned = false;
+        for d in &self.decisions {
+            match d.action.as_str() {
+                "recover" | "canary_rollback" => returned = true,
+                "shift" | "canary_advance" if returned => {
+                    flaps += 1;
+                    returned = false;
+                }
+                _ => {}
+            }
+        }
+        let q = |h: &Histogram<u32>, q: f64| {
+            if h.is_empty() {
+                0.0
+            } else {
+                h.value_at_quantile(q) as f64 / 1000.0
+            }
+        };
+        Headline {
+            first_shift_at_s: first_shift_at,
+            first_rule: first_shift.map(|d| d.rule.clone()),
+            time_to_detect_s: first_shift_at
+                .map(|s| s - first_fault.map_or(0.0, |f| f.as_secs_f64())),
+            time_to_mitigate_s: time_to_mitigate,
+            time_to_fail_back_s: time_to_fail_back,
+            max_backup_share: self
+                .timeline
+                .iter()
+                .map(|r| (100.0 - primary(r)) / 100.0)
+                .fold(0.0, f64::max),
+            weight_changes: self
+                .decisions
+                .iter()
+                .filter(|d| !d.action.starts_with("would"))
+                .count() as u64,
+            flaps,
+            served_by_degraded: self.served_by_degraded,
+            slo_violations: self.slo_violations,
+            client_errors: self.client_errors,
+            client_p50_ms: q(&self.client, 0.5),
+            client_p99_ms: q(&self.client, 0.99),
+            client_p999_ms: q(&self.client, 0.999),
+            phases: self
+                .phases
+                .iter()
+                .map(|(name, h, n, over)| PhaseStats {
+                    name: name.clone(),
+                    requests: *n,
+                    errors: n - h.len().min(*n),
+                    slo_violations: *over,
+                    p50_ms: q(h, 0.5),
+                    p99_ms: q(h, 0.99),
+                    p999_ms: q(h, 0.999),
+                })
+                .collect(),
+        }
+    }
+}
+
+fn decision_row(t: f64, d: &Decision) -> DecisionRow {
+    DecisionRow {
+        t,
+        action: if d.dry_run {
+            format!("would_{}", d.action.name())
+        } else {
+            d.action.name().to_owned()
+        },
+        rule: d.rule.clone(),
+        weights_pct: d
+            .weights
+            .as_slice()
+            .iter()
+            .map(|&w| f64::from(w) / 100.0)
+            .collect(),
+        reasons: d.reasons.clone(),
+    }
+}
+
+/// "before", one phase per fault, "after".
+fn phase_names(sc: &Scenario) -> Vec<String> {
+    let mut names = vec!["before".to_string()];
+    names.extend(
+        sc.faults
+            .iter()
+            .enumerate()
+            .map(|(i, f)| format!("fault {} ({})", i + 1, f.target)),
+    );
+    names.push("after".into());
+    names
+}
+
+/// The phase a request that arrived at `t` belongs to.
+fn phase_of(sc: &Scenario, t: Duration) -> usize {
+    if let Some(i) = sc.faults.iter().position(|f| t >= f.at && t < f.until) {
+        return i + 1;
+    }
+    if sc.faults.iter().all(|f| t < f.at) {
+        0
+    } else {
+        sc.faults.len() + 1
+    }
+}
+
+/// The arrival times a run of `scenario` with `seed` sees: the same stream
+/// the engine draws from, so a live rehearsal can replay them exactly.
+pub fn arrival_times(scenario: &Scenario, seed: u64) -> Vec<Duration> {
+    let mut a = Arrivals::new(&scenario.load, seed ^ ARRIVAL_STREAM);
+    let end = scenario.duration.as_secs_f64();
+    let mut out = Vec::new();
+    let mut t = 0.0;
+    while let Some(next) = a.next(t, end) {
+        out.push(Duration::from_secs_f64(next));
+        let _ = a.request_seed();
+        t = next;
+    }
+    out
+}
