@@ -53,7 +53,9 @@ pub struct Config {
     /// The admin listener (`/metrics`), if configured.
     pub admin: Option<Admin>,
     /// The sliding window latency statistics are read over.
-    pub stats: crate::core::stats::WindowConfig,
+        pub stats: crate::core::stats::WindowConfig,
+    /// Whether connections record latency signals (`[stats] record`).
+    pub record_latency: bool,
     pub groups: Vec<Group>,
     pub listeners: Vec<Listener>,
 }

@@ -47,7 +47,10 @@ pub struct RawAdmin {
 #[serde(deny_unknown_fields)]
 pub struct RawStats {
     pub window: Option<S<String>>,
-    pub sub_windows: Option<S<u32>>,
+        pub sub_windows: Option<S<u32>>,
+    /// Record latency signals at all (default true); off only to measure
+    /// what recording costs.
+    pub record: Option<bool>,
 }
 
 #[derive(Debug, Deserialize)]

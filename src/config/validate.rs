@@ -73,7 +73,8 @@ impl Validator<'_, '_> {
             .collect();
         self.conflicts(&raw.listeners, &listeners);
         let admin = raw.admin.as_ref().and_then(|a| self.admin(a, &listeners));
-        let stats = self.stats(raw.stats.as_ref());
+                let stats = self.stats(raw.stats.as_ref());
+        let record_latency = raw.stats.as_ref().and_then(|s| s.record).unwrap_or(true);
         Config {
             path: self.path.to_path_buf(),
             drain_timeout,
@@ -81,8 +82,9 @@ impl Validator<'_, '_> {
                 .audit_log
                 .as_ref()
                 .map(|p| self.path.parent().unwrap_or(Path::new(".")).join(p)),
-            admin,
+                        admin,
             stats,
+            record_latency,
             groups,
             listeners,
         }

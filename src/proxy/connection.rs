@@ -50,7 +50,11 @@ pub async fn handle(state: Arc<ListenerState>, mut client: TcpStream) {
     metrics.connections.increment(1);
     metrics.active.increment(1.0);
     let first_byte_us = AtomicU64::new(0);
+        let record = state.record_latency;
     let on_turn = |turn: Turn, now: Duration| {
+        if !record {
+            return;
+        }
         stats.record(Signal::Exchange, now, turn.latency);
         metrics.latency(Signal::Exchange, turn.latency);
         if turn.first_byte {
@@ -118,9 +122,11 @@ async fn connect_first(
             .await
         {
             Ok(Ok(stream)) => {
-                let now = state.clock.now();
-                stats.record(Signal::Connect, now, now - started);
-                metrics.latency(Signal::Connect, now - started);
+                                let now = state.clock.now();
+                if state.record_latency {
+                    stats.record(Signal::Connect, now, now - started);
+                    metrics.latency(Signal::Connect, now - started);
+                }
                 return Some((attempt, stream, now - started));
             }
             Ok(Err(e)) if e.kind() == io::ErrorKind::ConnectionRefused => ConnectFailure::Refused,

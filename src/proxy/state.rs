@@ -54,7 +54,9 @@ pub struct ListenerState {
     pub(super) acl: Acl,
     pub(super) connect_timeout: Duration,
     pub(super) idle_timeout: Duration,
-    pub(super) connect_attempts: usize,
+        pub(super) connect_attempts: usize,
+    /// `[stats] record`: off skips every latency sample on the data path.
+    pub(super) record_latency: bool,
     /// An operator's pinned weights; while set, the policy is suspended.
     pin: Mutex<Option<Weights>>,
     paused: AtomicBool,
@@ -123,7 +125,8 @@ impl ListenerState {
             acl: l.acl.clone(),
             connect_timeout: l.connect_timeout,
             idle_timeout: l.idle_timeout,
-            connect_attempts: l.connect_attempts as usize,
+                        connect_attempts: l.connect_attempts as usize,
+            record_latency: config.record_latency,
             pin: Mutex::new(None),
             paused: AtomicBool::new(false),
             trace,
