@@ -18,6 +18,7 @@ pub mod backend;
 pub mod config;
 pub mod core;
 pub mod demo;
+pub mod diagnose;
 pub mod load;
 pub mod proxy;
 pub mod sim;

@@ -59,6 +59,18 @@ enum Command {
         #[arg(long)]
         no_tui: bool,
     },
+    /// Check why a port does not answer: bound by whom, ACL, backends
+    /// reachable, backends answering. Exit 1 when a check fails.
+    Diagnose {
+        #[arg(short, long, default_value = "portshift.toml")]
+        config: PathBuf,
+        /// Only this listener.
+        #[arg(long)]
+        listener: Option<String>,
+        /// The client address to test the ACL with.
+        #[arg(long, default_value = "127.0.0.1")]
+        source: std::net::IpAddr,
+    },
     /// Replay a scenario offline through the policy engine, deterministically.
     Sim {
         /// Scenario file (see sim/).
@@ -133,6 +145,30 @@ fn main() -> ExitCode {
         Command::Run { config, record } => match Config::load(&config) {
             Ok(c) => report(runtime().and_then(|rt| rt.block_on(run(c, record)))),
             Err(e) => config_failed(&e),
+        },
+        Command::Diagnose {
+            config,
+            listener,
+            source,
+        } => match Config::load(&config) {
+            Err(e) => config_failed(&e),
+            Ok(c) => match portshift::diagnose::run(&c, listener.as_deref(), source) {
+                Err(e) => {
+                    eprintln!("error: {e}");
+                    ExitCode::from(2)
+                }
+                Ok(checks) => {
+                    print!("{}", portshift::diagnose::render(&checks));
+                    let failed = checks
+                        .iter()
+                        .any(|c| c.verdict == portshift::diagnose::Verdict::Fail);
+                    if failed {
+                        ExitCode::from(1)
+                    } else {
+                        ExitCode::SUCCESS
+                    }
+                }
+            },
         },
         Command::Sim {
             scenario,

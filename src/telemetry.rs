@@ -20,6 +20,7 @@ pub const BYTES: &str = "portshift_transferred_bytes_total";
 pub const PROBE_UP: &str = "portshift_probe_up";
 pub const ACCEPTED: &str = "portshift_accepted_connections_total";
 pub const DENIED: &str = "portshift_denied_connections_total";
+pub const CONNECT_ERRNO: &str = "portshift_upstream_connect_errors_total";
 pub const BUILD_INFO: &str = "portshift_build_info";
 pub const ROUTE_WEIGHT: &str = "portshift_route_weight";
 pub const DECISIONS: &str = "portshift_decisions_total";
@@ -133,7 +134,11 @@ fn describe() {
     );
     metrics::describe_counter!(
         DENIED,
-        "Client connections closed at accept by the listener's ACL"
+        "Client connections closed at accept, by reason: acl, max_connections, max_connections_per_source"
+    );
+    metrics::describe_counter!(
+        CONNECT_ERRNO,
+        "Failed upstream connects by errno (ECONNREFUSED, ETIMEDOUT, EADDRNOTAVAIL for exhausted local ports, ...)"
     );
     metrics::describe_gauge!(
         BUILD_INFO,
@@ -169,7 +174,10 @@ fn describe() {
 #[derive(Debug, Clone)]
 pub struct ListenerMetrics {
     pub accepted: Counter,
-    pub denied: Counter,
+    pub denied_acl: Counter,
+    pub denied_max: Counter,
+    pub denied_per_source: Counter,
+    pub first_byte_timeout: Counter,
     pub no_backend: Counter,
     pub accept_error: Counter,
 }
@@ -181,7 +189,10 @@ impl ListenerMetrics {
         let err = |kind: &'static str| metrics::counter!(ERRORS, "listener" => l.clone(), "group" => "", "backend" => "", "kind" => kind);
         ListenerMetrics {
             accepted: metrics::counter!(ACCEPTED, "listener" => l.clone()),
-            denied: metrics::counter!(DENIED, "listener" => l.clone()),
+            denied_acl: metrics::counter!(DENIED, "listener" => l.clone(), "reason" => "acl"),
+            denied_max: metrics::counter!(DENIED, "listener" => l.clone(), "reason" => "max_connections"),
+            denied_per_source: metrics::counter!(DENIED, "listener" => l.clone(), "reason" => "max_connections_per_source"),
+            first_byte_timeout: err("first_byte_timeout"),
             no_backend: err("no_backend"),
             accept_error: err("accept_error"),
         }
@@ -310,4 +321,30 @@ impl RouteMetrics {
 pub fn reload(ok: bool) {
     prometheus();
     metrics::counter!(RELOADS, "result" => if ok { "ok" } else { "error" }).increment(1);
+}
+
+/// Counts one failed upstream connect by its errno name.
+pub fn connect_errno(listener: &str, errno: &'static str) {
+    metrics::counter!(CONNECT_ERRNO, "listener" => listener.to_owned(), "errno" => errno)
+        .increment(1);
+}
+
+/// The symbolic name of an OS error, for the errno label.
+pub fn errno_name(e: &std::io::Error) -> &'static str {
+    match e.raw_os_error() {
+        Some(111) => "ECONNREFUSED",
+        Some(110) => "ETIMEDOUT",
+        Some(99) => "EADDRNOTAVAIL",
+        Some(98) => "EADDRINUSE",
+        Some(101) => "ENETUNREACH",
+        Some(113) => "EHOSTUNREACH",
+        Some(104) => "ECONNRESET",
+        Some(24) => "EMFILE",
+        Some(23) => "ENFILE",
+        Some(13) => "EACCES",
+        Some(1) => "EPERM",
+        Some(105) => "ENOBUFS",
+        Some(_) => "other",
+        None => "unknown",
+    }
 }

@@ -28,6 +28,10 @@ pub const DEFAULT_IDLE_TIMEOUT: Duration = Duration::from_secs(15 * 60);
 /// chosen backend, another of its group, then the next group.
 pub const DEFAULT_CONNECT_ATTEMPTS: u32 = 3;
 
+/// Default accept queue length: the kernel's default cap (somaxconn) on
+/// current Linux, so bursts of new connections queue rather than drop.
+pub const DEFAULT_BACKLOG: u32 = 4096;
+
 /// Largest backend weight: weights are relative, and a small range keeps the
 /// round-robin schedule short.
 pub const MAX_BACKEND_WEIGHT: u32 = 1000;
@@ -53,7 +57,7 @@ pub struct Config {
     /// The admin listener (`/metrics`), if configured.
     pub admin: Option<Admin>,
     /// The sliding window latency statistics are read over.
-        pub stats: crate::core::stats::WindowConfig,
+    pub stats: crate::core::stats::WindowConfig,
     /// Whether connections record latency signals (`[stats] record`).
     pub record_latency: bool,
     pub groups: Vec<Group>,
@@ -139,6 +143,49 @@ pub struct Listener {
     pub connect_timeout: Duration,
     pub idle_timeout: Duration,
     pub connect_attempts: u32,
+    pub limits: Limits,
+    /// Close a client that sends nothing this long after connecting (a
+    /// slow-loris guard; leave unset for server-speaks-first protocols).
+    pub first_byte_timeout: Option<Duration>,
+    pub socket: SocketOptions,
+}
+
+/// Connection limits of a listener; past them new connections are closed
+/// at accept (established ones are never touched).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct Limits {
+    pub max_connections: Option<u32>,
+    pub max_connections_per_source: Option<u32>,
+}
+
+/// Per-listener socket options, applied to the listening socket (backlog)
+/// and to both sides of every proxied connection.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct SocketOptions {
+    pub backlog: u32,
+    pub nodelay: bool,
+    pub keepalive: Option<Keepalive>,
+    pub send_buffer: Option<u32>,
+    pub recv_buffer: Option<u32>,
+}
+
+impl Default for SocketOptions {
+    fn default() -> Self {
+        SocketOptions {
+            backlog: DEFAULT_BACKLOG,
+            nodelay: true,
+            keepalive: None,
+            send_buffer: None,
+            recv_buffer: None,
+        }
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Keepalive {
+    pub time: Duration,
+    pub interval: Duration,
+    pub count: u32,
 }
 
 /// A policy named by a listener, resolved to the file that defines it.
@@ -256,6 +303,28 @@ impl Config {
                 format!("; deny {}", acl(&l.acl.deny))
             };
             let _ = writeln!(out, "  allow    {allow}{deny}");
+            let lim = |v: Option<u32>| v.map_or("unlimited".to_string(), |n| n.to_string());
+            let first = l.first_byte_timeout.map_or("off".to_string(), ms);
+            let _ = writeln!(
+                out,
+                "  limits   {} connections, {} per source; first byte from client within: {first}",
+                lim(l.limits.max_connections),
+                lim(l.limits.max_connections_per_source)
+            );
+            let s = &l.socket;
+            let ka = s.keepalive.map_or("off".to_string(), |k| {
+                format!("after {} every {} x{}", ms(k.time), ms(k.interval), k.count)
+            });
+            let buf =
+                |v: Option<u32>| v.map_or("system default".to_string(), |n| format!("{n} bytes"));
+            let _ = writeln!(
+                out,
+                "  socket   backlog {}, nodelay {}, keepalive {ka}, send buffer {}, receive buffer {}",
+                s.backlog,
+                s.nodelay,
+                buf(s.send_buffer),
+                buf(s.recv_buffer)
+            );
             for (i, &g) in l.groups.iter().enumerate() {
                 let group = self.group(g);
                 let (role, share) = if i == 0 {

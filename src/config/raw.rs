@@ -47,7 +47,7 @@ pub struct RawAdmin {
 #[serde(deny_unknown_fields)]
 pub struct RawStats {
     pub window: Option<S<String>>,
-        pub sub_windows: Option<S<u32>>,
+    pub sub_windows: Option<S<u32>>,
     /// Record latency signals at all (default true); off only to measure
     /// what recording costs.
     pub record: Option<bool>,
@@ -124,4 +124,21 @@ pub struct RawListener {
     pub connect_timeout: Option<S<String>>,
     pub idle_timeout: Option<S<String>>,
     pub connect_attempts: Option<S<u32>>,
+    pub max_connections: Option<S<u32>>,
+    pub max_connections_per_source: Option<S<u32>>,
+    pub first_byte_timeout: Option<S<String>>,
+    pub backlog: Option<S<u32>>,
+    pub nodelay: Option<bool>,
+    pub keepalive: Option<S<RawKeepalive>>,
+    pub send_buffer: Option<S<u32>>,
+    pub recv_buffer: Option<S<u32>>,
+}
+
+/// TCP keepalive probes on both sides of a proxied connection.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawKeepalive {
+    pub time: Option<S<String>>,
+    pub interval: Option<S<String>>,
+    pub count: Option<S<u32>>,
 }

@@ -73,7 +73,7 @@ impl Validator<'_, '_> {
             .collect();
         self.conflicts(&raw.listeners, &listeners);
         let admin = raw.admin.as_ref().and_then(|a| self.admin(a, &listeners));
-                let stats = self.stats(raw.stats.as_ref());
+        let stats = self.stats(raw.stats.as_ref());
         let record_latency = raw.stats.as_ref().and_then(|s| s.record).unwrap_or(true);
         Config {
             path: self.path.to_path_buf(),
@@ -82,7 +82,7 @@ impl Validator<'_, '_> {
                 .audit_log
                 .as_ref()
                 .map(|p| self.path.parent().unwrap_or(Path::new(".")).join(p)),
-                        admin,
+            admin,
             stats,
             record_latency,
             groups,
@@ -387,6 +387,25 @@ impl Validator<'_, '_> {
                 DEFAULT_IDLE_TIMEOUT,
             ),
             connect_attempts: self.attempts(raw.connect_attempts.as_ref()),
+            limits: Limits {
+                max_connections: self.count(
+                    raw.max_connections.as_ref(),
+                    "max_connections",
+                    1,
+                    10_000_000,
+                ),
+                max_connections_per_source: self.count(
+                    raw.max_connections_per_source.as_ref(),
+                    "max_connections_per_source",
+                    1,
+                    10_000_000,
+                ),
+            },
+            first_byte_timeout: raw
+                .first_byte_timeout
+                .as_ref()
+                .map(|d| self.duration(Some(d), "first_byte_timeout", DEFAULT_CONNECT_TIMEOUT)),
+            socket: self.socket_options(raw),
             name,
             addrs: addrs.into_iter().map(|(a, _)| a).collect(),
             listen: raw
@@ -571,6 +590,45 @@ impl Validator<'_, '_> {
                 );
                 default
             }
+        }
+    }
+
+    /// An optional count within `min..=max`.
+    fn count(&mut self, raw: Option<&S<u32>>, key: &str, min: u32, max: u32) -> Option<u32> {
+        let n = raw?;
+        if !(min..=max).contains(n.get_ref()) {
+            self.rep.error(
+                n.span(),
+                format!("`{key}` is {}; it must be {min} to {max}", n.get_ref()),
+                None,
+            );
+            return None;
+        }
+        Some(*n.get_ref())
+    }
+
+    fn socket_options(&mut self, raw: &RawListener) -> SocketOptions {
+        let d = SocketOptions::default();
+        let keepalive = raw.keepalive.as_ref().map(|k| {
+            let k = k.get_ref();
+            let time = self.duration(k.time.as_ref(), "keepalive.time", Duration::from_secs(60));
+            let interval = self.duration(k.interval.as_ref(), "keepalive.interval", Duration::from_secs(10));
+            for (v, key) in [(time, "keepalive.time"), (interval, "keepalive.interval")] {
+                if v < Duration::from_secs(1) || v.subsec_nanos() != 0 {
+                    let span = if key.ends_with("time") { k.time.as_ref() } else { k.interval.as_ref() }.map_or(0..0, |s| s.span());
+                    self.rep.error(span, format!("`{key}` must be whole seconds, at least 1s (the kernel counts in seconds)"), None);
+                }
+            }
+            Keepalive { time, interval, count: self.count(k.count.as_ref(), "keepalive.count", 1, 127).unwrap_or(6) }
+        });
+        SocketOptions {
+            backlog: self
+                .count(raw.backlog.as_ref(), "backlog", 1, 65_535)
+                .unwrap_or(d.backlog),
+            nodelay: raw.nodelay.unwrap_or(d.nodelay),
+            keepalive,
+            send_buffer: self.count(raw.send_buffer.as_ref(), "send_buffer", 4096, 64 << 20),
+            recv_buffer: self.count(raw.recv_buffer.as_ref(), "recv_buffer", 4096, 64 << 20),
         }
     }
 

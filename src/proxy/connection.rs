@@ -3,7 +3,8 @@
 
 use super::copy;
 use super::outcome::{ConnectFailure, End};
-use super::state::ListenerState;
+use super::state::{ListenerState, SourceSlot};
+use crate::config::SocketOptions;
 use crate::core::routes::{Attempt, GroupRoutes};
 use crate::core::stats::Signal;
 use crate::core::turns::Turn;
@@ -16,9 +17,24 @@ use std::time::Duration;
 use tokio::net::TcpStream;
 use tracing::debug;
 
-pub async fn handle(state: Arc<ListenerState>, mut client: TcpStream) {
+pub async fn handle(state: Arc<ListenerState>, mut client: TcpStream, _source: Option<SourceSlot>) {
     let _active = state.outcomes.active_guard();
     let arrived = state.clock.now();
+    apply_socket_options(&client, &state.socket);
+    if let Some(limit) = state.first_byte_timeout {
+        // Slow-loris guard: a client that says nothing gets no upstream
+        // connection and is closed.
+        let mut byte = [0u8; 1];
+        match tokio::time::timeout(limit, client.peek(&mut byte)).await {
+            Ok(Ok(n)) if n > 0 => {}
+            Ok(_) => return,
+            Err(_) => {
+                state.listener_metrics.first_byte_timeout.increment(1);
+                debug!(listener = %state.name, ?limit, "client sent nothing; closing");
+                return;
+            }
+        }
+    }
     let (table, plan) = state.router.plan_next(state.connect_attempts);
     let Some((attempt, mut upstream, connect)) = connect_first(&state, &table.groups, &plan).await
     else {
@@ -42,15 +58,14 @@ pub async fn handle(state: Arc<ListenerState>, mut client: TcpStream) {
         return;
     };
     state.outcomes.connected();
-    let _ = client.set_nodelay(true);
-    let _ = upstream.set_nodelay(true);
+    apply_socket_options(&upstream, &state.socket);
     let _tracked = table.groups[attempt.group].track(attempt.backend);
     let metrics = &state.metrics[attempt.group][attempt.backend];
     let stats = &state.stats[attempt.group].backends[attempt.backend];
     metrics.connections.increment(1);
     metrics.active.increment(1.0);
     let first_byte_us = AtomicU64::new(0);
-        let record = state.record_latency;
+    let record = state.record_latency;
     let on_turn = |turn: Turn, now: Duration| {
         if !record {
             return;
@@ -118,21 +133,29 @@ async fn connect_first(
         let stats = &state.stats[attempt.group].backends[attempt.backend];
         let metrics = &state.metrics[attempt.group][attempt.backend];
         let started = state.clock.now();
-        let failure = match tokio::time::timeout(state.connect_timeout, TcpStream::connect(addr))
-            .await
-        {
-            Ok(Ok(stream)) => {
-                                let now = state.clock.now();
-                if state.record_latency {
-                    stats.record(Signal::Connect, now, now - started);
-                    metrics.latency(Signal::Connect, now - started);
+        let failure =
+            match tokio::time::timeout(state.connect_timeout, TcpStream::connect(addr)).await {
+                Ok(Ok(stream)) => {
+                    let now = state.clock.now();
+                    if state.record_latency {
+                        stats.record(Signal::Connect, now, now - started);
+                        metrics.latency(Signal::Connect, now - started);
+                    }
+                    return Some((attempt, stream, now - started));
                 }
-                return Some((attempt, stream, now - started));
-            }
-            Ok(Err(e)) if e.kind() == io::ErrorKind::ConnectionRefused => ConnectFailure::Refused,
-            Ok(Err(_)) => ConnectFailure::Other,
-            Err(_) => ConnectFailure::Timeout,
-        };
+                Ok(Err(e)) => {
+                    crate::telemetry::connect_errno(&state.name, crate::telemetry::errno_name(&e));
+                    if e.kind() == io::ErrorKind::ConnectionRefused {
+                        ConnectFailure::Refused
+                    } else {
+                        ConnectFailure::Other
+                    }
+                }
+                Err(_) => {
+                    crate::telemetry::connect_errno(&state.name, "timeout");
+                    ConnectFailure::Timeout
+                }
+            };
         stats.record_error(Signal::Connect, state.clock.now());
         metrics.error(match failure {
             ConnectFailure::Refused => ErrorKind::ConnectRefused,
@@ -146,4 +169,30 @@ async fn connect_first(
         debug!(listener = %state.name, backend = %addr, ?failure, "upstream connect failed");
     }
     None
+}
+
+/// The listener's socket options, on one side of a proxied connection.
+/// A refused option (e.g. a buffer size above the system cap) is logged,
+/// never fatal: the connection works with the system's default.
+fn apply_socket_options(stream: &TcpStream, o: &SocketOptions) {
+    let sock = socket2::SockRef::from(stream);
+    let mut results = vec![("nodelay", sock.set_tcp_nodelay(o.nodelay))];
+    if let Some(k) = o.keepalive {
+        let params = socket2::TcpKeepalive::new()
+            .with_time(k.time)
+            .with_interval(k.interval)
+            .with_retries(k.count);
+        results.push(("keepalive", sock.set_tcp_keepalive(&params)));
+    }
+    if let Some(n) = o.send_buffer {
+        results.push(("send_buffer", sock.set_send_buffer_size(n as usize)));
+    }
+    if let Some(n) = o.recv_buffer {
+        results.push(("recv_buffer", sock.set_recv_buffer_size(n as usize)));
+    }
+    for (option, r) in results {
+        if let Err(e) = r {
+            debug!(option, error = %e, "socket option not applied");
+        }
+    }
 }

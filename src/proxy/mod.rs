@@ -32,7 +32,7 @@ use tracing::{info, warn};
 
 /// Accept queue length: the kernel's default cap (somaxconn) on current
 /// Linux, so bursts of new connections queue rather than get dropped.
-pub const LISTEN_BACKLOG: i32 = 4096;
+pub const LISTEN_BACKLOG: u32 = crate::config::DEFAULT_BACKLOG;
 /// Why the proxy could not start; nothing was left running.
 #[derive(Debug, thiserror::Error)]
 pub enum StartError {
@@ -109,12 +109,14 @@ impl Proxy {
         };
         let admin = match &config.admin {
             None => None,
-            Some(a) => Some(bind_one(a.listen).map_err(|source| BindError {
-                listener: "admin".into(),
-                addr: a.listen,
-                port: a.listen.port(),
-                source,
-            })?),
+            Some(a) => Some(
+                bind_one(a.listen, LISTEN_BACKLOG).map_err(|source| BindError {
+                    listener: "admin".into(),
+                    addr: a.listen,
+                    port: a.listen.port(),
+                    source,
+                })?,
+            ),
         };
         let shared = Arc::new(Shared::bind(config, token)?);
         Ok(Proxy { shared, admin })
@@ -227,7 +229,7 @@ impl ProxyHandle {
     }
 }
 
-pub(crate) fn bind_one(addr: SocketAddr) -> io::Result<TcpListener> {
+pub(crate) fn bind_one(addr: SocketAddr, backlog: u32) -> io::Result<TcpListener> {
     let socket = Socket::new(Domain::for_address(addr), Type::STREAM, Some(Protocol::TCP))?;
     if addr.is_ipv6() {
         // `[::]` and `0.0.0.0` are separate listeners, as validation assumes.
@@ -237,6 +239,6 @@ pub(crate) fn bind_one(addr: SocketAddr) -> io::Result<TcpListener> {
     socket.set_reuse_address(true)?;
     socket.set_nonblocking(true)?;
     socket.bind(&addr.into())?;
-    socket.listen(LISTEN_BACKLOG)?;
+    socket.listen(backlog.min(i32::MAX as u32) as i32)?;
     TcpListener::from_std(socket.into())
 }

@@ -70,6 +70,11 @@ impl Outcomes {
     pub fn accepted(&self) {
         self.accepted.fetch_add(1, Relaxed);
     }
+    /// Client connections open right now.
+    pub fn active(&self) -> u64 {
+        self.active.load(Relaxed)
+    }
+
     pub fn denied(&self) {
         self.denied.fetch_add(1, Relaxed);
     }

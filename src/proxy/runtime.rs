@@ -113,7 +113,7 @@ impl Shared {
         let mut bound: HashMap<SocketAddr, Vec<TcpListener>> = HashMap::new();
         for l in &config.listeners {
             for &addr in &l.addrs {
-                let socket = bind_one(addr).map_err(|source| BindError {
+                let socket = bind_one(addr, l.socket.backlog).map_err(|source| BindError {
                     listener: l.name.clone(),
                     addr,
                     port: addr.port(),
@@ -297,7 +297,7 @@ impl Shared {
                 match handed_over.get_mut(&addr) {
                     Some(n) if *n > 0 => *n -= 1,
                     _ => {
-                        let socket = bind_one(addr).map_err(|source| {
+                        let socket = bind_one(addr, l.socket.backlog).map_err(|source| {
                             BindError {
                                 listener: l.name.clone(),
                                 addr,
@@ -383,6 +383,10 @@ fn new_running(
                 .get_mut(&configured)
                 .and_then(Vec::pop)
                 .expect("every address of the listener was bound or handed over");
+            // A handed-over socket takes the new backlog: listen() again
+            // only resizes the queue of a listening socket.
+            let _ = socket2::SockRef::from(&socket)
+                .listen(l.socket.backlog.min(i32::MAX as u32) as i32);
             let local = socket.local_addr().unwrap_or(configured);
             BoundSocket {
                 configured,
@@ -428,17 +432,19 @@ async fn accept_loop(
             r = listener.accept() => r,
         };
         match accepted {
-            Ok((client, peer)) => {
-                if !state.acl.admits(peer.ip()) {
-                    state.outcomes.denied();
-                    state.listener_metrics.denied.increment(1);
-                    tracing::debug!(listener = %state.name, %peer, "source denied by acl");
-                    continue;
+            Ok((client, peer)) => match state.admit(peer.ip()) {
+                Ok(slot) => {
+                    state.outcomes.accepted();
+                    state.listener_metrics.accepted.increment(1);
+                    conns.spawn(connection::handle(Arc::clone(&state), client, slot));
                 }
-                state.outcomes.accepted();
-                state.listener_metrics.accepted.increment(1);
-                conns.spawn(connection::handle(Arc::clone(&state), client));
-            }
+                Err(reason) => {
+                    // Closed here, before any backend is touched.
+                    drop(client);
+                    state.outcomes.denied();
+                    state.note_denied(peer, reason);
+                }
+            },
             Err(e) => {
                 // EMFILE/ENFILE and friends: the listener survives, backs off.
                 state.outcomes.accept_error();

@@ -3,11 +3,13 @@
 
 use super::control::RecentDecisions;
 use super::outcome::Outcomes;
-use crate::config::{Acl, Config, Listener, Probe};
+use crate::config::{Acl, Config, Limits, Listener, Probe, SocketOptions};
 use crate::core::policy::{GroupInput, Policy};
 use crate::core::routes::{GroupRoutes, Router, Weights, WeightsError};
 use crate::core::stats::{GroupStats, Signal, Snapshot};
 use crate::telemetry::{BackendMetrics, ListenerMetrics, RouteMetrics};
+use std::collections::HashMap;
+use std::net::{IpAddr, SocketAddr};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering::Relaxed};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
@@ -54,7 +56,7 @@ pub struct ListenerState {
     pub(super) acl: Acl,
     pub(super) connect_timeout: Duration,
     pub(super) idle_timeout: Duration,
-        pub(super) connect_attempts: usize,
+    pub(super) connect_attempts: usize,
     /// `[stats] record`: off skips every latency sample on the data path.
     pub(super) record_latency: bool,
     /// An operator's pinned weights; while set, the policy is suspended.
@@ -66,6 +68,43 @@ pub struct ListenerState {
     /// Bumped by every pin and release, so the policy loop knows to take
     /// the weights in force as its own again.
     steering: AtomicU64,
+    pub(super) limits: Limits,
+    pub(super) first_byte_timeout: Option<Duration>,
+    pub(super) socket: SocketOptions,
+    /// Open connections per source address, kept only with a per-source
+    /// limit.
+    sources: Mutex<HashMap<IpAddr, u32>>,
+    /// When a refused connection was last logged (whole seconds of uptime),
+    /// so a flood is logged once a second, not once a connection.
+    last_denied_log: AtomicU64,
+}
+
+/// Why a connection was closed at accept.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Denied {
+    Acl,
+    MaxConnections,
+    MaxPerSource,
+}
+
+/// Holds a source address's place under the per-source limit until the
+/// connection ends.
+#[derive(Debug)]
+pub struct SourceSlot {
+    state: Arc<ListenerState>,
+    ip: IpAddr,
+}
+
+impl Drop for SourceSlot {
+    fn drop(&mut self) {
+        let mut m = self.state.sources.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some(n) = m.get_mut(&self.ip) {
+            *n -= 1;
+            if *n == 0 {
+                m.remove(&self.ip);
+            }
+        }
+    }
 }
 
 /// One group's windowed view, for the policy loop, tests and status.
@@ -125,12 +164,62 @@ impl ListenerState {
             acl: l.acl.clone(),
             connect_timeout: l.connect_timeout,
             idle_timeout: l.idle_timeout,
-                        connect_attempts: l.connect_attempts as usize,
+            connect_attempts: l.connect_attempts as usize,
             record_latency: config.record_latency,
             pin: Mutex::new(None),
             paused: AtomicBool::new(false),
             trace,
+            limits: l.limits,
+            first_byte_timeout: l.first_byte_timeout,
+            socket: l.socket,
+            sources: Mutex::new(HashMap::new()),
+            last_denied_log: AtomicU64::new(u64::MAX),
             steering: AtomicU64::new(0),
+        }
+    }
+
+    /// Decides at accept: the ACL, then the listener's and the source's
+    /// connection limits. Established connections are never affected.
+    pub(super) fn admit(self: &Arc<Self>, ip: IpAddr) -> Result<Option<SourceSlot>, Denied> {
+        if !self.acl.admits(ip) {
+            return Err(Denied::Acl);
+        }
+        if self
+            .limits
+            .max_connections
+            .is_some_and(|max| self.outcomes.active() >= u64::from(max))
+        {
+            return Err(Denied::MaxConnections);
+        }
+        let Some(max) = self.limits.max_connections_per_source else {
+            return Ok(None);
+        };
+        let mut m = self.sources.lock().unwrap_or_else(|p| p.into_inner());
+        let n = m.entry(ip).or_insert(0);
+        if *n >= max {
+            return Err(Denied::MaxPerSource);
+        }
+        *n += 1;
+        Ok(Some(SourceSlot {
+            state: Arc::clone(self),
+            ip,
+        }))
+    }
+
+    /// Counts a refused connection and logs it, at most once a second.
+    pub(super) fn note_denied(&self, peer: SocketAddr, why: Denied) {
+        let (counter, reason) = match why {
+            Denied::Acl => (&self.listener_metrics.denied_acl, "acl"),
+            Denied::MaxConnections => (&self.listener_metrics.denied_max, "max_connections"),
+            Denied::MaxPerSource => (
+                &self.listener_metrics.denied_per_source,
+                "max_connections_per_source",
+            ),
+        };
+        counter.increment(1);
+        let second = self.clock.now().as_secs();
+        if self.last_denied_log.swap(second, Relaxed) != second {
+            tracing::warn!(listener = %self.name, %peer, reason, "connection refused at accept (logged at most once a second)");
         }
     }
 

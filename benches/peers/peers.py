@@ -1,0 +1,422 @@
+#!/usr/bin/env python3
+"""Helpers for benches/peers.sh (stdlib only).
+
+Subcommands:
+  parse-wrk FILE          -> "rps p50_ms p99_ms errors"
+  parse-iperf FILE        -> Gbit/s received
+  parse-redis FILE        -> one "TEST rps" line per redis-benchmark test
+  check-http PORT WANT    -> exit 0 if GET / through PORT returns a body containing WANT
+  check-redis PORT        -> exit 0 if PING through PORT answers +PONG
+  sink PORT STATUS        -> accept and hold connections, echo what they send;
+                             writes "<accepted> <echoed_bytes>" to STATUS
+  hold PORT N STATUS      -> open N connections to PORT and keep them idle;
+                             SIGUSR1: send 64 bytes on each and read the echo;
+                             writes "connected <n>" / "exchanged <n>" to STATUS
+  rss PID                 -> VmRSS of PID in bytes
+  report RAW.tsv META.json OUT.json [LATEST.json]
+                          -> print the table, write the JSON
+"""
+import json
+import math
+import os
+import re
+import selectors
+import signal
+import socket
+import statistics
+import sys
+import time
+
+# ---------------------------------------------------------------- parsing
+
+
+def _ms(tok):
+    m = re.fullmatch(r"([0-9.]+)(us|ms|s|m)", tok)
+    if not m:
+        return float("nan")
+    v, u = float(m.group(1)), m.group(2)
+    return {"us": v / 1000.0, "ms": v, "s": v * 1000.0, "m": v * 60000.0}[u]
+
+
+def parse_wrk(path):
+    txt = open(path, errors="replace").read()
+    rps = p50 = p99 = float("nan")
+    errors = 0
+    m = re.search(r"Requests/sec:\s+([0-9.]+)", txt)
+    if m:
+        rps = float(m.group(1))
+    m = re.search(r"^\s+50(?:\.000)?%\s+(\S+)", txt, re.M)
+    if m:
+        p50 = _ms(m.group(1))
+    m = re.search(r"^\s+99(?:\.000)?%\s+(\S+)", txt, re.M)
+    if m:
+        p99 = _ms(m.group(1))
+    m = re.search(r"Socket errors: connect (\d+), read (\d+), write (\d+), timeout (\d+)", txt)
+    if m:
+        errors += sum(int(x) for x in m.groups())
+    m = re.search(r"Non-2xx or 3xx responses: (\d+)", txt)
+    if m:
+        errors += int(m.group(1))
+    print(f"{rps} {p50} {p99} {errors}")
+
+
+def parse_iperf(path):
+    try:
+        d = json.load(open(path))
+        bps = d["end"]["sum_received"]["bits_per_second"]
+        print(f"{bps / 1e9:.4f}")
+    except Exception:  # noqa: BLE001 - a failed run is reported as nan
+        print("nan")
+
+
+def parse_redis(path):
+    # redis-benchmark --csv: "test","rps","avg_latency_ms",...
+    for line in open(path, errors="replace"):
+        parts = [p.strip().strip('"') for p in line.strip().split(",")]
+        if len(parts) >= 2 and parts[0] and parts[0] != "test":
+            try:
+                print(f"{parts[0].split()[0]} {float(parts[1])}")
+            except ValueError:
+                pass
+
+
+# ---------------------------------------------------------------- checks
+
+
+def check_http(port, want):
+    try:
+        s = socket.create_connection(("127.0.0.1", int(port)), timeout=3)
+        s.sendall(b"GET / HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+        data = b""
+        while True:
+            b = s.recv(4096)
+            if not b:
+                break
+            data += b
+        ok = b" 200 " in data.split(b"\r\n", 1)[0] and want.encode() in data
+    except OSError as e:
+        print(f"check-http {port}: {e}", file=sys.stderr)
+        ok = False
+    sys.exit(0 if ok else 1)
+
+
+def check_redis(port):
+    try:
+        s = socket.create_connection(("127.0.0.1", int(port)), timeout=3)
+        s.sendall(b"PING\r\n")
+        ok = s.recv(64).startswith(b"+PONG")
+    except OSError as e:
+        print(f"check-redis {port}: {e}", file=sys.stderr)
+        ok = False
+    sys.exit(0 if ok else 1)
+
+
+# ---------------------------------------------------------------- idle connections
+
+
+def _write_status(path, text):
+    tmp = path + ".tmp"
+    with open(tmp, "w") as f:
+        f.write(text + "\n")
+    os.replace(tmp, path)
+
+
+def sink(port, status):
+    """Upstream end of the idle connections: accept, hold, echo."""
+    ls = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    ls.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    ls.bind(("127.0.0.1", int(port)))
+    ls.listen(4096)
+    ls.setblocking(False)
+    sel = selectors.DefaultSelector()
+    sel.register(ls, selectors.EVENT_READ, None)
+    accepted = echoed = 0
+    last = None
+    stop = []
+    signal.signal(signal.SIGTERM, lambda *_: stop.append(1))
+    while not stop:
+        for key, _ in sel.select(timeout=0.1):
+            if key.data is None:
+                while True:
+                    try:
+                        c, _ = ls.accept()
+                    except (BlockingIOError, InterruptedError):
+                        break
+                    c.setblocking(False)
+                    sel.register(c, selectors.EVENT_READ, 1)
+                    accepted += 1
+            else:
+                c = key.fileobj
+                try:
+                    b = c.recv(65536)
+                except (BlockingIOError, InterruptedError):
+                    continue
+                except OSError:
+                    b = b""
+                if not b:
+                    sel.unregister(c)
+                    c.close()
+                    continue
+                c.sendall(b)
+                echoed += len(b)
+        now = (accepted, echoed)
+        if now != last:
+            _write_status(status, f"{accepted} {echoed}")
+            last = now
+
+
+def hold(port, n, status):
+    """Client end: N idle connections through the proxy."""
+    n = int(n)
+    socks = []
+    deadline = time.time() + 120
+    while len(socks) < n and time.time() < deadline:
+        try:
+            s = socket.create_connection(("127.0.0.1", int(port)), timeout=10)
+        except OSError as e:
+            print(f"hold: connect {len(socks)}: {e}", file=sys.stderr)
+            time.sleep(0.05)
+            continue
+        socks.append(s)
+    _write_status(status, f"connected {len(socks)}")
+    go = []
+    signal.signal(signal.SIGUSR1, lambda *_: go.append(1))
+    stop = []
+    signal.signal(signal.SIGTERM, lambda *_: stop.append(1))
+    while not go and not stop:
+        time.sleep(0.05)
+    if stop:
+        return
+    msg = b"x" * 64
+    for s in socks:
+        s.settimeout(10)
+        try:
+            s.sendall(msg)
+        except OSError:
+            pass
+    sel = selectors.DefaultSelector()
+    need = {}
+    for s in socks:
+        s.setblocking(False)
+        sel.register(s, selectors.EVENT_READ)
+        need[s] = len(msg)
+    done = 0
+    deadline = time.time() + 60
+    while need and time.time() < deadline and not stop:
+        for key, _ in sel.select(timeout=0.2):
+            s = key.fileobj
+            try:
+                b = s.recv(4096)
+            except (BlockingIOError, InterruptedError):
+                continue
+            except OSError:
+                b = b""
+            if not b:
+                sel.unregister(s)
+                del need[s]
+                continue
+            need[s] -= len(b)
+            if need[s] <= 0:
+                sel.unregister(s)
+                del need[s]
+                done += 1
+    _write_status(status, f"exchanged {done}")
+    while not stop:
+        time.sleep(0.1)
+
+
+def rss(pid):
+    for line in open(f"/proc/{pid}/status"):
+        if line.startswith("VmRSS:"):
+            print(int(line.split()[1]) * 1024)
+            return
+    print("nan")
+
+
+# ---------------------------------------------------------------- report
+
+PROXIES = ["portshift", "haproxy", "nginx"]
+
+# key -> (label, unit, better, decimals)
+METRICS = {
+    "iperf1": ("bulk throughput, iperf3 1 stream", "Gbit/s", "higher", 2),
+    "iperf8": ("bulk throughput, iperf3 8 streams", "Gbit/s", "higher", 2),
+    "ka_rps": ("HTTP keep-alive, wrk", "req/s", "higher", 0),
+    "ka_p50": ("HTTP keep-alive, wrk p50 latency", "ms", "lower", 3),
+    "ka_p99": ("HTTP keep-alive, wrk p99 latency", "ms", "lower", 3),
+    "close_rps": ("new connections, wrk Connection: close", "conn/s", "higher", 0),
+    "close_p99": ("new connections, wrk p99 latency", "ms", "lower", 3),
+    "redis_SET": ("redis-benchmark SET", "req/s", "higher", 0),
+    "redis_GET": ("redis-benchmark GET", "req/s", "higher", 0),
+    "redis_SET_P16": ("redis-benchmark SET -P 16", "req/s", "higher", 0),
+    "redis_GET_P16": ("redis-benchmark GET -P 16", "req/s", "higher", 0),
+    "rss_base": ("RSS at start, no connections", "KiB", "lower", 0),
+    "mem_fresh": ("memory per idle conn (never used)", "B/conn", "lower", 0),
+    "mem_used": ("memory per idle conn (after 64 B echo)", "B/conn", "lower", 0),
+}
+ERR_KEYS = {"ka_err": "ka_rps", "close_err": "close_rps"}
+
+
+def _median(xs):
+    xs = [x for x in xs if x is not None and not math.isnan(x)]
+    return statistics.median(xs) if xs else float("nan")
+
+
+def _fmt(v, dec):
+    if v is None or (isinstance(v, float) and math.isnan(v)):
+        return "n/a"
+    if dec == 0:
+        return f"{v:,.0f}"
+    return f"{v:,.{dec}f}"
+
+
+def _ratio(a, b):
+    if a is None or b is None or math.isnan(a) or math.isnan(b) or b == 0:
+        return float("nan")
+    return a / b
+
+
+def report(raw_path, meta_path, out_path, latest_path=None):
+    meta = json.load(open(meta_path))
+    samples = {}  # (layout, key, proxy) -> [values]
+    for line in open(raw_path):
+        parts = line.rstrip("\n").split("\t")
+        if len(parts) != 5:
+            continue
+        layout, key, proxy, _rnd, val = parts
+        try:
+            v = float(val)
+        except ValueError:
+            v = float("nan")
+        samples.setdefault((layout, key, proxy), []).append(v)
+
+    layouts = [l for l in meta.get("layouts", []) if any(k[0] == l for k in samples)]
+    if any(k[0] == "A*" for k in samples):
+        pass
+    rows = []
+    order = sorted({k[0] for k in samples}, key=lambda l: (l not in layouts, l))
+    for layout in order:
+        for key, (label, unit, better, dec) in METRICS.items():
+            if not any((layout, key, p) in samples for p in PROXIES):
+                continue
+            med = {p: _median(samples.get((layout, key, p), [])) for p in PROXIES}
+            row = {
+                "metric": key,
+                "label": label,
+                "layout": layout,
+                "unit": unit,
+                "better": better,
+                **{p: (None if math.isnan(med[p]) else med[p]) for p in PROXIES},
+                "portshift/haproxy": None,
+                "portshift/nginx": None,
+                "samples": {p: samples.get((layout, key, p), []) for p in PROXIES},
+            }
+            for peer in ("haproxy", "nginx"):
+                r = _ratio(med["portshift"], med[peer])
+                row[f"portshift/{peer}"] = None if math.isnan(r) else r
+            ek = [e for e, k in ERR_KEYS.items() if k == key]
+            if ek:
+                row["errors"] = {
+                    p: sum(x for x in samples.get((layout, ek[0], p), []) if not math.isnan(x))
+                    for p in PROXIES
+                }
+            rows.append(row)
+
+    tele = []
+    for layout in order:
+        on = samples.get((layout, "tele_rps", "record_on"), [])
+        off = samples.get((layout, "tele_rps", "record_off"), [])
+        if not on and not off:
+            continue
+        mon, moff = _median(on), _median(off)
+        cost = (moff - mon) / moff * 100.0 if moff and not math.isnan(moff) and not math.isnan(mon) else float("nan")
+        tele.append({
+            "layout": layout,
+            "record_on_rps": None if math.isnan(mon) else mon,
+            "record_off_rps": None if math.isnan(moff) else moff,
+            "cost_percent": None if math.isnan(cost) else cost,
+            "samples": {"record_on": on, "record_off": off},
+        })
+
+    # ---- table
+    hdr = ["metric", "layout", "unit", "better", "portshift", "haproxy", "nginx",
+           "ps/haproxy", "ps/nginx"]
+    lines = []
+    for r in rows:
+        dec = METRICS[r["metric"]][3]
+        label = r["label"]
+        errs = r.get("errors")
+        if errs and any(errs.values()):
+            label += " [errors: " + "/".join(f"{int(errs[p])}" for p in PROXIES) + "]"
+        lines.append([label, r["layout"], r["unit"], r["better"],
+                      _fmt(r["portshift"], dec), _fmt(r["haproxy"], dec), _fmt(r["nginx"], dec),
+                      _fmt(r["portshift/haproxy"], 2), _fmt(r["portshift/nginx"], 2)])
+    for t in tele:
+        lines.append(["portshift telemetry: record=true", t["layout"], "req/s", "higher",
+                      _fmt(t["record_on_rps"], 0), "-", "-", "-", "-"])
+        lines.append(["portshift telemetry: record=false", t["layout"], "req/s", "higher",
+                      _fmt(t["record_off_rps"], 0), "-", "-", "-", "-"])
+        lines.append(["portshift telemetry cost (off-on)/off", t["layout"], "%", "lower",
+                      _fmt(t["cost_percent"], 1), "-", "-", "-", "-"])
+    widths = [max(len(str(x[i])) for x in lines + [hdr]) for i in range(len(hdr))]
+    right = {4, 5, 6, 7, 8}
+
+    def fmtrow(x):
+        return "  ".join(str(c).rjust(widths[i]) if i in right else str(c).ljust(widths[i])
+                         for i, c in enumerate(x))
+
+    print()
+    print(f"portshift vs haproxy vs nginx — {meta.get('mode')} run, {meta.get('rounds')} round(s), "
+          f"medians; {meta.get('timestamp')}")
+    print(f"host: {meta.get('host', {}).get('cpu')}, nproc {meta.get('host', {}).get('nproc')}, "
+          f"kernel {meta.get('host', {}).get('kernel')}")
+    for k, v in meta.get("layout_desc", {}).items():
+        print(f"layout {k}: {v}")
+    print(f"HTTP backend: {meta.get('http_backend')}; idle conns for memory: {meta.get('mem_conns')}")
+    print()
+    print(fmtrow(hdr))
+    print("  ".join("-" * w for w in widths))
+    for x in lines:
+        print(fmtrow(x))
+    print()
+    print("ratios are portshift/peer: for 'higher' rows >1 means portshift is better, "
+          "for 'lower' rows <1 means portshift is better.")
+    for n in meta.get("notes", []):
+        print("note: " + n)
+    if meta.get("failures"):
+        print("FAILURES: " + "; ".join(meta["failures"]))
+
+    out = {"meta": meta, "results": rows, "telemetry": tele}
+    with open(out_path, "w") as f:
+        json.dump(out, f, indent=2)
+        f.write("\n")
+    if latest_path:
+        with open(latest_path, "w") as f:
+            json.dump(out, f, indent=2)
+            f.write("\n")
+
+
+def main():
+    if len(sys.argv) < 2:
+        print(__doc__)
+        sys.exit(2)
+    cmd, args = sys.argv[1], sys.argv[2:]
+    fn = {
+        "parse-wrk": parse_wrk,
+        "parse-iperf": parse_iperf,
+        "parse-redis": parse_redis,
+        "check-http": check_http,
+        "check-redis": check_redis,
+        "sink": sink,
+        "hold": hold,
+        "rss": rss,
+        "report": report,
+    }.get(cmd)
+    if fn is None:
+        print(__doc__)
+        sys.exit(2)
+    fn(*args)
+
+
+if __name__ == "__main__":
+    main()
