@@ -39,6 +39,8 @@ pub struct BackendHandle {
     delay_us: Arc<AtomicU64>,
     replies: Arc<AtomicU64>,
     stop: CancellationToken,
+    /// Stops accepting only; open connections carry on.
+    stop_accepting: CancellationToken,
     tasks: TaskTracker,
 }
 
@@ -55,6 +57,14 @@ impl BackendHandle {
     /// Replies sent so far (echo chunks or HTTP responses).
     pub fn replies(&self) -> u64 {
         self.replies.load(Relaxed)
+    }
+
+    /// Closes the listening socket (new connects are refused) and waits
+    /// for open connections to finish: a graceful stop.
+    pub async fn stop_gracefully(&self) {
+        self.stop_accepting.cancel();
+        self.tasks.close();
+        self.tasks.wait().await;
     }
 
     /// Stops accepting and closes every open connection, like a crash: new
@@ -74,6 +84,7 @@ pub async fn spawn(addr: SocketAddr, opts: BackendOpts) -> io::Result<BackendHan
         delay_us: Arc::new(AtomicU64::new(opts.delay.as_micros() as u64)),
         replies: Arc::new(AtomicU64::new(0)),
         stop: CancellationToken::new(),
+        stop_accepting: CancellationToken::new(),
         tasks: TaskTracker::new(),
     };
     let h = handle.clone();
@@ -82,6 +93,7 @@ pub async fn spawn(addr: SocketAddr, opts: BackendOpts) -> io::Result<BackendHan
         loop {
             let (sock, _) = tokio::select! {
                 () = h.stop.cancelled() => return,
+                () = h.stop_accepting.cancelled() => return,
                 r = listener.accept() => match r {
                     Ok(x) => x,
                     Err(_) => { tokio::time::sleep(Duration::from_millis(20)).await; continue; }

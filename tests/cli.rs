@@ -184,6 +184,31 @@ fn bad_configs_name_line_problem_and_fix() {
         ],
     );
     check_case(
+        "zero connection limit",
+        &format!("{GOOD}max_connections = 0\n"),
+        &["portshift.toml:17:19: error: `max_connections` is 0; it must be 1 to 10000000"],
+    );
+    check_case(
+        "backlog out of range",
+        &format!("{GOOD}backlog = 100000\n"),
+        &["`backlog` is 100000; it must be 1 to 65535"],
+    );
+    check_case(
+        "sub-second keepalive",
+        &format!("{GOOD}keepalive = {{ time = \"500ms\" }}\n"),
+        &["`keepalive.time` must be whole seconds, at least 1s"],
+    );
+    check_case(
+        "tiny socket buffer",
+        &format!("{GOOD}send_buffer = 100\n"),
+        &["`send_buffer` is 100; it must be 4096 to 67108864"],
+    );
+    check_case(
+        "non-loopback admin without token",
+        &format!("[admin]\nlisten = \"0.0.0.0:9900\"\n{GOOD}"),
+        &["admin: 0.0.0.0:9900 is not a loopback address and no token is configured"],
+    );
+    check_case(
         "unknown top-level key",
         &format!("listners = []\n{GOOD}"),
         &[

@@ -168,9 +168,13 @@ def sink(port, status):
 def hold(port, n, status):
     """Client end: N idle connections through the proxy."""
     n = int(n)
+    go = []
+    stop = []
+    signal.signal(signal.SIGUSR1, lambda *_: go.append(1))
+    signal.signal(signal.SIGTERM, lambda *_: stop.append(1))
     socks = []
     deadline = time.time() + 120
-    while len(socks) < n and time.time() < deadline:
+    while len(socks) < n and time.time() < deadline and not stop:
         try:
             s = socket.create_connection(("127.0.0.1", int(port)), timeout=10)
         except OSError as e:
@@ -179,10 +183,6 @@ def hold(port, n, status):
             continue
         socks.append(s)
     _write_status(status, f"connected {len(socks)}")
-    go = []
-    signal.signal(signal.SIGUSR1, lambda *_: go.append(1))
-    stop = []
-    signal.signal(signal.SIGTERM, lambda *_: stop.append(1))
     while not go and not stop:
         time.sleep(0.05)
     if stop:
@@ -291,8 +291,6 @@ def report(raw_path, meta_path, out_path, latest_path=None):
         samples.setdefault((layout, key, proxy), []).append(v)
 
     layouts = [l for l in meta.get("layouts", []) if any(k[0] == l for k in samples)]
-    if any(k[0] == "A*" for k in samples):
-        pass
     rows = []
     order = sorted({k[0] for k in samples}, key=lambda l: (l not in layouts, l))
     for layout in order:

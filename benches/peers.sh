@@ -1,0 +1,563 @@
+#!/usr/bin/env bash
+# benches/peers.sh: portshift side by side with HAProxy (mode tcp) and nginx
+# (stream module), on loopback only. See benches/peers/README.md.
+#
+#   bash benches/peers.sh            full run: 5 s per measurement, 3 rounds, layouts A and B
+#   bash benches/peers.sh --smoke    a quick end-to-end check for CI (numbers never fail it)
+#
+# Exit codes: 0 ok; 1 a proxy or backend failed to start or to forward;
+# 2 bad usage or missing binary; 3 a measurement tool failed to run.
+set -uo pipefail
+
+usage() {
+	cat <<'EOF'
+usage: bash benches/peers.sh [--smoke] [--layout A|B|AB] [--duration SECS] [--rounds N]
+                             [--conns N] [--keep-work]
+  --smoke        tiny durations, one round, few idle connections (CI); exit 0 if the tools ran
+  --layout L     A: proxy alone on CPU 1, load generators and backends on CPU 0
+                 B: everything on CPU 0                     (default: AB; smoke: B)
+  --duration S   seconds per wrk/iperf3 measurement         (default 5; smoke 1)
+  --rounds N     interleaved rounds                         (default 3; smoke 1)
+  --conns N      idle connections for the memory figure     (default 10000, capped by the fd limit)
+  --keep-work    keep the temp dir (configs, logs, raw outputs) for inspection
+env: PORTSHIFT_BIN (default target/release/portshift), PYTHON (default python3)
+EOF
+}
+
+MODE=full
+LAYOUTS=""
+DUR=""
+ROUNDS=""
+MEM_CONNS=""
+KEEP_WORK=0
+while [ $# -gt 0 ]; do
+	case "$1" in
+	--smoke) MODE=smoke ;;
+	--layout) LAYOUTS="${2:?}"; shift ;;
+	--duration) DUR="${2:?}"; shift ;;
+	--rounds) ROUNDS="${2:?}"; shift ;;
+	--conns) MEM_CONNS="${2:?}"; shift ;;
+	--keep-work) KEEP_WORK=1 ;;
+	-h | --help) usage; exit 0 ;;
+	*) echo "unknown argument: $1" >&2; usage >&2; exit 2 ;;
+	esac
+	shift
+done
+case "${LAYOUTS:=$([ "$MODE" = smoke ] && echo B || echo AB)}" in A | B | AB) ;; *) echo "--layout must be A, B or AB" >&2; exit 2 ;; esac
+
+if [ "$MODE" = smoke ]; then
+	DUR=${DUR:-1}; ROUNDS=${ROUNDS:-1}
+	REDIS_N_PLAIN=2000; REDIS_N_PIPE=20000   # fixed, no calibration
+	MEM_WANT=${MEM_CONNS:-200}
+	SETTLE=0.2
+	MEM_SETTLE=0.3
+	IPERF_LEN=(-n 256M)                     # wrk cannot go below 1 s, iperf3 can
+else
+	DUR=${DUR:-5}; ROUNDS=${ROUNDS:-3}
+	REDIS_SECS=3                              # per redis-benchmark test (SET, GET), calibrated
+	MEM_WANT=${MEM_CONNS:-10000}
+	SETTLE=0.5
+	MEM_SETTLE=1
+	IPERF_LEN=(-t "$DUR")
+fi
+WRK_CONNS=50
+REDIS_CLIENTS=50
+
+HERE="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
+ROOT="$(dirname "$HERE")"
+PS_BIN="${PORTSHIFT_BIN:-$ROOT/target/release/portshift}"
+PY="${PYTHON:-python3}"
+TOOL=("$PY" "$HERE/peers/peers.py")
+RESULTS="$ROOT/benches/results"
+
+log() { echo "[peers $(date +%T)] $*" >&2; }
+die() { log "ERROR: $*"; exit 1; }
+
+[ -x "$PS_BIN" ] || { log "no portshift binary at $PS_BIN (run: cargo build --release)"; exit 2; }
+command -v "$PY" >/dev/null || { log "python3 not found"; exit 2; }
+# The interpreter itself, not a wrapper (pyenv shims), so signals reach it by pid.
+PY="$("$PY" -c 'import sys; print(sys.executable)')"
+
+# ------------------------------------------------------------------ tools
+need=()
+command -v haproxy >/dev/null || need+=(haproxy)
+command -v nginx >/dev/null || need+=(nginx)
+NGX_STREAM_SO=/usr/lib/nginx/modules/ngx_stream_module.so
+if [ ! -e "$NGX_STREAM_SO" ] && ! { command -v nginx >/dev/null && nginx -V 2>&1 | grep -q -- '--with-stream\( \|$\)'; }; then
+	need+=(libnginx-mod-stream)
+fi
+command -v iperf3 >/dev/null || need+=(iperf3)
+command -v wrk >/dev/null || need+=(wrk)
+command -v redis-server >/dev/null || need+=(redis-server)
+command -v redis-benchmark >/dev/null || need+=(redis-tools)
+command -v ss >/dev/null || need+=(iproute2)
+command -v taskset >/dev/null || need+=(util-linux)
+if [ ${#need[@]} -gt 0 ]; then
+	log "installing: ${need[*]}"
+	export DEBIAN_FRONTEND=noninteractive
+	apt-get install -y -q "${need[@]}" >&2 ||
+		{ apt-get update -q >&2 && apt-get install -y -q "${need[@]}" >&2; } ||
+		{ log "apt-get install ${need[*]} failed"; exit 2; }
+fi
+LOAD_STREAM=""
+[ -e "$NGX_STREAM_SO" ] && LOAD_STREAM="load_module $NGX_STREAM_SO;"
+
+# ------------------------------------------------------------------ CPUs, fd limit
+NPROC=$(nproc)
+LG_CPU=0   # load generators and backends
+if [ "$NPROC" -lt 2 ] && [[ "$LAYOUTS" == *A* ]]; then
+	log "only $NPROC CPU: layout A needs 2; running layout B only"
+	LAYOUTS=B
+fi
+proxy_cpu() { if [ "$1" = A ]; then echo 1; else echo 0; fi; }
+
+FD_HARD=$(ulimit -Hn)
+[ "$FD_HARD" = unlimited ] && FD_HARD=1048576
+FD=$FD_HARD
+[ "$FD" -gt 1048576 ] && FD=1048576
+ulimit -n "$FD" 2>/dev/null || FD=$(ulimit -n)
+# A proxy needs two fds per proxied connection (client + upstream) plus a few.
+MEM_MAX=$(( (FD - 200) / 2 / 100 * 100 ))
+MEM_CONNS=$MEM_WANT
+NOTES=()
+FAILS=()
+if [ "$MEM_CONNS" -gt "$MEM_MAX" ]; then
+	NOTES+=("fd hard limit is $FD_HARD (raising it needs CAP_SYS_RESOURCE): memory measured with $MEM_MAX idle connections instead of $MEM_WANT")
+	MEM_CONNS=$MEM_MAX
+fi
+HAP_MAXCONN=$(( (FD - 100) / 2 ))
+NGX_WORKER_CONNS=$(( FD - 100 ))
+
+# ------------------------------------------------------------------ processes, cleanup
+WORK="$(mktemp -d /tmp/portshift-peers.XXXXXX)"
+PIDS=()
+stop_pid() {
+	local pid=$1 i
+	[ -n "$pid" ] || return 0
+	# Each child runs in its own session (setsid), so its group id is its pid:
+	# this reaches nginx workers too.
+	kill -TERM -- "-$pid" 2>/dev/null || kill -TERM "$pid" 2>/dev/null
+	for i in $(seq 1 50); do
+		kill -0 "$pid" 2>/dev/null || break
+		sleep 0.1
+	done
+	kill -KILL -- "-$pid" 2>/dev/null
+	wait "$pid" 2>/dev/null
+	local keep=() p
+	for p in "${PIDS[@]}"; do [ "$p" != "$pid" ] && keep+=("$p"); done
+	PIDS=("${keep[@]}")
+	return 0
+}
+cleanup() {
+	trap - EXIT INT TERM
+	local i
+	for ((i = ${#PIDS[@]} - 1; i >= 0; i--)); do stop_pid "${PIDS[$i]}"; done
+	if [ "$KEEP_WORK" = 1 ]; then log "work dir kept: $WORK"; else rm -rf "$WORK"; fi
+}
+trap cleanup EXIT
+trap 'log "interrupted"; exit 130' INT
+trap 'log "terminated"; exit 143' TERM
+
+# spawn NAME CPU CMD...: start CMD pinned to CPU in its own session; sets LAST_PID.
+spawn() {
+	local name=$1 cpu=$2
+	shift 2
+	setsid taskset -c "$cpu" "$@" >"$WORK/$name.out" 2>"$WORK/$name.err" </dev/null &
+	LAST_PID=$!
+	PIDS+=("$LAST_PID")
+}
+listening() { ss -Htln "sport = :$1" 2>/dev/null | grep -q .; }
+wait_listen() { # PORT PID [SECS]
+	local port=$1 pid=$2 n=$(( ${3:-10} * 10 ))
+	while [ $n -gt 0 ]; do
+		listening "$port" && return 0
+		kill -0 "$pid" 2>/dev/null || return 1
+		sleep 0.1
+		n=$((n - 1))
+	done
+	return 1
+}
+
+# ------------------------------------------------------------------ ports
+USED_PORTS=" $(ss -Htan 2>/dev/null | awk '{print $4}' | sed 's/.*://' | sort -u | tr '\n' ' ') "
+NEXT_PORT=$(( 20000 + RANDOM % 9000 ))   # below the ephemeral range (32768+)
+declare -A PORT
+alloc_port() { # KEY
+	local p
+	while :; do
+		p=$NEXT_PORT
+		NEXT_PORT=$((NEXT_PORT + 1))
+		[[ "$USED_PORTS" == *" $p "* ]] && continue
+		listening "$p" && continue
+		PORT[$1]=$p
+		return
+	done
+}
+SERVICES=(iperf http redis sink)
+PROXY_IDS=(ps hap ngx psoff)   # psoff: portshift with [stats] record = false
+for s in "${SERVICES[@]}"; do alloc_port "be.$s"; done
+for p in "${PROXY_IDS[@]}"; do for s in "${SERVICES[@]}"; do alloc_port "$p.$s"; done; done
+declare -A NAME=([ps]=portshift [hap]=haproxy [ngx]=nginx [psoff]=portshift-record-off)
+
+# ------------------------------------------------------------------ configs
+write_portshift() { # ID RECORD
+	local id=$1 rec=$2 f="$WORK/$1.toml" s
+	{
+		echo 'drain_timeout = "1s"'
+		echo
+		echo '[stats]'
+		echo "record = $rec"
+		for s in "${SERVICES[@]}"; do
+			printf '\n[[group]]\nname = "%s"\nbackends = ["127.0.0.1:%s"]\n' "$s" "${PORT[be.$s]}"
+		done
+		for s in "${SERVICES[@]}"; do
+			printf '\n[[listener]]\nname = "%s"\nlisten = ["127.0.0.1:%s"]\nprimary = "%s"\nidle_timeout = "15m"\n' \
+				"$s" "${PORT[$id.$s]}" "$s"
+		done
+	} >"$f"
+	"$PS_BIN" check -c "$f" >/dev/null 2>"$WORK/$id.check.err" || { cat "$WORK/$id.check.err" >&2; die "portshift rejected $f"; }
+}
+write_haproxy() {
+	local s
+	{
+		cat <<EOF
+global
+    nbthread 1
+    maxconn $HAP_MAXCONN
+
+defaults
+    mode tcp
+    timeout connect 5s
+    timeout client 15m
+    timeout server 15m
+    maxconn $HAP_MAXCONN
+EOF
+		for s in "${SERVICES[@]}"; do
+			printf '\nlisten %s\n    bind 127.0.0.1:%s\n    server s1 127.0.0.1:%s\n' "$s" "${PORT[hap.$s]}" "${PORT[be.$s]}"
+		done
+	} >"$WORK/hap.cfg"
+	haproxy -c -q -f "$WORK/hap.cfg" >&2 || die "haproxy rejected $WORK/hap.cfg"
+}
+write_nginx_stream() {
+	local s
+	mkdir -p "$WORK/ngx"
+	{
+		cat <<EOF
+$LOAD_STREAM
+user root;
+worker_processes 1;
+worker_rlimit_nofile $FD;
+daemon off;
+master_process on;
+pid $WORK/ngx/nginx.pid;
+error_log $WORK/ngx/error.log warn;
+events { worker_connections $NGX_WORKER_CONNS; }
+stream {
+    proxy_connect_timeout 5s;
+    proxy_timeout 15m;
+EOF
+		for s in "${SERVICES[@]}"; do
+			printf '    server { listen 127.0.0.1:%s; proxy_pass 127.0.0.1:%s; }\n' "${PORT[ngx.$s]}" "${PORT[be.$s]}"
+		done
+		echo "}"
+	} >"$WORK/ngx.conf"
+	nginx -t -q -p "$WORK/ngx/" -e "$WORK/ngx/error.log" -c "$WORK/ngx.conf" >&2 || die "nginx rejected $WORK/ngx.conf"
+}
+write_nginx_http() {
+	local d="$WORK/http"
+	mkdir -p "$d"
+	cat >"$WORK/http.conf" <<EOF
+user root;
+worker_processes 1;
+worker_rlimit_nofile $FD;
+daemon off;
+master_process on;
+pid $d/nginx.pid;
+error_log $d/error.log warn;
+events { worker_connections 8192; }
+http {
+    access_log off;
+    client_body_temp_path $d/cb;
+    proxy_temp_path $d/px;
+    fastcgi_temp_path $d/fc;
+    uwsgi_temp_path $d/uw;
+    scgi_temp_path $d/sc;
+    keepalive_requests 100000000;
+    keepalive_timeout 15m;
+    server {
+        listen 127.0.0.1:${PORT[be.http]} backlog=4096;
+        location / { default_type text/plain; return 200 "backend\n"; }
+    }
+}
+EOF
+	nginx -t -q -p "$d/" -e "$d/error.log" -c "$WORK/http.conf" >&2 || die "nginx rejected $WORK/http.conf"
+}
+
+write_portshift ps true
+write_portshift psoff false
+write_haproxy
+write_nginx_stream
+write_nginx_http
+
+# ------------------------------------------------------------------ start / stop
+declare -A PXPID
+start_proxy() { # ID CPU
+	local id=$1 cpu=$2 s
+	case "$id" in
+	ps | psoff) spawn "$id" "$cpu" env RUST_LOG=warn "$PS_BIN" run -c "$WORK/$id.toml" ;;
+	hap) spawn hap "$cpu" haproxy -db -f "$WORK/hap.cfg" ;;
+	ngx) spawn ngx "$cpu" nginx -p "$WORK/ngx/" -e "$WORK/ngx/error.log" -c "$WORK/ngx.conf" ;;
+	esac
+	PXPID[$id]=$LAST_PID
+	for s in "${SERVICES[@]}"; do
+		wait_listen "${PORT[$id.$s]}" "$LAST_PID" 10 || {
+			cat "$WORK/$id.err" "$WORK/ngx/error.log" 2>/dev/null | tail -20 >&2
+			die "${NAME[$id]} did not start listening on 127.0.0.1:${PORT[$id.$s]}"
+		}
+	done
+}
+stop_proxy() { stop_pid "${PXPID[$1]:-}"; PXPID[$1]=""; }
+# The process whose RSS counts: nginx's worker, otherwise the process itself.
+rss_pid() {
+	local pid=${PXPID[$1]}
+	if [ "$1" = ngx ]; then pgrep -P "$pid" | head -1; else echo "$pid"; fi
+}
+
+start_backends() {
+	spawn iperf3-server "$LG_CPU" iperf3 -s -B 127.0.0.1 -p "${PORT[be.iperf]}"
+	BE_IPERF_PID=$LAST_PID
+	wait_listen "${PORT[be.iperf]}" "$LAST_PID" 10 || die "iperf3 -s did not start"
+	spawn http-backend "$LG_CPU" nginx -p "$WORK/http/" -e "$WORK/http/error.log" -c "$WORK/http.conf"
+	wait_listen "${PORT[be.http]}" "$LAST_PID" 10 || die "nginx HTTP backend did not start"
+	spawn redis "$LG_CPU" redis-server --port "${PORT[be.redis]}" --bind 127.0.0.1 --save "" \
+		--appendonly no --protected-mode no --dir "$WORK" --maxclients 4000
+	wait_listen "${PORT[be.redis]}" "$LAST_PID" 10 || die "redis-server did not start"
+}
+restart_iperf_server() {
+	stop_pid "$BE_IPERF_PID"
+	spawn iperf3-server "$LG_CPU" iperf3 -s -B 127.0.0.1 -p "${PORT[be.iperf]}"
+	BE_IPERF_PID=$LAST_PID
+	wait_listen "${PORT[be.iperf]}" "$LAST_PID" 10 || die "iperf3 -s did not restart"
+}
+
+# Forwarding check: a proxy that does not forward fails the run, in every mode.
+check_forward() { # ID
+	local id=$1
+	"${TOOL[@]}" check-http "${PORT[$id.http]}" backend || die "${NAME[$id]}: HTTP through 127.0.0.1:${PORT[$id.http]} failed"
+	"${TOOL[@]}" check-redis "${PORT[$id.redis]}" || die "${NAME[$id]}: redis PING through 127.0.0.1:${PORT[$id.redis]} failed"
+	timeout 20 iperf3 -c 127.0.0.1 -p "${PORT[$id.iperf]}" -n 1M >"$WORK/check-iperf.out" 2>&1 ||
+		{ cat "$WORK/check-iperf.out" >&2; die "${NAME[$id]}: iperf3 through 127.0.0.1:${PORT[$id.iperf]} failed"; }
+}
+
+# ------------------------------------------------------------------ measurements
+RAW="$WORK/raw.tsv"
+: >"$RAW"
+record() { printf '%s\t%s\t%s\t%s\t%s\n' "$@" >>"$RAW"; }   # layout key proxy round value
+fail() { FAILS+=("$*"); log "FAILED: $*"; }
+
+m_iperf() { # LAYOUT ID ROUND STREAMS
+	local L=$1 id=$2 r=$3 n=$4 out="$WORK/iperf.json" v
+	if ! timeout $((DUR + 30)) taskset -c "$LG_CPU" iperf3 -c 127.0.0.1 -p "${PORT[$id.iperf]}" \
+		"${IPERF_LEN[@]}" -P "$n" -J >"$out" 2>"$WORK/iperf.err"; then
+		fail "iperf3 -P $n through ${NAME[$id]} (layout $L): $(tail -c 300 "$WORK/iperf.err"; grep -o '"error":.*' "$out" | head -1)"
+		restart_iperf_server
+	fi
+	v=$("${TOOL[@]}" parse-iperf "$out")
+	record "$L" "iperf$n" "${NAME[$id]}" "$r" "$v"
+	log "  $L iperf3 -P $n  ${NAME[$id]}: $v Gbit/s"
+}
+# m_wrk LAYOUT ID ROUND ka|close|tele
+m_wrk() {
+	local L=$1 id=$2 r=$3 kind=$4 out="$WORK/wrk.out" rps p50 p99 err
+	local args=(-t1 -c"$WRK_CONNS" -d"${DUR}s" --latency)
+	[ "$kind" = close ] && args+=(-H 'Connection: close')
+	if ! timeout $((DUR + 30)) taskset -c "$LG_CPU" wrk "${args[@]}" "http://127.0.0.1:${PORT[$id.http]}/" \
+		>"$out" 2>&1; then
+		fail "wrk ($kind) through ${NAME[$id]} (layout $L): $(tail -c 300 "$out")"
+	fi
+	read -r rps p50 p99 err < <("${TOOL[@]}" parse-wrk "$out")
+	if [ "$kind" = tele ]; then
+		local who=record_on
+		[ "$id" = psoff ] && who=record_off
+		record "$L" tele_rps "$who" "$r" "$rps"
+		log "  $L wrk telemetry $who: $rps req/s"
+		return
+	fi
+	record "$L" "${kind}_rps" "${NAME[$id]}" "$r" "$rps"
+	record "$L" "${kind}_p50" "${NAME[$id]}" "$r" "$p50"
+	record "$L" "${kind}_p99" "${NAME[$id]}" "$r" "$p99"
+	record "$L" "${kind}_err" "${NAME[$id]}" "$r" "$err"
+	log "  $L wrk $kind ${NAME[$id]}: $rps req/s p50 ${p50}ms p99 ${p99}ms errors $err"
+}
+redis_run() { # PORT N PIPELINE OUT TESTS
+	timeout 300 taskset -c "$LG_CPU" redis-benchmark -h 127.0.0.1 -p "$1" -c "$REDIS_CLIENTS" \
+		-n "$2" -P "$3" -t "$5" --csv >"$4" 2>"$4.err"
+}
+m_redis() { # LAYOUT ID ROUND PIPELINE
+	local L=$1 id=$2 r=$3 P=$4 out="$WORK/redis.csv" n suffix="" t v got=0
+	if [ "$P" = 1 ]; then n=$REDIS_N_PLAIN; else n=$REDIS_N_PIPE; suffix="_P$P"; fi
+	redis_run "${PORT[$id.redis]}" "$n" "$P" "$out" set,get ||
+		fail "redis-benchmark -P $P through ${NAME[$id]} (layout $L): $(tail -c 300 "$out.err")"
+	while read -r t v; do
+		record "$L" "redis_${t}${suffix}" "${NAME[$id]}" "$r" "$v"
+		log "  $L redis $t -P $P ${NAME[$id]}: $v req/s"
+		got=1
+	done < <("${TOOL[@]}" parse-redis "$out")
+	if [ $got = 0 ]; then
+		record "$L" "redis_SET${suffix}" "${NAME[$id]}" "$r" nan
+		record "$L" "redis_GET${suffix}" "${NAME[$id]}" "$r" nan
+	fi
+}
+# Size redis-benchmark -n so each test lasts about REDIS_SECS through portshift;
+# the same -n is then used for every proxy.
+calibrate_redis() {
+	local rps
+	[ "$MODE" = smoke ] && return
+	redis_run "${PORT[ps.redis]}" 20000 1 "$WORK/cal.csv" get || true
+	rps=$("${TOOL[@]}" parse-redis "$WORK/cal.csv" | awk '{print int($2)}' | head -1)
+	REDIS_N_PLAIN=$(( ${rps:-20000} * REDIS_SECS ))
+	[ "$REDIS_N_PLAIN" -lt 20000 ] && REDIS_N_PLAIN=20000
+	redis_run "${PORT[ps.redis]}" 200000 16 "$WORK/cal.csv" get || true
+	rps=$("${TOOL[@]}" parse-redis "$WORK/cal.csv" | awk '{print int($2)}' | head -1)
+	REDIS_N_PIPE=$(( ${rps:-200000} * REDIS_SECS ))
+	[ "$REDIS_N_PIPE" -lt 200000 ] && REDIS_N_PIPE=200000
+	log "  redis-benchmark sizes: -n $REDIS_N_PLAIN (plain), -n $REDIS_N_PIPE (-P 16)"
+}
+
+PEERS=(ps hap ngx)
+run_layout() { # LAYOUT
+	local L=$1 cpu r id
+	cpu=$(proxy_cpu "$L")
+	log "layout $L: proxies on CPU $cpu, load generators and backends on CPU $LG_CPU"
+	for id in "${PROXY_IDS[@]}"; do start_proxy "$id" "$cpu"; done
+	for id in "${PROXY_IDS[@]}"; do check_forward "$id"; done
+	log "  all proxies forward HTTP, redis and iperf3"
+	if [ "$MODE" = full ]; then   # warm-up, not recorded
+		for id in "${PROXY_IDS[@]}"; do
+			taskset -c "$LG_CPU" wrk -t1 -c"$WRK_CONNS" -d1s "http://127.0.0.1:${PORT[$id.http]}/" >/dev/null 2>&1
+		done
+	fi
+	calibrate_redis
+	for r in $(seq 1 "$ROUNDS"); do for id in "${PEERS[@]}"; do m_iperf "$L" "$id" "$r" 1; sleep "$SETTLE"; done; done
+	for r in $(seq 1 "$ROUNDS"); do for id in "${PEERS[@]}"; do m_iperf "$L" "$id" "$r" 8; sleep "$SETTLE"; done; done
+	for r in $(seq 1 "$ROUNDS"); do for id in "${PEERS[@]}"; do m_wrk "$L" "$id" "$r" ka; sleep "$SETTLE"; done; done
+	for r in $(seq 1 "$ROUNDS"); do for id in "${PEERS[@]}"; do m_wrk "$L" "$id" "$r" close; sleep "$SETTLE"; done; done
+	for r in $(seq 1 "$ROUNDS"); do for id in "${PEERS[@]}"; do m_redis "$L" "$id" "$r" 1; sleep "$SETTLE"; done; done
+	for r in $(seq 1 "$ROUNDS"); do for id in "${PEERS[@]}"; do m_redis "$L" "$id" "$r" 16; sleep "$SETTLE"; done; done
+	for r in $(seq 1 "$ROUNDS"); do for id in ps psoff; do m_wrk "$L" "$id" "$r" tele; sleep "$SETTLE"; done; done
+	for id in "${PROXY_IDS[@]}"; do stop_proxy "$id"; done
+}
+
+status_of() { cat "$1" 2>/dev/null || true; }
+# Memory: a fresh proxy per peer; RSS before, with MEM_CONNS idle connections
+# (each connected upstream to the sink), and after one 64-byte echo on each.
+m_memory() { # LAYOUT ID
+	local L=$1 id=$2 cpu pid rss0 rss1 rss2 hpid spid n acc ech hs
+	cpu=$(proxy_cpu "$L")
+	local sst="$WORK/sink.status" hst="$WORK/hold.status"
+	rm -f "$sst" "$hst"
+	spawn sink "$LG_CPU" "${TOOL[@]}" sink "${PORT[be.sink]}" "$sst"
+	spid=$LAST_PID
+	wait_listen "${PORT[be.sink]}" "$spid" 10 || die "connection sink did not start"
+	start_proxy "$id" "$cpu"
+	sleep "$MEM_SETTLE"
+	pid=$(rss_pid "$id")
+	rss0=$("${TOOL[@]}" rss "$pid")
+	spawn hold "$LG_CPU" "${TOOL[@]}" hold "${PORT[$id.sink]}" "$MEM_CONNS" "$hst"
+	hpid=$LAST_PID
+	n=$((1200 + MEM_CONNS / 50))   # tenths of a second
+	while [ $n -gt 0 ]; do
+		hs=$(status_of "$hst"); read -r acc ech < <(status_of "$sst"; echo)
+		[[ "$hs" == connected* ]] && [ "${acc:-0}" -ge "$MEM_CONNS" ] && break
+		kill -0 "$hpid" 2>/dev/null || break
+		sleep 0.1; n=$((n - 1))
+	done
+	read -r acc ech < <(status_of "$sst"; echo)
+	hs=$(status_of "$hst")
+	if [ "${acc:-0}" -eq 0 ]; then
+		tail -5 "$WORK/hold.err" >&2
+		die "${NAME[$id]}: no idle connection reached the upstream sink (holder: '$hs')"
+	fi
+	sleep "$MEM_SETTLE"
+	rss1=$("${TOOL[@]}" rss "$pid")
+	kill -USR1 "$hpid" 2>/dev/null
+	n=600
+	while [ $n -gt 0 ]; do
+		[[ "$(status_of "$hst")" == exchanged* ]] && break
+		sleep 0.1; n=$((n - 1))
+	done
+	sleep "$MEM_SETTLE"
+	rss2=$("${TOOL[@]}" rss "$pid")
+	local hs2
+	hs2=$(status_of "$hst")
+	if [ "$acc" -lt "$MEM_CONNS" ] || [ "$hs" != "connected $MEM_CONNS" ] || [ "$hs2" != "exchanged $MEM_CONNS" ]; then
+		NOTES+=("memory ${NAME[$id]}: holder '$hs' / '$hs2', upstream accepted $acc of $MEM_CONNS")
+	fi
+	record "$L" rss_base "${NAME[$id]}" 1 "$(awk -v a="$rss0" 'BEGIN{printf "%.1f", a/1024}')"
+	record "$L" mem_fresh "${NAME[$id]}" 1 "$(awk -v a="$rss0" -v b="$rss1" -v n="$MEM_CONNS" 'BEGIN{printf "%.1f", (b-a)/n}')"
+	record "$L" mem_used "${NAME[$id]}" 1 "$(awk -v a="$rss0" -v b="$rss2" -v n="$MEM_CONNS" 'BEGIN{printf "%.1f", (b-a)/n}')"
+	log "  $L memory ${NAME[$id]}: RSS $((rss0 / 1024)) KiB idle, $((rss1 / 1024)) KiB with $acc conns, $((rss2 / 1024)) KiB after echo"
+	stop_pid "$hpid"
+	stop_proxy "$id"
+	stop_pid "$spid"
+}
+
+# ------------------------------------------------------------------ run
+TS=$(date -u +%Y%m%dT%H%M%SZ)
+START=$(date +%s)
+log "mode $MODE, layouts $LAYOUTS, ${DUR}s per measurement, $ROUNDS round(s); work dir $WORK"
+start_backends
+for L in $(echo "$LAYOUTS" | grep -o .); do run_layout "$L"; done
+MEM_LAYOUT=A
+[[ "$LAYOUTS" == *A* ]] || MEM_LAYOUT=B
+log "memory: $MEM_CONNS idle connections per proxy (layout $MEM_LAYOUT)"
+for id in "${PEERS[@]}"; do m_memory "$MEM_LAYOUT" "$id"; done
+ELAPSED=$(( $(date +%s) - START ))
+
+# ------------------------------------------------------------------ report
+mkdir -p "$RESULTS"
+OUT="$RESULTS/peers-$LAYOUTS-$MODE-$TS.json"
+printf '%s\n' "${NOTES[@]+"${NOTES[@]}"}" >"$WORK/notes.txt"
+printf '%s\n' "${FAILS[@]+"${FAILS[@]}"}" >"$WORK/fails.txt"
+export M_MODE="$MODE" M_TS="$TS" M_LAYOUTS="$LAYOUTS" M_DUR="$DUR" M_ROUNDS="$ROUNDS" \
+	M_MEM="$MEM_CONNS" M_MEM_LAYOUT="$MEM_LAYOUT" M_ELAPSED="$ELAPSED" M_WRKC="$WRK_CONNS" \
+	M_REDISC="$REDIS_CLIENTS" M_RN1="$REDIS_N_PLAIN" M_RN16="$REDIS_N_PIPE" M_FD="$FD" \
+	M_PS="$("$PS_BIN" --version 2>&1 | head -1)" M_PSGIT="$(git -C "$ROOT" rev-parse --short HEAD 2>/dev/null || echo unknown)" \
+	M_HAP="$(haproxy -v 2>&1 | head -1)" M_NGX="$(nginx -v 2>&1 | head -1)" \
+	M_IPERF="$(iperf3 -v 2>&1 | head -1)" M_WRK="$(wrk -v 2>&1 | head -1)" \
+	M_REDIS="$(redis-server --version 2>&1 | head -1)" \
+	M_CPU="$(grep -m1 'model name' /proc/cpuinfo | sed 's/.*: //')" M_NPROC="$NPROC" M_KERNEL="$(uname -r)" \
+	M_NOTES="$WORK/notes.txt" M_FAILS="$WORK/fails.txt"
+"$PY" - "$WORK/meta.json" <<'EOF'
+import json, os, sys
+e = os.environ
+lines = lambda p: [l.rstrip("\n") for l in open(p) if l.strip()]
+layouts = list(e["M_LAYOUTS"])
+desc = {"A": "proxy alone on CPU 1; wrk/iperf3/redis-benchmark and all backends on CPU 0",
+        "B": "everything (proxy, load generators, backends) on CPU 0"}
+meta = {
+    "timestamp": e["M_TS"], "mode": e["M_MODE"], "layouts": layouts,
+    "layout_desc": {l: desc[l] for l in layouts},
+    "duration_s": float(e["M_DUR"]), "rounds": int(e["M_ROUNDS"]), "elapsed_s": int(e["M_ELAPSED"]),
+    "order": "interleaved: for each test, for each round, portshift haproxy nginx",
+    "http_backend": "nginx 1 worker, `return 200 \"backend\\n\"`, keep-alive (CPU 0)",
+    "wrk": f"-t1 -c{e['M_WRKC']} --latency", "redis_benchmark": {"clients": int(e["M_REDISC"]),
+        "n_plain": int(e["M_RN1"]), "n_pipelined": int(e["M_RN16"])},
+    "mem_conns": int(e["M_MEM"]), "mem_layout": e["M_MEM_LAYOUT"], "fd_limit": int(e["M_FD"]),
+    "peers_config": {"portshift": "taskset to the proxy CPU (tokio sizes its pool to it)",
+                     "haproxy": "nbthread 1, mode tcp", "nginx": "worker_processes 1, stream module"},
+    "versions": {"portshift": e["M_PS"] + " (git " + e["M_PSGIT"] + ")", "haproxy": e["M_HAP"],
+                 "nginx": e["M_NGX"], "iperf3": e["M_IPERF"], "wrk": e["M_WRK"], "redis": e["M_REDIS"]},
+    "host": {"cpu": e["M_CPU"], "nproc": int(e["M_NPROC"]), "kernel": e["M_KERNEL"]},
+    "notes": lines(e["M_NOTES"]), "failures": lines(e["M_FAILS"]),
+}
+json.dump(meta, open(sys.argv[1], "w"), indent=2)
+EOF
+"${TOOL[@]}" report "$RAW" "$WORK/meta.json" "$OUT" "$RESULTS/latest.json" || { log "report failed"; exit 3; }
+echo
+echo "json: $OUT (also $RESULTS/latest.json); total ${ELAPSED}s"
+if [ ${#FAILS[@]} -gt 0 ]; then
+	log "${#FAILS[@]} measurement(s) failed to run"
+	exit 3
+fi
+exit 0

@@ -1,0 +1,558 @@
+//! Hardening: limits, slow clients, dying backends, fd exhaustion, load
+//! with shifts and reloads, soak and churn (bounded, loopback only), and
+//! parsers that never panic.
+
+mod common;
+
+use common::*;
+use portshift::backend::{self, BackendOpts, Mode};
+use std::io::{BufRead, BufReader};
+use std::net::SocketAddr;
+use std::process::{Child, Command, Stdio};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::time::{Duration, Instant};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::{TcpListener, TcpStream};
+use tokio::time::timeout;
+
+/// Sends `len` seeded bytes, reads the echo back, compares checksums.
+async fn echo_roundtrip(addr: SocketAddr, len: usize, seed: u64) -> Result<(), String> {
+    let s = TcpStream::connect(addr).await.map_err(|e| e.to_string())?;
+    let (mut r, mut w) = s.into_split();
+    let data: Vec<u8> = (0..len as u64)
+        .map(|i| (i.wrapping_mul(seed | 1) >> 3) as u8)
+        .collect();
+    let sum: u64 = data.iter().map(|&b| u64::from(b)).sum();
+    let writer = tokio::spawn(async move {
+        w.write_all(&data).await?;
+        w.shutdown().await
+    });
+    let mut got = Vec::with_capacity(len);
+    timeout(PATIENCE, r.read_to_end(&mut got))
+        .await
+        .map_err(|_| "timed out".to_string())?
+        .map_err(|e| e.to_string())?;
+    writer
+        .await
+        .map_err(|e| e.to_string())?
+        .map_err(|e| e.to_string())?;
+    let got_sum: u64 = got.iter().map(|&b| u64::from(b)).sum();
+    if got.len() != len || got_sum != sum {
+        return Err(format!(
+            "sent {len} bytes (sum {sum}), got {} (sum {got_sum})",
+            got.len()
+        ));
+    }
+    Ok(())
+}
+
+/// Past `max_connections`, new connections are closed at accept while the
+/// established ones keep working; per source likewise.
+#[tokio::test]
+async fn connection_limits_refuse_new_and_keep_established() {
+    let echo = echo_backend().await;
+    let proxy = start_proxy(&two_group_config(
+        &[echo.addr()],
+        &[echo.addr()],
+        "max_connections = 2",
+    ))
+    .await;
+    let mut held = Vec::new();
+    for _ in 0..2 {
+        let mut s = TcpStream::connect(proxy.addr()).await.unwrap();
+        s.write_all(b"hi").await.unwrap();
+        let mut b = [0u8; 2];
+        timeout(PATIENCE, s.read_exact(&mut b))
+            .await
+            .unwrap()
+            .unwrap();
+        held.push(s);
+    }
+    let refused = read_all(proxy.addr()).await;
+    assert!(
+        matches!(&refused, Ok(b) if b.is_empty()) || refused.is_err(),
+        "the third connection is closed"
+    );
+    for s in &mut held {
+        s.write_all(b"ok").await.unwrap();
+        let mut b = [0u8; 2];
+        timeout(PATIENCE, s.read_exact(&mut b))
+            .await
+            .unwrap()
+            .unwrap();
+        assert_eq!(&b, b"ok", "established connections are unaffected");
+    }
+    assert_eq!(proxy.state("l").outcomes.snapshot().denied, 1);
+    drop(held);
+
+    let per = start_proxy(&two_group_config(
+        &[echo.addr()],
+        &[echo.addr()],
+        "max_connections_per_source = 1",
+    ))
+    .await;
+    let first = TcpStream::connect(per.addr()).await.unwrap();
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    let second = read_all(per.addr()).await;
+    assert!(matches!(&second, Ok(b) if b.is_empty()) || second.is_err());
+    drop(first);
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    let mut again = TcpStream::connect(per.addr()).await.unwrap();
+    again.write_all(b"x").await.unwrap();
+    let mut b = [0u8; 1];
+    timeout(PATIENCE, again.read_exact(&mut b))
+        .await
+        .unwrap()
+        .unwrap();
+}
+
+/// A client that connects and never sends is closed after
+/// `first_byte_timeout`, without an upstream connection.
+#[tokio::test]
+async fn silent_client_is_closed_by_first_byte_timeout() {
+    let echo = echo_backend().await;
+    let proxy = start_proxy(&two_group_config(
+        &[echo.addr()],
+        &[echo.addr()],
+        "first_byte_timeout = \"300ms\"",
+    ))
+    .await;
+    let started = Instant::now();
+    let got = read_all(proxy.addr())
+        .await
+        .expect("closed by the proxy, not by the test timeout");
+    assert!(got.is_empty());
+    assert!(started.elapsed() < Duration::from_secs(5));
+    assert_eq!(
+        proxy.state("l").outcomes.snapshot().connected,
+        0,
+        "no upstream connection for a silent client"
+    );
+    echo_roundtrip(proxy.addr(), 10_000, 3)
+        .await
+        .expect("a talking client is served");
+}
+
+/// A backend that dies mid-stream (reset) closes the client promptly, and
+/// it is counted.
+#[tokio::test]
+async fn backend_dying_mid_stream_closes_client_promptly() {
+    let backend = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let baddr = backend.local_addr().unwrap();
+    tokio::spawn(async move {
+        let (mut s, _) = backend.accept().await.unwrap();
+        s.write_all(b"partial").await.unwrap();
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        // Abort with RST, like a crashed process.
+        socket2::SockRef::from(&s)
+            .set_linger(Some(Duration::ZERO))
+            .unwrap();
+        drop(s);
+    });
+    let proxy = start_proxy(&two_group_config(&[baddr], &[baddr], "")).await;
+    let mut c = TcpStream::connect(proxy.addr()).await.unwrap();
+    c.write_all(b"request").await.unwrap();
+    let started = Instant::now();
+    let mut buf = Vec::new();
+    let r = timeout(Duration::from_secs(5), c.read_to_end(&mut buf))
+        .await
+        .expect("the client is not left hanging");
+    assert!(buf.starts_with(b"partial"), "{buf:?} {r:?}");
+    assert!(started.elapsed() < Duration::from_secs(2));
+    let c = proxy.state("l").outcomes.snapshot();
+    assert_eq!(c.reset, 1, "{c:?}");
+}
+
+/// Failed upstream connects are counted by errno on /metrics.
+#[tokio::test]
+async fn connect_errors_are_counted_by_errno() {
+    let live = named_backend("x").await;
+    let text = format!(
+        "[admin]\nlisten = \"127.0.0.1:0\"\n{}",
+        two_group_config(&[dead_addr(), live], &[live], "")
+            .replace("name = \"l\"", "name = \"errno-test\"")
+    );
+    let config = portshift::config::Config::parse(std::path::Path::new("t.toml"), &text).unwrap();
+    let proxy = portshift::proxy::Proxy::bind(&config).unwrap();
+    let (addr, admin) = (proxy.local_addrs()[0].1, proxy.admin_addr().unwrap());
+    tokio::spawn(proxy.serve(std::future::pending()));
+    for _ in 0..6 {
+        assert_eq!(read_all(addr).await.unwrap(), b"x");
+    }
+    let mut s = TcpStream::connect(admin).await.unwrap();
+    s.write_all(b"GET /metrics HTTP/1.0\r\n\r\n").await.unwrap();
+    let mut body = String::new();
+    s.read_to_string(&mut body).await.unwrap();
+    assert!(body.contains("portshift_upstream_connect_errors_total{listener=\"errno-test\",errno=\"ECONNREFUSED\"}"), "{body}");
+}
+
+/// Heavy traffic while the weights are shifted back and forth and the
+/// config reloaded: every byte arrives, no connection fails.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn shifts_and_reloads_under_load_lose_nothing() {
+    let (a, b) = (echo_backend().await, echo_backend().await);
+    let dir = tempfile::tempdir().unwrap();
+    let path = write_config(dir.path(), &two_group_config(&[a.addr()], &[b.addr()], ""));
+    let proxy =
+        portshift::proxy::Proxy::bind(&portshift::config::Config::load(&path).unwrap()).unwrap();
+    let addr = proxy.local_addrs()[0].1;
+    let handle = proxy.handle();
+    tokio::spawn(proxy.serve(std::future::pending()));
+    let stop = Arc::new(AtomicBool::new(false));
+    let steering = {
+        let (stop, handle) = (stop.clone(), handle.clone());
+        tokio::spawn(async move {
+            let mut i = 0u32;
+            while !stop.load(Ordering::Relaxed) {
+                let state = handle.listener("l").unwrap();
+                let w = if i.is_multiple_of(2) {
+                    vec![3000, 7000]
+                } else {
+                    vec![10_000, 0]
+                };
+                state
+                    .pin(portshift::core::routes::Weights::new(w).unwrap())
+                    .unwrap();
+                if i.is_multiple_of(5) {
+                    handle.reload().await.expect("an unchanged file reloads");
+                }
+                i += 1;
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            }
+            i
+        })
+    };
+    let mut set = tokio::task::JoinSet::new();
+    for k in 0..200u64 {
+        set.spawn(echo_roundtrip(addr, 64 * 1024 + k as usize * 97, k));
+        if set.len() >= 40 {
+            set.join_next()
+                .await
+                .unwrap()
+                .unwrap()
+                .expect("no byte lost, no connection failed");
+        }
+    }
+    while let Some(r) = set.join_next().await {
+        r.unwrap().expect("no byte lost, no connection failed");
+    }
+    stop.store(true, Ordering::Relaxed);
+    let steps = steering.await.unwrap();
+    assert!(
+        steps > 5,
+        "the weights moved during the load ({steps} steps)"
+    );
+}
+
+/// A proxy child process, killed when dropped (also when a test fails).
+struct ProxyChild(Child);
+
+impl Drop for ProxyChild {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+fn spawn_proxy(
+    config: &std::path::Path,
+    nofile: Option<u32>,
+    want_admin: bool,
+) -> (ProxyChild, SocketAddr, Option<SocketAddr>) {
+    let limit = nofile.map_or(String::new(), |n| format!("ulimit -n {n}; "));
+    let mut child = Command::new("sh")
+        .arg("-c")
+        .arg(format!("{limit}exec {} run -c {}", bin(), config.display()))
+        .env("RUST_LOG", "info")
+        .env("NO_COLOR", "1")
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut lines = BufReader::new(child.stderr.take().unwrap()).lines();
+    let child = ProxyChild(child);
+    let (mut addr, mut admin) = (None, None);
+    let deadline = Instant::now() + PATIENCE;
+    while addr.is_none() || (want_admin && admin.is_none()) {
+        assert!(Instant::now() < deadline, "proxy started");
+        let line = lines.next().expect("proxy logs before exiting").unwrap();
+        let value = || {
+            line.split("addr=")
+                .nth(1)
+                .and_then(|r| r.split_whitespace().next())
+                .and_then(|a| a.parse().ok())
+        };
+        if line.contains("admin listening") {
+            admin = value();
+        } else if line.contains(" listening") {
+            addr = value();
+        }
+    }
+    // Keep draining stderr so the child never blocks on a full pipe.
+    std::thread::spawn(move || for _ in lines {});
+    (child, addr.unwrap(), admin)
+}
+
+fn fd_count(pid: u32) -> usize {
+    std::fs::read_dir(format!("/proc/{pid}/fd")).map_or(0, |d| d.count())
+}
+
+fn rss_bytes(pid: u32) -> u64 {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap_or_default();
+    status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmRSS:"))
+        .and_then(|v| v.split_whitespace().next()?.parse::<u64>().ok())
+        .map_or(0, |kb| kb * 1024)
+}
+
+/// Running out of file descriptors: accept errors are counted, the proxy
+/// neither crashes nor spins, and it serves again once fds free up.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn accept_loop_survives_fd_exhaustion() {
+    let echo = echo_backend().await;
+    let dir = tempfile::tempdir().unwrap();
+    let text = format!(
+        "[admin]\nlisten = \"127.0.0.1:0\"\n{}",
+        two_group_config(&[echo.addr()], &[echo.addr()], "")
+    );
+    let path = write_config(dir.path(), &text);
+    let (child, addr, admin) = spawn_proxy(&path, Some(64), true);
+    let admin = admin.expect("admin address logged");
+    // Each proxied connection costs the proxy two fds: 64 run out fast.
+    let mut held = Vec::new();
+    for _ in 0..80 {
+        if let Ok(Ok(s)) = timeout(Duration::from_secs(2), TcpStream::connect(addr)).await {
+            held.push(s);
+        }
+    }
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let cpu_before = cpu_ticks(child.0.id());
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    let spent = cpu_ticks(child.0.id()) - cpu_before;
+    assert!(
+        spent < 50,
+        "the accept loop backs off instead of spinning ({spent} ticks in 1s)"
+    );
+    assert!(
+        std::path::Path::new(&format!("/proc/{}", child.0.id())).exists(),
+        "the proxy did not crash"
+    );
+    drop(held);
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    echo_roundtrip(addr, 1000, 9)
+        .await
+        .expect("serves again once fds are free");
+    let mut s = TcpStream::connect(admin).await.unwrap();
+    s.write_all(b"GET /metrics HTTP/1.0\r\n\r\n").await.unwrap();
+    let mut body = String::new();
+    s.read_to_string(&mut body).await.unwrap();
+    let accept_errors: f64 = body
+        .lines()
+        .find(|l| l.starts_with("portshift_errors_total{") && l.contains("kind=\"accept_error\""))
+        .and_then(|l| l.rsplit(' ').next()?.parse().ok())
+        .unwrap_or(0.0);
+    assert!(accept_errors > 0.0, "accept errors are counted:\n{body}");
+    drop(child);
+}
+
+fn cpu_ticks(pid: u32) -> u64 {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
+    let after = stat.rsplit(')').next().unwrap_or("");
+    let f: Vec<&str> = after.split_whitespace().collect();
+    // utime and stime are fields 14 and 15 of /proc/PID/stat.
+    f.get(11).and_then(|u| u.parse::<u64>().ok()).unwrap_or(0)
+        + f.get(12).and_then(|s| s.parse::<u64>().ok()).unwrap_or(0)
+}
+
+/// Soak: thousands of concurrent connections held open with traffic; every
+/// byte arrives, memory per connection is reported, no fd leaks. Size:
+/// PORTSHIFT_SOAK_CONNS (default 5000).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn thousands_of_concurrent_connections_arrive_intact_without_fd_leak() {
+    let n: usize = std::env::var("PORTSHIFT_SOAK_CONNS")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(5000);
+    let echo = echo_backend().await;
+    let dir = tempfile::tempdir().unwrap();
+    let path = write_config(
+        dir.path(),
+        &two_group_config(&[echo.addr()], &[echo.addr()], ""),
+    );
+    let (child, addr, _) = spawn_proxy(&path, None, false);
+    let pid = child.0.id();
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    let (fds_before, rss_before) = (fd_count(pid), rss_bytes(pid));
+    let mut conns = Vec::with_capacity(n);
+    for i in 0..n {
+        let s = timeout(PATIENCE, TcpStream::connect(addr))
+            .await
+            .expect("connect in time")
+            .unwrap_or_else(|e| panic!("connection {i}: {e}"));
+        conns.push(s);
+    }
+    // Traffic on every connection while all are open.
+    let done = Arc::new(AtomicU64::new(0));
+    let mut set = tokio::task::JoinSet::new();
+    for (i, mut s) in conns.into_iter().enumerate() {
+        let done = done.clone();
+        set.spawn(async move {
+            let msg: Vec<u8> = (0..512u32).map(|k| (k as usize * 31 + i) as u8).collect();
+            s.write_all(&msg).await.map_err(|e| e.to_string())?;
+            let mut back = vec![0u8; msg.len()];
+            timeout(PATIENCE, s.read_exact(&mut back))
+                .await
+                .map_err(|_| "timed out".to_string())?
+                .map_err(|e| e.to_string())?;
+            if back != msg {
+                return Err(format!("connection {i}: bytes changed"));
+            }
+            done.fetch_add(1, Ordering::Relaxed);
+            Ok::<TcpStream, String>(s)
+        });
+    }
+    let mut open = Vec::with_capacity(n);
+    while let Some(r) = set.join_next().await {
+        open.push(r.unwrap().expect("every byte arrives"));
+    }
+    let (fds_peak, rss_peak) = (fd_count(pid), rss_bytes(pid));
+    eprintln!(
+        "{n} concurrent connections: proxy fds {fds_before} -> {fds_peak}, RSS {} -> {} KiB, {} bytes per connection",
+        rss_before / 1024,
+        rss_peak / 1024,
+        rss_peak.saturating_sub(rss_before) / n as u64
+    );
+    assert_eq!(done.load(Ordering::Relaxed), n as u64);
+    assert!(
+        fds_peak >= fds_before + 2 * n - 10,
+        "each connection holds two fds in the proxy"
+    );
+    drop(open);
+    let deadline = Instant::now() + PATIENCE;
+    while fd_count(pid) > fds_before {
+        assert!(
+            Instant::now() < deadline,
+            "fds back to {fds_before} after close, still {}",
+            fd_count(pid)
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    drop(child);
+}
+
+/// Churn: new connections at a steady rate while one backend of the
+/// primary is stopped and restarted again and again; with the other
+/// healthy, no client sees an error. Length: PORTSHIFT_CHURN_SECS
+/// (default 8; the long run uses 60).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn backend_churn_causes_no_client_errors() {
+    let secs: u64 = std::env::var("PORTSHIFT_CHURN_SECS")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(8);
+    let opts = |name: &str| BackendOpts {
+        name: name.into(),
+        mode: Mode::Http,
+        delay: Duration::from_millis(1),
+        greeting: None,
+    };
+    let steady = backend::spawn("127.0.0.1:0".parse().unwrap(), opts("steady"))
+        .await
+        .unwrap();
+    let flaky = backend::spawn("127.0.0.1:0".parse().unwrap(), opts("flaky"))
+        .await
+        .unwrap();
+    let flaky_addr = flaky.addr();
+    let proxy = start_proxy(&two_group_config(
+        &[flaky_addr, steady.addr()],
+        &[steady.addr()],
+        "",
+    ))
+    .await;
+    let stats = Arc::new(portshift::load::LoadStats::default());
+    let stop = tokio_util::sync::CancellationToken::new();
+    let load = tokio::spawn(portshift::load::run(
+        proxy.addr(),
+        300.0,
+        stats.clone(),
+        stop.clone(),
+    ));
+    let started = Instant::now();
+    let mut current = Some(flaky);
+    let mut cycles = 0;
+    while started.elapsed() < Duration::from_secs(secs) {
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        match current.take() {
+            Some(b) => b.stop_gracefully().await,
+            None => current = backend::spawn(flaky_addr, opts("flaky")).await.ok(),
+        }
+        cycles += 1;
+    }
+    stop.cancel();
+    load.await.unwrap();
+    let c = proxy.state("l").outcomes.snapshot();
+    let (sent, ok, errors) = (
+        stats.sent.load(Ordering::Relaxed),
+        stats.ok.load(Ordering::Relaxed),
+        stats.errors.load(Ordering::Relaxed),
+    );
+    eprintln!(
+        "churn: {secs}s, {cycles} stop/start cycles, {sent} requests, {ok} ok, {errors} errors, {} refused upstream connects retried",
+        c.connect_refused
+    );
+    assert_eq!(
+        errors, 0,
+        "no client-visible error while a healthy backend remained"
+    );
+    assert!(
+        c.connect_refused > 0,
+        "the flaky backend really was down at times"
+    );
+    assert!(ok > 100);
+}
+
+mod parsers_never_panic {
+    use proptest::prelude::*;
+    use std::path::Path;
+
+    const CONFIG: &str = include_str!("../examples/portshift.toml");
+    const SCENARIO: &str = include_str!("../sim/latency-spike.toml");
+    const POLICY: &str = include_str!("../policies/conservative.toml");
+
+    /// Deletes, duplicates or replaces a slice of `base`.
+    fn mutate(base: &str, at: usize, len: usize, junk: &str, how: u8) -> String {
+        let b = base.as_bytes();
+        let at = at % (b.len() + 1);
+        let end = (at + len).min(b.len());
+        let mut out = b[..at].to_vec();
+        match how % 3 {
+            0 => {}
+            1 => out.extend_from_slice(&b[at..end]),
+            _ => out.extend_from_slice(junk.as_bytes()),
+        }
+        out.extend_from_slice(&b[end..]);
+        String::from_utf8_lossy(&out).into_owned()
+    }
+
+    proptest! {
+        #![proptest_config(ProptestConfig::with_cases(400))]
+
+        #[test]
+        fn arbitrary_text(text in ".{0,400}") {
+            let _ = portshift::config::Config::parse(Path::new("fuzz.toml"), &text);
+            let _ = portshift::sim::Scenario::parse(Path::new("fuzz.toml"), &text);
+            let _ = portshift::config::policy::parse_text("fuzz", Path::new("fuzz.toml"), &text);
+        }
+
+        #[test]
+        fn mutated_valid_files(at in 0usize..4000, len in 0usize..60, junk in "[\\[\\]=\"{}a-z0-9 .,:\n-]{0,20}", how in 0u8..3) {
+            let c = portshift::config::Config::parse(Path::new("fuzz.toml"), &mutate(CONFIG, at, len, &junk, how));
+            if let Err(e) = c {
+                prop_assert!(!e.diagnostics.is_empty(), "an error says what is wrong");
+            }
+            let _ = portshift::sim::Scenario::parse(Path::new("fuzz.toml"), &mutate(SCENARIO, at, len, &junk, how));
+            let _ = portshift::config::policy::parse_text("fuzz", Path::new("fuzz.toml"), &mutate(POLICY, at, len, &junk, how));
+        }
+    }
+}
