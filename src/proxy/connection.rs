@@ -17,7 +17,7 @@ use std::time::Duration;
 use tokio::net::TcpStream;
 use tracing::debug;
 
-pub async fn handle(state: Arc<ListenerState>, mut client: TcpStream, _source: Option<SourceSlot>) {
+pub async fn handle(state: Arc<ListenerState>, client: TcpStream, _source: Option<SourceSlot>) {
     let _active = state.outcomes.active_guard();
     let arrived = state.clock.now();
     apply_socket_options(&client, &state.socket);
@@ -36,7 +36,7 @@ pub async fn handle(state: Arc<ListenerState>, mut client: TcpStream, _source: O
         }
     }
     let (table, plan) = state.router.plan_next(state.connect_attempts);
-    let Some((attempt, mut upstream, connect)) = connect_first(&state, &table.groups, &plan).await
+    let Some((attempt, upstream, connect)) = connect_first(&state, &table.groups, &plan).await
     else {
         // Every attempt failed: close the client now rather than let it hang.
         state.outcomes.no_backend();
@@ -79,8 +79,8 @@ pub async fn handle(state: Arc<ListenerState>, mut client: TcpStream, _source: O
         }
     };
     let copied = copy::bidirectional(
-        &mut client,
-        &mut upstream,
+        &client,
+        &upstream,
         state.idle_timeout,
         state.clock,
         &on_turn,

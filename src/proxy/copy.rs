@@ -1,15 +1,16 @@
 //! Copies bytes both ways between client and upstream with correct
 //! half-close: EOF read on one side shuts down writing on the other, while
-//! the other direction keeps flowing. One fixed buffer per direction,
-//! allocated once per connection, never per chunk. Each chunk read also
+//! the other direction keeps flowing. One buffer per direction, allocated
+//! when that direction first carries data (an idle connection holds none)
+//! and reused for every chunk after. Each chunk read also
 //! feeds the turn tracker, which yields `exchange` and `first_byte` samples.
 
 use super::Clock;
 use super::outcome::End;
 use crate::core::turns::{Side, Turn, TurnTracker};
+use std::io;
 use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
 use std::time::Duration;
-use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::net::TcpStream;
 
 /// Bytes per direction buffer: large enough for bulk flows to move in few
@@ -27,8 +28,8 @@ pub struct Copied {
 /// Runs until both directions reach EOF, either side fails, or nothing moves
 /// for `idle`. `on_turn` receives every finished request/response turn.
 pub async fn bidirectional(
-    client: &mut TcpStream,
-    upstream: &mut TcpStream,
+    client: &TcpStream,
+    upstream: &TcpStream,
     idle: Duration,
     clock: Clock,
     on_turn: &(dyn Fn(Turn, Duration) + Sync),
@@ -40,14 +41,10 @@ pub async fn bidirectional(
         on_turn,
     };
     let (up, down) = (AtomicU64::new(0), AtomicU64::new(0));
-    let (mut cr, mut cw) = client.split();
-    let (mut ur, mut uw) = upstream.split();
-    let mut bufs = vec![0u8; 2 * BUFFER_BYTES];
-    let (b1, b2) = bufs.split_at_mut(BUFFER_BYTES);
     let both = async {
         tokio::try_join!(
-            pipe(&mut cr, &mut uw, b1, &up, &watch, Side::Client),
-            pipe(&mut ur, &mut cw, b2, &down, &watch, Side::Upstream)
+            pipe(client, upstream, &up, &watch, Side::Client),
+            pipe(upstream, client, &down, &watch, Side::Upstream)
         )
     };
     let end = tokio::select! {
@@ -91,26 +88,45 @@ impl Watch<'_> {
     }
 }
 
-async fn pipe<R, W>(
-    r: &mut R,
-    w: &mut W,
-    buf: &mut [u8],
+/// One direction: read from `from`, write to `to`, until EOF (passed on
+/// as a half-close) or an error. Readiness-based, so both directions share
+/// the two sockets without splitting them.
+async fn pipe(
+    from: &TcpStream,
+    to: &TcpStream,
     total: &AtomicU64,
     watch: &Watch<'_>,
     side: Side,
-) -> std::io::Result<()>
-where
-    R: AsyncRead + Unpin,
-    W: AsyncWrite + Unpin,
-{
+) -> io::Result<()> {
+    let mut buf: Vec<u8> = Vec::new();
     loop {
-        let n = r.read(buf).await?;
+        from.readable().await?;
+        if buf.is_empty() {
+            buf = vec![0u8; BUFFER_BYTES];
+        }
+        let n = match from.try_read(&mut buf) {
+            Ok(n) => n,
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock => continue,
+            Err(e) => return Err(e),
+        };
         if n == 0 {
             // Half-close: pass the EOF on, keep the other direction open.
-            return w.shutdown().await;
+            return socket2::SockRef::from(to).shutdown(std::net::Shutdown::Write);
         }
         watch.on_chunk(side);
-        w.write_all(&buf[..n]).await?;
+        write_all(to, &buf[..n]).await?;
         total.fetch_add(n as u64, Relaxed);
     }
+}
+
+async fn write_all(to: &TcpStream, mut data: &[u8]) -> io::Result<()> {
+    while !data.is_empty() {
+        to.writable().await?;
+        match to.try_write(data) {
+            Ok(n) => data = &data[n..],
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock => continue,
+            Err(e) => return Err(e),
+        }
+    }
+    Ok(())
 }
