@@ -354,50 +354,66 @@ RAW="$WORK/raw.tsv"
 : >"$RAW"
 record() { printf '%s\t%s\t%s\t%s\t%s\n' "$@" >>"$RAW"; }   # layout key proxy round value
 fail() { FAILS+=("$*"); log "FAILED: $*"; }
+# Proxy CPU time (user+system, all threads; nginx: the worker), microseconds.
+cpu_us() { "${TOOL[@]}" cpu "$(rss_pid "$1")" 2>/dev/null || echo 0; }
+per() { awk -v a="$1" -v b="$2" -v k="${3:-1}" 'BEGIN{ if (b > 0) printf "%.4f", a * k / b; else print "nan" }'; }
 
 m_iperf() { # LAYOUT ID ROUND STREAMS
-	local L=$1 id=$2 r=$3 n=$4 out="$WORK/iperf.json" v
+	local L=$1 id=$2 r=$3 n=$4 out="$WORK/iperf.json" v bytes c0 c1
+	c0=$(cpu_us "$id")
 	if ! timeout $((DUR + 30)) taskset -c "$LG_CPU" iperf3 -c 127.0.0.1 -p "${PORT[$id.iperf]}" \
 		"${IPERF_LEN[@]}" -P "$n" -J >"$out" 2>"$WORK/iperf.err"; then
 		fail "iperf3 -P $n through ${NAME[$id]} (layout $L): $(tail -c 300 "$WORK/iperf.err"; grep -o '"error":.*' "$out" | head -1)"
 		restart_iperf_server
 	fi
-	v=$("${TOOL[@]}" parse-iperf "$out")
+	c1=$(cpu_us "$id")
+	read -r v bytes < <("${TOOL[@]}" parse-iperf "$out")
 	record "$L" "iperf$n" "${NAME[$id]}" "$r" "$v"
-	log "  $L iperf3 -P $n  ${NAME[$id]}: $v Gbit/s"
+	# ms of proxy CPU per GB received (iperf3 counts data only, not its control connection)
+	record "$L" "iperf${n}_cpu" "${NAME[$id]}" "$r" "$(per $((c1 - c0)) "$bytes" 1000000)"
+	log "  $L iperf3 -P $n  ${NAME[$id]}: $v Gbit/s, proxy CPU $(((c1 - c0) / 1000)) ms"
 }
 # m_wrk LAYOUT ID ROUND ka|close|tele
 m_wrk() {
-	local L=$1 id=$2 r=$3 kind=$4 out="$WORK/wrk.out" rps p50 p99 err
+	local L=$1 id=$2 r=$3 kind=$4 out="$WORK/wrk.out" rps p50 p99 err nreq c0 c1 cpr
 	local args=(-t1 -c"$WRK_CONNS" -d"${DUR}s" --latency)
 	[ "$kind" = close ] && args+=(-H 'Connection: close')
+	c0=$(cpu_us "$id")
 	if ! timeout $((DUR + 30)) taskset -c "$LG_CPU" wrk "${args[@]}" "http://127.0.0.1:${PORT[$id.http]}/" \
 		>"$out" 2>&1; then
 		fail "wrk ($kind) through ${NAME[$id]} (layout $L): $(tail -c 300 "$out")"
 	fi
-	read -r rps p50 p99 err < <("${TOOL[@]}" parse-wrk "$out")
+	c1=$(cpu_us "$id")
+	read -r rps p50 p99 err nreq < <("${TOOL[@]}" parse-wrk "$out")
+	cpr=$(per $((c1 - c0)) "$nreq")
 	if [ "$kind" = tele ]; then
 		local who=record_on
 		[ "$id" = psoff ] && who=record_off
 		record "$L" tele_rps "$who" "$r" "$rps"
-		log "  $L wrk telemetry $who: $rps req/s"
+		record "$L" tele_cpu "$who" "$r" "$cpr"
+		log "  $L wrk telemetry $who: $rps req/s, proxy CPU $cpr us/req"
 		return
 	fi
+	record "$L" "${kind}_cpu" "${NAME[$id]}" "$r" "$cpr"
 	record "$L" "${kind}_rps" "${NAME[$id]}" "$r" "$rps"
 	record "$L" "${kind}_p50" "${NAME[$id]}" "$r" "$p50"
 	record "$L" "${kind}_p99" "${NAME[$id]}" "$r" "$p99"
 	record "$L" "${kind}_err" "${NAME[$id]}" "$r" "$err"
-	log "  $L wrk $kind ${NAME[$id]}: $rps req/s p50 ${p50}ms p99 ${p99}ms errors $err"
+	log "  $L wrk $kind ${NAME[$id]}: $rps req/s p50 ${p50}ms p99 ${p99}ms errors $err, proxy CPU $cpr us/req"
 }
 redis_run() { # PORT N PIPELINE OUT TESTS
 	timeout 300 taskset -c "$LG_CPU" redis-benchmark -h 127.0.0.1 -p "$1" -c "$REDIS_CLIENTS" \
 		-n "$2" -P "$3" -t "$5" --csv >"$4" 2>"$4.err"
 }
 m_redis() { # LAYOUT ID ROUND PIPELINE
-	local L=$1 id=$2 r=$3 P=$4 out="$WORK/redis.csv" n suffix="" t v got=0
+	local L=$1 id=$2 r=$3 P=$4 out="$WORK/redis.csv" n suffix="" t v got=0 c0 c1
 	if [ "$P" = 1 ]; then n=$REDIS_N_PLAIN; else n=$REDIS_N_PIPE; suffix="_P$P"; fi
+	c0=$(cpu_us "$id")
 	redis_run "${PORT[$id.redis]}" "$n" "$P" "$out" set,get ||
 		fail "redis-benchmark -P $P through ${NAME[$id]} (layout $L): $(tail -c 300 "$out.err")"
+	c1=$(cpu_us "$id")
+	# SET and GET run back to back: CPU per request over both (2n requests)
+	record "$L" "redis_cpu${suffix}" "${NAME[$id]}" "$r" "$(per $((c1 - c0)) $((2 * n)))"
 	while read -r t v; do
 		record "$L" "redis_${t}${suffix}" "${NAME[$id]}" "$r" "$v"
 		log "  $L redis $t -P $P ${NAME[$id]}: $v req/s"

@@ -78,18 +78,7 @@ pub async fn run(target: SocketAddr, rate: f64, stats: Arc<LoadStats>, stop: Can
             stats.skipped.fetch_add(1, Relaxed);
             continue;
         };
-        stats.sent.fetch_add(1, Relaxed);
-        let stats = Arc::clone(&stats);
-        tasks.spawn(async move {
-            let start = tokio::time::Instant::now();
-            let r = tokio::time::timeout(REQUEST_TIMEOUT, http_get(target)).await;
-            let r = match r {
-                Ok(Ok(body)) => Ok(body),
-                _ => Err(()),
-            };
-            stats.record(r, start.elapsed());
-            drop(permit);
-        });
+        tasks.spawn(one_request(target, Arc::clone(&stats), permit));
     }
     tasks.close();
     tasks.wait().await;
@@ -115,18 +104,25 @@ pub async fn run_schedule(
             stats.skipped.fetch_add(1, Relaxed);
             continue;
         };
-        stats.sent.fetch_add(1, Relaxed);
-        let stats = Arc::clone(&stats);
-        tasks.spawn(async move {
-            let begun = tokio::time::Instant::now();
-            let r = match tokio::time::timeout(REQUEST_TIMEOUT, http_get(target)).await {
-                Ok(Ok(body)) => Ok(body),
-                _ => Err(()),
-            };
-            stats.record(r, begun.elapsed());
-            drop(permit);
-        });
+        tasks.spawn(one_request(target, Arc::clone(&stats), permit));
     }
     tasks.close();
     tasks.wait().await;
+}
+
+/// One request on a new connection, counted; releases its in-flight slot
+/// when done.
+async fn one_request(
+    target: SocketAddr,
+    stats: Arc<LoadStats>,
+    permit: tokio::sync::OwnedSemaphorePermit,
+) {
+    stats.sent.fetch_add(1, Relaxed);
+    let begun = tokio::time::Instant::now();
+    let r = match tokio::time::timeout(REQUEST_TIMEOUT, http_get(target)).await {
+        Ok(Ok(body)) => Ok(body),
+        _ => Err(()),
+    };
+    stats.record(r, begun.elapsed());
+    drop(permit);
 }

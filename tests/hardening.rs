@@ -164,6 +164,40 @@ async fn backend_dying_mid_stream_closes_client_promptly() {
     assert_eq!(c.reset, 1, "{c:?}");
 }
 
+/// A backend that resets before answering: with `retry_on_early_reset`
+/// the client's request goes to the next backend; without, the client
+/// sees the reset.
+#[tokio::test]
+async fn early_reset_is_retried_only_when_enabled() {
+    let resetting = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let raddr = resetting.local_addr().unwrap();
+    tokio::spawn(async move {
+        while let Ok((s, _)) = resetting.accept().await {
+            tokio::spawn(async move {
+                tokio::time::sleep(Duration::from_millis(50)).await;
+                socket2::SockRef::from(&s)
+                    .set_linger(Some(Duration::ZERO))
+                    .unwrap();
+                drop(s);
+            });
+        }
+    });
+    let echo = echo_backend().await;
+    for (retry, want_ok) in [(true, true), (false, false)] {
+        let extra = if retry {
+            "retry_on_early_reset = true"
+        } else {
+            ""
+        };
+        let proxy = start_proxy(&two_group_config(&[raddr], &[echo.addr()], extra)).await;
+        let result = echo_roundtrip(proxy.addr(), 2000, 5).await;
+        assert_eq!(result.is_ok(), want_ok, "retry {retry}: {result:?}");
+        if retry {
+            assert!(proxy.state("l").outcomes.snapshot().retried >= 1);
+        }
+    }
+}
+
 /// Failed upstream connects are counted by errno on /metrics.
 #[tokio::test]
 async fn connect_errors_are_counted_by_errno() {
@@ -464,10 +498,12 @@ async fn backend_churn_causes_no_client_errors() {
         .await
         .unwrap();
     let flaky_addr = flaky.addr();
+    // A stopped backend resets the connections still in its accept queue;
+    // retry_on_early_reset hands those requests to the next backend.
     let proxy = start_proxy(&two_group_config(
         &[flaky_addr, steady.addr()],
         &[steady.addr()],
-        "",
+        "retry_on_early_reset = true",
     ))
     .await;
     let stats = Arc::new(portshift::load::LoadStats::default());
@@ -498,7 +534,7 @@ async fn backend_churn_causes_no_client_errors() {
         stats.errors.load(Ordering::Relaxed),
     );
     eprintln!(
-        "churn: {secs}s, {cycles} stop/start cycles, {sent} requests, {ok} ok, {errors} errors, {} refused upstream connects retried",
+        "churn: {secs}s, {cycles} stop/start cycles, {sent} requests, {ok} ok, {errors} errors, {} refused upstream connects retried; {c:?}",
         c.connect_refused
     );
     assert_eq!(

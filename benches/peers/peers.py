@@ -2,8 +2,8 @@
 """Helpers for benches/peers.sh (stdlib only).
 
 Subcommands:
-  parse-wrk FILE          -> "rps p50_ms p99_ms errors"
-  parse-iperf FILE        -> Gbit/s received
+  parse-wrk FILE          -> "rps p50_ms p99_ms errors requests"
+  parse-iperf FILE        -> "Gbit/s bytes" received
   parse-redis FILE        -> one "TEST rps" line per redis-benchmark test
   check-http PORT WANT    -> exit 0 if GET / through PORT returns a body containing WANT
   check-redis PORT        -> exit 0 if PING through PORT answers +PONG
@@ -13,8 +13,10 @@ Subcommands:
                              SIGUSR1: send 64 bytes on each and read the echo;
                              writes "connected <n>" / "exchanged <n>" to STATUS
   rss PID                 -> VmRSS of PID in bytes
+  cpu PID                 -> user+system CPU time of PID (all threads), microseconds
   report RAW.tsv META.json OUT.json [LATEST.json]
                           -> print the table, write the JSON
+  table RESULT.json       -> print the table of a saved result again
 """
 import json
 import math
@@ -42,6 +44,10 @@ def parse_wrk(path):
     txt = open(path, errors="replace").read()
     rps = p50 = p99 = float("nan")
     errors = 0
+    nreq = 0
+    m = re.search(r"(\d+) requests in", txt)
+    if m:
+        nreq = int(m.group(1))
     m = re.search(r"Requests/sec:\s+([0-9.]+)", txt)
     if m:
         rps = float(m.group(1))
@@ -57,16 +63,16 @@ def parse_wrk(path):
     m = re.search(r"Non-2xx or 3xx responses: (\d+)", txt)
     if m:
         errors += int(m.group(1))
-    print(f"{rps} {p50} {p99} {errors}")
+    print(f"{rps} {p50} {p99} {errors} {nreq}")
 
 
 def parse_iperf(path):
     try:
         d = json.load(open(path))
         bps = d["end"]["sum_received"]["bits_per_second"]
-        print(f"{bps / 1e9:.4f}")
+        print(f"{bps / 1e9:.4f} {int(d['end']['sum_received']['bytes'])}")
     except Exception:  # noqa: BLE001 - a failed run is reported as nan
-        print("nan")
+        print("nan 0")
 
 
 def parse_redis(path):
@@ -233,6 +239,13 @@ def rss(pid):
     print("nan")
 
 
+def cpu(pid):
+    # /proc/PID/stat: utime and stime are fields 14 and 15, counted after the
+    # ")" that ends the command name; they include every thread.
+    f = open(f"/proc/{pid}/stat").read().rsplit(")", 1)[1].split()
+    print(int((int(f[11]) + int(f[12])) * 1_000_000 / os.sysconf("SC_CLK_TCK")))
+
+
 # ---------------------------------------------------------------- report
 
 PROXIES = ["portshift", "haproxy", "nginx"]
@@ -241,15 +254,21 @@ PROXIES = ["portshift", "haproxy", "nginx"]
 METRICS = {
     "iperf1": ("bulk throughput, iperf3 1 stream", "Gbit/s", "higher", 2),
     "iperf8": ("bulk throughput, iperf3 8 streams", "Gbit/s", "higher", 2),
+    "iperf1_cpu": ("proxy CPU per GB, iperf3 1 stream", "ms/GB", "lower", 1),
+    "iperf8_cpu": ("proxy CPU per GB, iperf3 8 streams", "ms/GB", "lower", 1),
     "ka_rps": ("HTTP keep-alive, wrk", "req/s", "higher", 0),
     "ka_p50": ("HTTP keep-alive, wrk p50 latency", "ms", "lower", 3),
     "ka_p99": ("HTTP keep-alive, wrk p99 latency", "ms", "lower", 3),
+    "ka_cpu": ("proxy CPU per keep-alive request", "us/req", "lower", 2),
     "close_rps": ("new connections, wrk Connection: close", "conn/s", "higher", 0),
     "close_p99": ("new connections, wrk p99 latency", "ms", "lower", 3),
+    "close_cpu": ("proxy CPU per new connection", "us/conn", "lower", 2),
     "redis_SET": ("redis-benchmark SET", "req/s", "higher", 0),
     "redis_GET": ("redis-benchmark GET", "req/s", "higher", 0),
     "redis_SET_P16": ("redis-benchmark SET -P 16", "req/s", "higher", 0),
     "redis_GET_P16": ("redis-benchmark GET -P 16", "req/s", "higher", 0),
+    "redis_cpu": ("proxy CPU per redis request (SET+GET)", "us/req", "lower", 3),
+    "redis_cpu_P16": ("proxy CPU per redis request -P 16", "us/req", "lower", 3),
     "rss_base": ("RSS at start, no connections", "KiB", "lower", 0),
     "mem_fresh": ("memory per idle conn (never used)", "B/conn", "lower", 0),
     "mem_used": ("memory per idle conn (after 64 B echo)", "B/conn", "lower", 0),
@@ -326,46 +345,90 @@ def report(raw_path, meta_path, out_path, latest_path=None):
         off = samples.get((layout, "tele_rps", "record_off"), [])
         if not on and not off:
             continue
-        mon, moff = _median(on), _median(off)
+        con = samples.get((layout, "tele_cpu", "record_on"), [])
+        coff = samples.get((layout, "tele_cpu", "record_off"), [])
+        mon, moff, mcon, mcoff = _median(on), _median(off), _median(con), _median(coff)
         cost = (moff - mon) / moff * 100.0 if moff and not math.isnan(moff) and not math.isnan(mon) else float("nan")
+        ccost = (mcon - mcoff) / mcoff * 100.0 if mcoff and not math.isnan(mcoff) and not math.isnan(mcon) else float("nan")
+        nn = lambda v: None if math.isnan(v) else v  # noqa: E731
         tele.append({
             "layout": layout,
-            "record_on_rps": None if math.isnan(mon) else mon,
-            "record_off_rps": None if math.isnan(moff) else moff,
-            "cost_percent": None if math.isnan(cost) else cost,
-            "samples": {"record_on": on, "record_off": off},
+            "record_on_rps": nn(mon),
+            "record_off_rps": nn(moff),
+            "cost_percent": nn(cost),
+            "record_on_cpu_us_per_req": nn(mcon),
+            "record_off_cpu_us_per_req": nn(mcoff),
+            "cpu_cost_percent": nn(ccost),
+            "samples": {"record_on": on, "record_off": off,
+                        "record_on_cpu": con, "record_off_cpu": coff},
         })
 
-    # ---- table
+    out = {"meta": meta, "results": rows, "telemetry": tele}
+    print_table(out)
+    with open(out_path, "w") as f:
+        json.dump(out, f, indent=2)
+        f.write("\n")
+    if latest_path:
+        with open(latest_path, "w") as f:
+            json.dump(out, f, indent=2)
+            f.write("\n")
+
+
+def _spread(row):
+    """Largest (max - min) / median over the three proxies' samples, in %."""
+    worst = float("nan")
+    for p in PROXIES:
+        xs = [x for x in row["samples"].get(p, []) if x is not None and not math.isnan(x)]
+        if len(xs) < 2:
+            continue
+        m = statistics.median(xs)
+        if m:
+            v = (max(xs) - min(xs)) / abs(m) * 100.0
+            worst = v if math.isnan(worst) else max(worst, v)
+    return worst
+
+
+def print_table(out):
+    meta, rows, tele = out["meta"], out["results"], out["telemetry"]
     hdr = ["metric", "layout", "unit", "better", "portshift", "haproxy", "nginx",
-           "ps/haproxy", "ps/nginx"]
+           "ps/haproxy", "ps/nginx", "spread"]
     lines = []
     for r in rows:
-        dec = METRICS[r["metric"]][3]
+        dec = METRICS.get(r["metric"], ("", "", "", 2))[3]
         label = r["label"]
         errs = r.get("errors")
         if errs and any(errs.values()):
             label += " [errors: " + "/".join(f"{int(errs[p])}" for p in PROXIES) + "]"
+        sp = _spread(r)
         lines.append([label, r["layout"], r["unit"], r["better"],
                       _fmt(r["portshift"], dec), _fmt(r["haproxy"], dec), _fmt(r["nginx"], dec),
-                      _fmt(r["portshift/haproxy"], 2), _fmt(r["portshift/nginx"], 2)])
+                      _fmt(r["portshift/haproxy"], 2), _fmt(r["portshift/nginx"], 2),
+                      "-" if math.isnan(sp) else f"{sp:.0f}%"])
     for t in tele:
-        lines.append(["portshift telemetry: record=true", t["layout"], "req/s", "higher",
-                      _fmt(t["record_on_rps"], 0), "-", "-", "-", "-"])
-        lines.append(["portshift telemetry: record=false", t["layout"], "req/s", "higher",
-                      _fmt(t["record_off_rps"], 0), "-", "-", "-", "-"])
-        lines.append(["portshift telemetry cost (off-on)/off", t["layout"], "%", "lower",
-                      _fmt(t["cost_percent"], 1), "-", "-", "-", "-"])
+        L = t["layout"]
+        lines.append(["portshift record=true, wrk keep-alive", L, "req/s", "higher",
+                      _fmt(t["record_on_rps"], 0), "-", "-", "-", "-", "-"])
+        lines.append(["portshift record=false, wrk keep-alive", L, "req/s", "higher",
+                      _fmt(t["record_off_rps"], 0), "-", "-", "-", "-", "-"])
+        lines.append(["telemetry cost in req/s: (off-on)/off", L, "%", "lower",
+                      _fmt(t["cost_percent"], 1), "-", "-", "-", "-", "-"])
+        if t.get("record_on_cpu_us_per_req") is not None:
+            lines.append(["portshift record=true, CPU per request", L, "us/req", "lower",
+                          _fmt(t["record_on_cpu_us_per_req"], 2), "-", "-", "-", "-", "-"])
+            lines.append(["portshift record=false, CPU per request", L, "us/req", "lower",
+                          _fmt(t["record_off_cpu_us_per_req"], 2), "-", "-", "-", "-", "-"])
+            lines.append(["telemetry cost in CPU: (on-off)/off", L, "%", "lower",
+                          _fmt(t["cpu_cost_percent"], 1), "-", "-", "-", "-", "-"])
     widths = [max(len(str(x[i])) for x in lines + [hdr]) for i in range(len(hdr))]
-    right = {4, 5, 6, 7, 8}
+    right = {4, 5, 6, 7, 8, 9}
 
     def fmtrow(x):
         return "  ".join(str(c).rjust(widths[i]) if i in right else str(c).ljust(widths[i])
-                         for i, c in enumerate(x))
+                         for i, c in enumerate(x)).rstrip()
 
     print()
-    print(f"portshift vs haproxy vs nginx — {meta.get('mode')} run, {meta.get('rounds')} round(s), "
-          f"medians; {meta.get('timestamp')}")
+    print(f"portshift vs haproxy vs nginx: {meta.get('mode')} run, {meta.get('rounds')} round(s) "
+          f"of {meta.get('duration_s'):g} s, medians; {meta.get('timestamp')}")
     print(f"host: {meta.get('host', {}).get('cpu')}, nproc {meta.get('host', {}).get('nproc')}, "
           f"kernel {meta.get('host', {}).get('kernel')}")
     for k, v in meta.get("layout_desc", {}).items():
@@ -377,21 +440,17 @@ def report(raw_path, meta_path, out_path, latest_path=None):
     for x in lines:
         print(fmtrow(x))
     print()
-    print("ratios are portshift/peer: for 'higher' rows >1 means portshift is better, "
-          "for 'lower' rows <1 means portshift is better.")
+    print("ratios are portshift/peer: in 'higher' rows >1 favours portshift, in 'lower' rows <1 does.")
+    print("spread: largest (max-min)/median of one proxy's rounds; ratios closer to 1 than that are noise.")
+    print("proxy CPU: user+system time of the proxy process (nginx: its worker) during the measurement.")
     for n in meta.get("notes", []):
         print("note: " + n)
     if meta.get("failures"):
         print("FAILURES: " + "; ".join(meta["failures"]))
 
-    out = {"meta": meta, "results": rows, "telemetry": tele}
-    with open(out_path, "w") as f:
-        json.dump(out, f, indent=2)
-        f.write("\n")
-    if latest_path:
-        with open(latest_path, "w") as f:
-            json.dump(out, f, indent=2)
-            f.write("\n")
+
+def table(path):
+    print_table(json.load(open(path)))
 
 
 def main():
@@ -408,7 +467,9 @@ def main():
         "sink": sink,
         "hold": hold,
         "rss": rss,
+        "cpu": cpu,
         "report": report,
+        "table": table,
     }.get(cmd)
     if fn is None:
         print(__doc__)

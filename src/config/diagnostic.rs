@@ -101,6 +101,52 @@ impl<'a> Reporter<'a> {
         });
     }
 
+    /// Deserializes `text`; a TOML or type error is reported with its span
+    /// and, where we can tell, the fix.
+    pub fn parse_toml<T: serde::de::DeserializeOwned>(&mut self, text: &str) -> Option<T> {
+        match toml::from_str(text) {
+            Ok(v) => Some(v),
+            Err(e) => {
+                let message = e.message().trim().to_owned();
+                let hint = unknown_field_hint(&message).or_else(|| type_hint(&message));
+                match e.span() {
+                    Some(span) => self.error(span, message, hint),
+                    None => self.error_file(message, hint),
+                }
+                None
+            }
+        }
+    }
+
+    /// A duration such as "250ms"; reports a malformed one (or a zero one
+    /// when `positive`) and returns None.
+    pub fn duration(
+        &mut self,
+        raw: &toml::Spanned<String>,
+        key: &str,
+        positive: bool,
+    ) -> Option<std::time::Duration> {
+        match humantime::parse_duration(raw.get_ref()) {
+            Ok(d) if positive && d.is_zero() => {
+                self.error(
+                    raw.span(),
+                    format!("`{key}` must be greater than zero"),
+                    None,
+                );
+                None
+            }
+            Ok(d) => Some(d),
+            Err(e) => {
+                self.error(
+                    raw.span(),
+                    format!("`{key}`: `{}` is not a duration ({e})", raw.get_ref()),
+                    Some("write e.g. \"250ms\", \"3s\" or \"15m\"".into()),
+                );
+                None
+            }
+        }
+    }
+
     pub fn finish(self) -> Result<(), ConfigError> {
         if self.diagnostics.is_empty() {
             Ok(())
@@ -144,6 +190,17 @@ pub fn did_you_mean<'c>(
             let list: Vec<String> = known.into_iter().map(|k| format!("`{k}`")).collect();
             (!list.is_empty()).then(|| format!("known: {}", list.join(", ")))
         }
+    }
+}
+
+/// A hint for serde's type errors that have an obvious fix.
+fn type_hint(message: &str) -> Option<String> {
+    if message.contains("expected a sequence") {
+        Some(r#"write a list, e.g. ["127.0.0.1:8080"]"#.into())
+    } else if message.contains("missing field") {
+        Some("add the missing key (see the reference in README.md)".into())
+    } else {
+        None
     }
 }
 

@@ -143,6 +143,10 @@ pub struct Listener {
     pub connect_timeout: Duration,
     pub idle_timeout: Duration,
     pub connect_attempts: u32,
+    /// A backend that resets before sending a byte gets the client's first
+    /// bytes (up to 16 KiB) replayed to the next backend. Safe only for
+    /// idempotent protocols; off by default.
+    pub retry_on_early_reset: bool,
     pub limits: Limits,
     /// Close a client that sends nothing this long after connecting (a
     /// slow-loris guard; leave unset for server-speaks-first protocols).

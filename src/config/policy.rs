@@ -2,7 +2,7 @@
 //! `core::policy::Policy`, with the same file:line:column diagnostics as the
 //! main config.
 
-use super::diagnostic::{Reporter, did_you_mean, unknown_field_hint};
+use super::diagnostic::{Reporter, did_you_mean};
 use super::raw::S;
 use crate::core::policy::{Canary, Counting, Mode, NoData, Policy, Quantile, Recover, Shift, Trip};
 use crate::core::routes::TOTAL_BP;
@@ -122,18 +122,7 @@ pub fn parse_text(name: &str, path: &Path, text: &str) -> Result<Policy, super::
 
 /// Parses policy `text`; `None` when anything was reported.
 pub fn parse(name: &str, text: &str, rep: &mut Reporter<'_>) -> Option<Policy> {
-    let raw: RawPolicy = match toml::from_str(text) {
-        Ok(r) => r,
-        Err(e) => {
-            let message = e.message().trim().to_owned();
-            let hint = unknown_field_hint(&message);
-            match e.span() {
-                Some(span) => rep.error(span, message, hint),
-                None => rep.error_file(message, hint),
-            }
-            return None;
-        }
-    };
+    let raw: RawPolicy = rep.parse_toml(text)?;
     let before = rep.diagnostics.len();
     let policy = PolicyValidator { rep }.policy(name, raw);
     (rep.diagnostics.len() == before).then_some(policy)
@@ -555,26 +544,8 @@ impl PolicyValidator<'_, '_> {
     }
 
     fn duration(&mut self, raw: Option<&S<String>>, key: &str, default: Duration) -> Duration {
-        let Some(raw) = raw else { return default };
-        match humantime::parse_duration(raw.get_ref()) {
-            Ok(d) if !d.is_zero() => d,
-            Ok(_) => {
-                self.rep.error(
-                    raw.span(),
-                    format!("`{key}` must be greater than zero"),
-                    None,
-                );
-                default
-            }
-            Err(e) => {
-                self.rep.error(
-                    raw.span(),
-                    format!("`{key}`: `{}` is not a duration ({e})", raw.get_ref()),
-                    Some("write e.g. \"250ms\", \"3s\" or \"15m\"".into()),
-                );
-                default
-            }
-        }
+        raw.and_then(|r| self.rep.duration(r, key, true))
+            .unwrap_or(default)
     }
 }
 

@@ -1,7 +1,7 @@
 //! Raw config -> validated `Config`. Every check reports into one `Reporter`
 //! so the user sees all problems in one run.
 
-use super::diagnostic::{Reporter, did_you_mean, unknown_field_hint};
+use super::diagnostic::{Reporter, did_you_mean};
 use super::listen::{addrs_collide, parse_listen};
 use super::raw::{RawAdmin, RawConfig, RawGroup, RawListener, RawProbe, RawStats, S};
 use super::*;
@@ -10,17 +10,8 @@ use std::collections::HashMap;
 
 pub fn parse(path: &Path, text: &str) -> Result<Config, ConfigError> {
     let mut rep = Reporter::new(path, text);
-    let raw: RawConfig = match toml::from_str(text) {
-        Ok(raw) => raw,
-        Err(e) => {
-            let message = e.message().trim().to_owned();
-            let hint = unknown_field_hint(&message).or_else(|| type_hint(&message));
-            match e.span() {
-                Some(span) => rep.error(span, message, hint),
-                None => rep.error_file(message, hint),
-            }
-            return Err(rep.finish().expect_err("an error was just reported"));
-        }
+    let Some(raw) = rep.parse_toml::<RawConfig>(text) else {
+        return Err(rep.finish().expect_err("an error was just reported"));
     };
     let config = Validator {
         rep: &mut rep,
@@ -28,16 +19,6 @@ pub fn parse(path: &Path, text: &str) -> Result<Config, ConfigError> {
     }
     .config(raw);
     rep.finish().map(|()| config)
-}
-
-fn type_hint(message: &str) -> Option<String> {
-    if message.contains("expected a sequence") {
-        Some(r#"write a list, e.g. ["127.0.0.1:8080"]"#.into())
-    } else if message.contains("missing field") {
-        Some("add the missing key (see the config reference in README.md)".into())
-    } else {
-        None
-    }
 }
 
 struct Validator<'r, 'a> {
@@ -387,6 +368,7 @@ impl Validator<'_, '_> {
                 DEFAULT_IDLE_TIMEOUT,
             ),
             connect_attempts: self.attempts(raw.connect_attempts.as_ref()),
+            retry_on_early_reset: raw.retry_on_early_reset.unwrap_or(false),
             limits: Limits {
                 max_connections: self.count(
                     raw.max_connections.as_ref(),
@@ -571,26 +553,8 @@ impl Validator<'_, '_> {
     }
 
     fn duration(&mut self, raw: Option<&S<String>>, key: &str, default: Duration) -> Duration {
-        let Some(raw) = raw else { return default };
-        match humantime::parse_duration(raw.get_ref()) {
-            Ok(d) if d.is_zero() => {
-                self.rep.error(
-                    raw.span(),
-                    format!("`{key}` must be greater than zero"),
-                    None,
-                );
-                default
-            }
-            Ok(d) => d,
-            Err(e) => {
-                self.rep.error(
-                    raw.span(),
-                    format!("`{key}`: `{}` is not a duration ({e})", raw.get_ref()),
-                    Some("write e.g. \"250ms\", \"3s\" or \"15m\"".into()),
-                );
-                default
-            }
-        }
+        raw.and_then(|r| self.rep.duration(r, key, true))
+            .unwrap_or(default)
     }
 
     /// An optional count within `min..=max`.

@@ -36,30 +36,81 @@ pub async fn handle(state: Arc<ListenerState>, client: TcpStream, _source: Optio
         }
     }
     let (table, plan) = state.router.plan_next(state.connect_attempts);
-    let Some((attempt, upstream, connect)) = connect_first(&state, &table.groups, &plan).await
-    else {
-        // Every attempt failed: close the client now rather than let it hang.
-        state.outcomes.no_backend();
-        state.listener_metrics.no_backend.increment(1);
-        debug!(listener = %state.name, attempts = plan.len(), "no backend reachable; closing client");
-        if let Some(trace) = state.trace.load().as_ref() {
-            trace.write(&TraceRecord {
-                t: arrived,
-                listener: &state.name,
-                group: "",
-                backend: "",
-                connect: None,
-                first_byte: None,
-                outcome: "no_backend",
-                bytes_to_backend: 0,
-                bytes_to_client: 0,
-            });
+    let mut from = 0;
+    let mut replay: Option<copy::Replay> = None;
+    loop {
+        let Some((i, upstream, connect)) = connect_first(&state, &table.groups, &plan, from).await
+        else {
+            // Every attempt failed: close the client now rather than let it hang.
+            no_backend(&state, arrived, plan.len());
+            return;
+        };
+        let attempt = plan[i];
+        if let Some(r) = replay.take() {
+            // The previous backend reset before answering: give this one
+            // what the client had sent.
+            if copy::resend(&upstream, &r).await.is_err() {
+                from = i + 1;
+                replay = Some(r);
+                continue;
+            }
         }
-        return;
-    };
+        let copied = proxy_one(
+            &state,
+            &table.groups,
+            attempt,
+            &client,
+            &upstream,
+            connect,
+            arrived,
+        )
+        .await;
+        match copied.replay {
+            Some(r) if i + 1 < plan.len() => {
+                state.outcomes.retried();
+                debug!(listener = %state.name, bytes = r.bytes.len(), "backend reset before answering; replaying to the next");
+                from = i + 1;
+                replay = Some(r);
+            }
+            _ => return,
+        }
+    }
+}
+
+/// Every attempt failed: count, log, trace.
+fn no_backend(state: &ListenerState, arrived: Duration, attempts: usize) {
+    state.outcomes.no_backend();
+    state.listener_metrics.no_backend.increment(1);
+    debug!(listener = %state.name, attempts, "no backend reachable; closing client");
+    if let Some(trace) = state.trace.load().as_ref() {
+        trace.write(&TraceRecord {
+            t: arrived,
+            listener: &state.name,
+            group: "",
+            backend: "",
+            connect: None,
+            first_byte: None,
+            outcome: "no_backend",
+            bytes_to_backend: 0,
+            bytes_to_client: 0,
+        });
+    }
+}
+
+/// Copies between the client and one connected backend, recording every
+/// signal and outcome against that backend.
+async fn proxy_one(
+    state: &ListenerState,
+    groups: &[Arc<GroupRoutes>],
+    attempt: Attempt,
+    client: &TcpStream,
+    upstream: &TcpStream,
+    connect: Duration,
+    arrived: Duration,
+) -> copy::Copied {
     state.outcomes.connected();
-    apply_socket_options(&upstream, &state.socket);
-    let _tracked = table.groups[attempt.group].track(attempt.backend);
+    apply_socket_options(upstream, &state.socket);
+    let _tracked = groups[attempt.group].track(attempt.backend);
     let metrics = &state.metrics[attempt.group][attempt.backend];
     let stats = &state.stats[attempt.group].backends[attempt.backend];
     metrics.connections.increment(1);
@@ -78,12 +129,14 @@ pub async fn handle(state: Arc<ListenerState>, client: TcpStream, _source: Optio
             metrics.latency(Signal::FirstByte, turn.latency);
         }
     };
+    let keep_replay = state.retry_on_early_reset;
     let copied = copy::bidirectional(
-        &client,
-        &upstream,
+        client,
+        upstream,
         state.idle_timeout,
         state.clock,
         &on_turn,
+        keep_replay,
     )
     .await;
     metrics.active.decrement(1.0);
@@ -98,10 +151,12 @@ pub async fn handle(state: Arc<ListenerState>, client: TcpStream, _source: Optio
             metrics.error(ErrorKind::Reset);
         }
     }
-    state.outcomes.ended(copied.end, copied.up, copied.down);
+    if copied.replay.is_none() {
+        state.outcomes.ended(copied.end, copied.up, copied.down);
+    }
     if let Some(trace) = state.trace.load().as_ref() {
         let fb = first_byte_us.load(Relaxed);
-        let routes = &table.groups[attempt.group];
+        let routes = &groups[attempt.group];
         trace.write(&TraceRecord {
             t: arrived,
             listener: &state.name,
@@ -109,15 +164,17 @@ pub async fn handle(state: Arc<ListenerState>, client: TcpStream, _source: Optio
             backend: &routes.addr(attempt.backend).to_string(),
             connect: Some(connect),
             first_byte: (fb > 0).then(|| Duration::from_micros(fb)),
-            outcome: match copied.end {
-                End::Closed => "closed",
-                End::IdleTimeout => "idle_timeout",
-                End::Reset => "reset",
+            outcome: match (copied.end, copied.replay.is_some()) {
+                (_, true) => "reset_retried",
+                (End::Closed, _) => "closed",
+                (End::IdleTimeout, _) => "idle_timeout",
+                (End::Reset, _) => "reset",
             },
             bytes_to_backend: copied.up,
             bytes_to_client: copied.down,
         });
     }
+    copied
 }
 
 /// Tries the plan in order; a refused or timed-out backend is followed by the
@@ -127,8 +184,9 @@ async fn connect_first(
     state: &ListenerState,
     groups: &[Arc<GroupRoutes>],
     plan: &[Attempt],
-) -> Option<(Attempt, TcpStream, Duration)> {
-    for (i, &attempt) in plan.iter().enumerate() {
+    from: usize,
+) -> Option<(usize, TcpStream, Duration)> {
+    for (i, &attempt) in plan.iter().enumerate().skip(from) {
         let addr = groups[attempt.group].addr(attempt.backend);
         let stats = &state.stats[attempt.group].backends[attempt.backend];
         let metrics = &state.metrics[attempt.group][attempt.backend];
@@ -141,7 +199,7 @@ async fn connect_first(
                         stats.record(Signal::Connect, now, now - started);
                         metrics.latency(Signal::Connect, now - started);
                     }
-                    return Some((attempt, stream, now - started));
+                    return Some((i, stream, now - started));
                 }
                 Ok(Err(e)) => {
                     crate::telemetry::connect_errno(&state.name, crate::telemetry::errno_name(&e));

@@ -18,11 +18,83 @@ use tokio::net::TcpStream;
 pub const BUFFER_BYTES: usize = 16 * 1024;
 
 /// What a finished copy moved and how it ended.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Copied {
     pub up: u64,
     pub down: u64,
     pub end: End,
+    /// Set when the backend reset before sending a single byte and the
+    /// listener retries such resets: what the client had sent, to give the
+    /// next backend.
+    pub replay: Option<Replay>,
+}
+
+/// The client's bytes so far (at most one buffer), and whether it had
+/// already closed its side.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Replay {
+    pub bytes: Vec<u8>,
+    pub client_eof: bool,
+}
+
+/// Gives a fresh backend what the client had sent the one that failed.
+pub async fn resend(upstream: &TcpStream, r: &Replay) -> io::Result<()> {
+    write_all(upstream, &r.bytes).await?;
+    if r.client_eof {
+        socket2::SockRef::from(upstream).shutdown(std::net::Shutdown::Write)?;
+    }
+    Ok(())
+}
+
+/// Which side failed.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Failed {
+    Client,
+    Upstream,
+}
+
+/// Client bytes kept until the backend first answers (retry on early
+/// reset only).
+#[derive(Debug, Default)]
+struct ReplayLog {
+    enabled: bool,
+    bytes: std::sync::Mutex<Vec<u8>>,
+    client_eof: std::sync::atomic::AtomicBool,
+    /// The backend answered, or the client sent more than one buffer:
+    /// nothing may be replayed any more.
+    done: std::sync::atomic::AtomicBool,
+}
+
+impl ReplayLog {
+    fn client_sent(&self, chunk: &[u8]) {
+        if !self.enabled || self.done.load(Relaxed) {
+            return;
+        }
+        let mut b = self.bytes.lock().unwrap_or_else(|p| p.into_inner());
+        if b.len() + chunk.len() > BUFFER_BYTES {
+            self.done.store(true, Relaxed);
+            b.clear();
+        } else {
+            b.extend_from_slice(chunk);
+        }
+    }
+
+    fn upstream_spoke(&self) {
+        if self.enabled && !self.done.swap(true, Relaxed) {
+            self.bytes.lock().unwrap_or_else(|p| p.into_inner()).clear();
+        }
+    }
+
+    fn take(&self) -> Option<Replay> {
+        if !self.enabled || self.done.load(Relaxed) {
+            return None;
+        }
+        let bytes = std::mem::take(&mut *self.bytes.lock().unwrap_or_else(|p| p.into_inner()));
+        Some(Replay {
+            bytes,
+            client_eof: self.client_eof.load(Relaxed),
+        })
+    }
 }
 
 /// Runs until both directions reach EOF, either side fails, or nothing moves
@@ -33,7 +105,12 @@ pub async fn bidirectional(
     idle: Duration,
     clock: Clock,
     on_turn: &(dyn Fn(Turn, Duration) + Sync),
+    keep_replay: bool,
 ) -> Copied {
+    let log = ReplayLog {
+        enabled: keep_replay,
+        ..ReplayLog::default()
+    };
     let watch = Watch {
         clock,
         last_us: AtomicU64::new(clock.now().as_micros() as u64),
@@ -43,18 +120,23 @@ pub async fn bidirectional(
     let (up, down) = (AtomicU64::new(0), AtomicU64::new(0));
     let both = async {
         tokio::try_join!(
-            pipe(client, upstream, &up, &watch, Side::Client),
-            pipe(upstream, client, &down, &watch, Side::Upstream)
+            pipe(client, upstream, &up, &watch, Side::Client, &log),
+            pipe(upstream, client, &down, &watch, Side::Upstream, &log)
         )
     };
-    let end = tokio::select! {
-        r = both => if r.is_ok() { End::Closed } else { End::Reset },
-        () = watch.idle_for(idle) => End::IdleTimeout,
+    let (end, failed) = tokio::select! {
+        r = both => match r { Ok(_) => (End::Closed, None), Err(f) => (End::Reset, Some(f)) },
+        () = watch.idle_for(idle) => (End::IdleTimeout, None),
     };
     Copied {
         up: up.load(Relaxed),
         down: down.load(Relaxed),
         end,
+        replay: if failed == Some(Failed::Upstream) {
+            log.take()
+        } else {
+            None
+        },
     }
 }
 
@@ -97,24 +179,38 @@ async fn pipe(
     total: &AtomicU64,
     watch: &Watch<'_>,
     side: Side,
-) -> io::Result<()> {
+    log: &ReplayLog,
+) -> Result<(), Failed> {
+    let (reader, writer) = match side {
+        Side::Client => (Failed::Client, Failed::Upstream),
+        Side::Upstream => (Failed::Upstream, Failed::Client),
+    };
     let mut buf: Vec<u8> = Vec::new();
     loop {
-        from.readable().await?;
+        from.readable().await.map_err(|_| reader)?;
         if buf.is_empty() {
             buf = vec![0u8; BUFFER_BYTES];
         }
         let n = match from.try_read(&mut buf) {
             Ok(n) => n,
             Err(e) if e.kind() == io::ErrorKind::WouldBlock => continue,
-            Err(e) => return Err(e),
+            Err(_) => return Err(reader),
         };
         if n == 0 {
+            if side == Side::Client {
+                log.client_eof.store(true, Relaxed);
+            }
             // Half-close: pass the EOF on, keep the other direction open.
-            return socket2::SockRef::from(to).shutdown(std::net::Shutdown::Write);
+            return socket2::SockRef::from(to)
+                .shutdown(std::net::Shutdown::Write)
+                .map_err(|_| writer);
+        }
+        match side {
+            Side::Client => log.client_sent(&buf[..n]),
+            Side::Upstream => log.upstream_spoke(),
         }
         watch.on_chunk(side);
-        write_all(to, &buf[..n]).await?;
+        write_all(to, &buf[..n]).await.map_err(|_| writer)?;
         total.fetch_add(n as u64, Relaxed);
     }
 }

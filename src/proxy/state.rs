@@ -59,6 +59,7 @@ pub struct ListenerState {
     pub(super) connect_attempts: usize,
     /// `[stats] record`: off skips every latency sample on the data path.
     pub(super) record_latency: bool,
+    pub(super) retry_on_early_reset: bool,
     /// An operator's pinned weights; while set, the policy is suspended.
     pin: Mutex<Option<Weights>>,
     paused: AtomicBool,
@@ -166,6 +167,7 @@ impl ListenerState {
             idle_timeout: l.idle_timeout,
             connect_attempts: l.connect_attempts as usize,
             record_latency: config.record_latency,
+            retry_on_early_reset: l.retry_on_early_reset,
             pin: Mutex::new(None),
             paused: AtomicBool::new(false),
             trace,

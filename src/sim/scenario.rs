@@ -3,7 +3,7 @@
 //! file:line:column diagnostics as the proxy config.
 
 use crate::config::ConfigError;
-use crate::config::diagnostic::{Reporter, did_you_mean, unknown_field_hint};
+use crate::config::diagnostic::{Reporter, did_you_mean};
 use serde::Deserialize;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
@@ -273,17 +273,8 @@ impl Scenario {
 
     pub fn parse(path: &Path, text: &str) -> Result<Scenario, ConfigError> {
         let mut rep = Reporter::new(path, text);
-        let raw: RawScenario = match toml::from_str(text) {
-            Ok(r) => r,
-            Err(e) => {
-                let message = e.message().trim().to_owned();
-                let hint = unknown_field_hint(&message);
-                match e.span() {
-                    Some(span) => rep.error(span, message, hint),
-                    None => rep.error_file(message, hint),
-                }
-                return Err(rep.finish().expect_err("an error was reported"));
-            }
+        let Some(raw) = rep.parse_toml::<RawScenario>(text) else {
+            return Err(rep.finish().expect_err("an error was reported"));
         };
         let s = Validator {
             rep: &mut rep,
@@ -379,17 +370,9 @@ impl Validator<'_, '_> {
     }
 
     fn dur(&mut self, raw: &S<String>, key: &str) -> Duration {
-        match humantime::parse_duration(raw.get_ref()) {
-            Ok(d) => d,
-            Err(e) => {
-                self.rep.error(
-                    raw.span(),
-                    format!("`{key}`: `{}` is not a duration ({e})", raw.get_ref()),
-                    Some("write e.g. \"250ms\", \"30s\" or \"5m\"".into()),
-                );
-                Duration::from_secs(1)
-            }
-        }
+        self.rep
+            .duration(raw, key, false)
+            .unwrap_or(Duration::from_secs(1))
     }
 
     fn group(&mut self, g: &RawGroup) -> SimGroup {
