@@ -266,8 +266,17 @@ fn report(r: anyhow::Result<()>) -> ExitCode {
     }
 }
 
+/// The async runtime: one thread per CPU this process may use. On a single
+/// CPU (e.g. under taskset) the current-thread scheduler does the same work
+/// without the cross-thread bookkeeping of work stealing.
 fn runtime() -> anyhow::Result<tokio::runtime::Runtime> {
-    tokio::runtime::Builder::new_multi_thread()
+    let cpus = std::thread::available_parallelism().map_or(1, |n| n.get());
+    let mut builder = if cpus == 1 {
+        tokio::runtime::Builder::new_current_thread()
+    } else {
+        tokio::runtime::Builder::new_multi_thread()
+    };
+    builder
         .enable_all()
         .build()
         .context("cannot start the async runtime")
