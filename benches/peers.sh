@@ -130,6 +130,10 @@ NGX_WORKER_CONNS=$(( FD - 100 ))
 
 # ------------------------------------------------------------------ processes, cleanup
 WORK="$(mktemp -d /tmp/portshift-peers.XXXXXX)"
+# Run a private copy of the binary: a rebuild during the run cannot swap it.
+PS_SRC="$PS_BIN"
+cp "$PS_SRC" "$WORK/portshift"
+PS_BIN="$WORK/portshift"
 PIDS=()
 stop_pid() {
 	local pid=$1 i
@@ -441,6 +445,20 @@ calibrate_redis() {
 }
 
 PEERS=(ps hap ngx)
+# Between two measurements everything we started is idle, so CPU busy time
+# seen then belongs to someone else: record it, to flag disturbed runs.
+cpu_busy() { # -> "busy total" jiffies, all CPUs (no fork)
+	local _c u n sy idle iow irq sirq st _rest
+	read -r _c u n sy idle iow irq sirq st _rest </proc/stat
+	echo "$((u + n + sy + irq + sirq + st)) $((u + n + sy + idle + iow + irq + sirq + st))"
+}
+settle() { # LAYOUT
+	local b0 t0 b1 t1
+	read -r b0 t0 < <(cpu_busy)
+	sleep "$SETTLE"
+	read -r b1 t1 < <(cpu_busy)
+	[ $((t1 - t0)) -gt 0 ] && record "$1" bg_busy machine 0 "$(per $((b1 - b0)) $((t1 - t0)) 100)"
+}
 run_layout() { # LAYOUT
 	local L=$1 cpu r id
 	cpu=$(proxy_cpu "$L")
@@ -454,13 +472,13 @@ run_layout() { # LAYOUT
 		done
 	fi
 	calibrate_redis
-	for r in $(seq 1 "$ROUNDS"); do for id in "${PEERS[@]}"; do m_iperf "$L" "$id" "$r" 1; sleep "$SETTLE"; done; done
-	for r in $(seq 1 "$ROUNDS"); do for id in "${PEERS[@]}"; do m_iperf "$L" "$id" "$r" 8; sleep "$SETTLE"; done; done
-	for r in $(seq 1 "$ROUNDS"); do for id in "${PEERS[@]}"; do m_wrk "$L" "$id" "$r" ka; sleep "$SETTLE"; done; done
-	for r in $(seq 1 "$ROUNDS"); do for id in "${PEERS[@]}"; do m_wrk "$L" "$id" "$r" close; sleep "$SETTLE"; done; done
-	for r in $(seq 1 "$ROUNDS"); do for id in "${PEERS[@]}"; do m_redis "$L" "$id" "$r" 1; sleep "$SETTLE"; done; done
-	for r in $(seq 1 "$ROUNDS"); do for id in "${PEERS[@]}"; do m_redis "$L" "$id" "$r" 16; sleep "$SETTLE"; done; done
-	for r in $(seq 1 "$ROUNDS"); do for id in ps psoff; do m_wrk "$L" "$id" "$r" tele; sleep "$SETTLE"; done; done
+	for r in $(seq 1 "$ROUNDS"); do for id in "${PEERS[@]}"; do m_iperf "$L" "$id" "$r" 1; settle "$L"; done; done
+	for r in $(seq 1 "$ROUNDS"); do for id in "${PEERS[@]}"; do m_iperf "$L" "$id" "$r" 8; settle "$L"; done; done
+	for r in $(seq 1 "$ROUNDS"); do for id in "${PEERS[@]}"; do m_wrk "$L" "$id" "$r" ka; settle "$L"; done; done
+	for r in $(seq 1 "$ROUNDS"); do for id in "${PEERS[@]}"; do m_wrk "$L" "$id" "$r" close; settle "$L"; done; done
+	for r in $(seq 1 "$ROUNDS"); do for id in "${PEERS[@]}"; do m_redis "$L" "$id" "$r" 1; settle "$L"; done; done
+	for r in $(seq 1 "$ROUNDS"); do for id in "${PEERS[@]}"; do m_redis "$L" "$id" "$r" 16; settle "$L"; done; done
+	for r in $(seq 1 "$ROUNDS"); do for id in ps psoff; do m_wrk "$L" "$id" "$r" tele; settle "$L"; done; done
 	for id in "${PROXY_IDS[@]}"; do stop_proxy "$id"; done
 }
 
@@ -510,6 +528,8 @@ m_memory() { # LAYOUT ID
 		NOTES+=("memory ${NAME[$id]}: holder '$hs' / '$hs2', upstream accepted $acc of $MEM_CONNS")
 	fi
 	record "$L" rss_base "${NAME[$id]}" 1 "$(awk -v a="$rss0" 'BEGIN{printf "%.1f", a/1024}')"
+	record "$L" rss_held "${NAME[$id]}" 1 "$(awk -v a="$rss1" 'BEGIN{printf "%.1f", a/1024}')"
+	record "$L" rss_after "${NAME[$id]}" 1 "$(awk -v a="$rss2" 'BEGIN{printf "%.1f", a/1024}')"
 	record "$L" mem_fresh "${NAME[$id]}" 1 "$(awk -v a="$rss0" -v b="$rss1" -v n="$MEM_CONNS" 'BEGIN{printf "%.1f", (b-a)/n}')"
 	record "$L" mem_used "${NAME[$id]}" 1 "$(awk -v a="$rss0" -v b="$rss2" -v n="$MEM_CONNS" 'BEGIN{printf "%.1f", (b-a)/n}')"
 	log "  $L memory ${NAME[$id]}: RSS $((rss0 / 1024)) KiB idle, $((rss1 / 1024)) KiB with $acc conns, $((rss2 / 1024)) KiB after echo"
@@ -521,7 +541,16 @@ m_memory() { # LAYOUT ID
 # ------------------------------------------------------------------ run
 TS=$(date -u +%Y%m%dT%H%M%SZ)
 START=$(date +%s)
+PS_GIT="$(git -C "$ROOT" log -1 --format='%h %cI' 2>/dev/null || echo unknown)"
+if [ "$(git -C "$ROOT" log -1 --format=%ct 2>/dev/null || echo 0)" -gt "$(stat -c %Y "$PS_SRC")" ]; then
+	NOTES+=("the portshift binary ($(date -u -r "$PS_SRC" +%H:%M:%SZ)) is older than the last commit (${PS_GIT}): it may not include the latest changes")
+fi
 log "mode $MODE, layouts $LAYOUTS, ${DUR}s per measurement, $ROUNDS round(s); work dir $WORK"
+read -r B0 T0 < <(cpu_busy); sleep 2; read -r B1 T1 < <(cpu_busy)
+PRE_BUSY=$(per $((B1 - B0)) $((T1 - T0)) 100)
+log "machine busy before start: ${PRE_BUSY}% of all CPUs"
+awk -v b="$PRE_BUSY" 'BEGIN{exit !(b > 10)}' &&
+	NOTES+=("machine was ${PRE_BUSY}% busy before the run started: another load shares these CPUs")
 start_backends
 for L in $(echo "$LAYOUTS" | grep -o .); do run_layout "$L"; done
 MEM_LAYOUT=A
@@ -538,7 +567,8 @@ printf '%s\n' "${FAILS[@]+"${FAILS[@]}"}" >"$WORK/fails.txt"
 export M_MODE="$MODE" M_TS="$TS" M_LAYOUTS="$LAYOUTS" M_DUR="$DUR" M_ROUNDS="$ROUNDS" \
 	M_MEM="$MEM_CONNS" M_MEM_LAYOUT="$MEM_LAYOUT" M_ELAPSED="$ELAPSED" M_WRKC="$WRK_CONNS" \
 	M_REDISC="$REDIS_CLIENTS" M_RN1="$REDIS_N_PLAIN" M_RN16="$REDIS_N_PIPE" M_FD="$FD" \
-	M_PS="$("$PS_BIN" --version 2>&1 | head -1)" M_PSGIT="$(git -C "$ROOT" rev-parse --short HEAD 2>/dev/null || echo unknown)" \
+	M_PS="$("$PS_BIN" --version 2>&1 | head -1)" M_PSGIT="$PS_GIT" M_PSSRC="$PS_SRC" \
+	M_PSMTIME="$(date -u -r "$PS_SRC" +%Y-%m-%dT%H:%M:%SZ 2>/dev/null)" M_PSSHA="$(sha256sum "$PS_BIN" | cut -c1-16)" \
 	M_HAP="$(haproxy -v 2>&1 | head -1)" M_NGX="$(nginx -v 2>&1 | head -1)" \
 	M_IPERF="$(iperf3 -v 2>&1 | head -1)" M_WRK="$(wrk -v 2>&1 | head -1)" \
 	M_REDIS="$(redis-server --version 2>&1 | head -1)" \
@@ -562,7 +592,9 @@ meta = {
     "mem_conns": int(e["M_MEM"]), "mem_layout": e["M_MEM_LAYOUT"], "fd_limit": int(e["M_FD"]),
     "peers_config": {"portshift": "taskset to the proxy CPU (tokio sizes its pool to it)",
                      "haproxy": "nbthread 1, mode tcp", "nginx": "worker_processes 1, stream module"},
-    "versions": {"portshift": e["M_PS"] + " (git " + e["M_PSGIT"] + ")", "haproxy": e["M_HAP"],
+    "portshift_binary": {"path": e["M_PSSRC"], "built": e["M_PSMTIME"], "sha256_prefix": e["M_PSSHA"],
+                         "git_head_at_start": e["M_PSGIT"]},
+    "versions": {"portshift": e["M_PS"], "haproxy": e["M_HAP"],
                  "nginx": e["M_NGX"], "iperf3": e["M_IPERF"], "wrk": e["M_WRK"], "redis": e["M_REDIS"]},
     "host": {"cpu": e["M_CPU"], "nproc": int(e["M_NPROC"]), "kernel": e["M_KERNEL"]},
     "notes": lines(e["M_NOTES"]), "failures": lines(e["M_FAILS"]),

@@ -270,6 +270,8 @@ METRICS = {
     "redis_cpu": ("proxy CPU per redis request (SET+GET)", "us/req", "lower", 3),
     "redis_cpu_P16": ("proxy CPU per redis request -P 16", "us/req", "lower", 3),
     "rss_base": ("RSS at start, no connections", "KiB", "lower", 0),
+    "rss_held": ("RSS holding the idle conns (total)", "KiB", "lower", 0),
+    "rss_after": ("RSS after 64 B echo on each (total)", "KiB", "lower", 0),
     "mem_fresh": ("memory per idle conn (never used)", "B/conn", "lower", 0),
     "mem_used": ("memory per idle conn (after 64 B echo)", "B/conn", "lower", 0),
 }
@@ -363,6 +365,19 @@ def report(raw_path, meta_path, out_path, latest_path=None):
                         "record_on_cpu": con, "record_off_cpu": coff},
         })
 
+    bg = {}
+    for layout in order:
+        xs = [x for x in samples.get((layout, "bg_busy", "machine"), []) if not math.isnan(x)]
+        if xs:
+            bg[layout] = {"median_percent": statistics.median(xs), "max_percent": max(xs),
+                          "gaps": len(xs), "gaps_over_10_percent": sum(1 for x in xs if x > 10)}
+            if bg[layout]["gaps_over_10_percent"]:
+                meta.setdefault("notes", []).append(
+                    f"layout {layout}: CPUs were busy (>10%, max {max(xs):.0f}%) in "
+                    f"{bg[layout]['gaps_over_10_percent']} of {len(xs)} idle gaps between "
+                    "measurements: another load was running; treat that layout's figures with care")
+    meta["background_cpu_busy"] = bg
+
     out = {"meta": meta, "results": rows, "telemetry": tele}
     print_table(out)
     with open(out_path, "w") as f:
@@ -434,6 +449,10 @@ def print_table(out):
     for k, v in meta.get("layout_desc", {}).items():
         print(f"layout {k}: {v}")
     print(f"HTTP backend: {meta.get('http_backend')}; idle conns for memory: {meta.get('mem_conns')}")
+    pb = meta.get("portshift_binary")
+    if pb:
+        print(f"portshift binary: built {pb.get('built')}, sha256 {pb.get('sha256_prefix')}…; "
+              f"git HEAD at start {pb.get('git_head_at_start')}")
     print()
     print(fmtrow(hdr))
     print("  ".join("-" * w for w in widths))
@@ -443,6 +462,9 @@ def print_table(out):
     print("ratios are portshift/peer: in 'higher' rows >1 favours portshift, in 'lower' rows <1 does.")
     print("spread: largest (max-min)/median of one proxy's rounds; ratios closer to 1 than that are noise.")
     print("proxy CPU: user+system time of the proxy process (nginx: its worker) during the measurement.")
+    for k, v in meta.get("background_cpu_busy", {}).items():
+        print(f"background CPU busy in the idle gaps between measurements, layout {k}: "
+              f"median {v['median_percent']:.1f}%, max {v['max_percent']:.1f}% (of all CPUs)")
     for n in meta.get("notes", []):
         print("note: " + n)
     if meta.get("failures"):

@@ -187,9 +187,14 @@ async fn pipe(
     };
     let mut buf: Vec<u8> = Vec::new();
     loop {
-        from.readable().await.map_err(|_| reader)?;
         if buf.is_empty() {
+            // Wait for real data (or EOF) before taking a buffer: readiness
+            // alone can be reported on a fresh socket with nothing to read,
+            // and an idle connection should hold no buffer at all.
+            from.peek(&mut [0u8; 1]).await.map_err(|_| reader)?;
             buf = vec![0u8; BUFFER_BYTES];
+        } else {
+            from.readable().await.map_err(|_| reader)?;
         }
         let n = match from.try_read(&mut buf) {
             Ok(n) => n,
