@@ -1,8 +1,9 @@
 //! Copies bytes both ways between client and upstream with correct
 //! half-close: EOF read on one side shuts down writing on the other, while
-//! the other direction keeps flowing. One buffer per direction, allocated
-//! when that direction first carries data (an idle connection holds none)
-//! and reused for every chunk after. Each chunk read also
+//! the other direction keeps flowing. A direction borrows a buffer from a
+//! per-thread pool while it has bytes to move and gives it back when it
+//! goes idle: no allocation per chunk, and no buffer held by an idle
+//! connection. Each chunk read also
 //! feeds the turn tracker, which yields `exchange` and `first_byte` samples.
 
 use super::Clock;
@@ -185,23 +186,28 @@ async fn pipe(
         Side::Client => (Failed::Client, Failed::Upstream),
         Side::Upstream => (Failed::Upstream, Failed::Client),
     };
-    let mut buf: Vec<u8> = Vec::new();
+    // The buffer is borrowed from the thread's pool only while this
+    // direction has bytes to move, and handed back when it goes idle, so an
+    // idle connection, used or not, holds none.
+    let mut buf: Option<Vec<u8>> = None;
     loop {
-        if buf.is_empty() {
-            // Wait for real data (or EOF) before taking a buffer: readiness
-            // alone can be reported on a fresh socket with nothing to read,
-            // and an idle connection should hold no buffer at all.
-            from.peek(&mut [0u8; 1]).await.map_err(|_| reader)?;
-            buf = vec![0u8; BUFFER_BYTES];
-        } else {
-            from.readable().await.map_err(|_| reader)?;
-        }
-        let n = match from.try_read(&mut buf) {
+        from.readable().await.map_err(|_| reader)?;
+        let b = buf.get_or_insert_with(pool::take);
+        let n = match from.try_read(b) {
             Ok(n) => n,
-            Err(e) if e.kind() == io::ErrorKind::WouldBlock => continue,
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
+                // Nothing more for now: the buffer goes back to the pool.
+                if let Some(b) = buf.take() {
+                    pool::give(b);
+                }
+                continue;
+            }
             Err(_) => return Err(reader),
         };
         if n == 0 {
+            if let Some(b) = buf.take() {
+                pool::give(b);
+            }
             if side == Side::Client {
                 log.client_eof.store(true, Relaxed);
             }
@@ -211,12 +217,41 @@ async fn pipe(
                 .map_err(|_| writer);
         }
         match side {
-            Side::Client => log.client_sent(&buf[..n]),
+            Side::Client => log.client_sent(&b[..n]),
             Side::Upstream => log.upstream_spoke(),
         }
         watch.on_chunk(side);
-        write_all(to, &buf[..n]).await.map_err(|_| writer)?;
+        write_all(to, &b[..n]).await.map_err(|_| writer)?;
         total.fetch_add(n as u64, Relaxed);
+    }
+}
+
+/// Copy buffers, reused per thread: taking and giving back is a push or
+/// pop on a thread-local list, never an allocation in steady state.
+mod pool {
+    use super::BUFFER_BYTES;
+    use std::cell::RefCell;
+
+    /// Buffers kept per thread when idle; beyond, they are freed (1 MiB).
+    const KEEP: usize = 64;
+
+    thread_local! {
+        static FREE: RefCell<Vec<Vec<u8>>> = const { RefCell::new(Vec::new()) };
+    }
+
+    pub fn take() -> Vec<u8> {
+        FREE.with(|f| f.borrow_mut().pop())
+            .unwrap_or_else(|| vec![0u8; BUFFER_BYTES])
+    }
+
+    pub fn give(buf: Vec<u8>) {
+        debug_assert_eq!(buf.len(), BUFFER_BYTES, "only copy buffers come back");
+        FREE.with(|f| {
+            let mut f = f.borrow_mut();
+            if f.len() < KEEP {
+                f.push(buf);
+            }
+        });
     }
 }
 
