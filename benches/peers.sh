@@ -132,8 +132,10 @@ NGX_WORKER_CONNS=$(( FD - 100 ))
 WORK="$(mktemp -d /tmp/portshift-peers.XXXXXX)"
 # Run a private copy of the binary: a rebuild during the run cannot swap it.
 PS_SRC="$PS_BIN"
+PS_MTIME=$(stat -c %Y "$PS_SRC")
 cp "$PS_SRC" "$WORK/portshift"
 PS_BIN="$WORK/portshift"
+PS_SHA=$(sha256sum "$PS_BIN" | cut -c1-16)
 PIDS=()
 stop_pid() {
 	local pid=$1 i
@@ -542,8 +544,8 @@ m_memory() { # LAYOUT ID
 TS=$(date -u +%Y%m%dT%H%M%SZ)
 START=$(date +%s)
 PS_GIT="$(git -C "$ROOT" log -1 --format='%h %cI' 2>/dev/null || echo unknown)"
-if [ "$(git -C "$ROOT" log -1 --format=%ct 2>/dev/null || echo 0)" -gt "$(stat -c %Y "$PS_SRC")" ]; then
-	NOTES+=("the portshift binary ($(date -u -r "$PS_SRC" +%H:%M:%SZ)) is older than the last commit (${PS_GIT}): it may not include the latest changes")
+if [ "$(git -C "$ROOT" log -1 --format=%ct 2>/dev/null || echo 0)" -gt "$PS_MTIME" ]; then
+	NOTES+=("the portshift binary (built $(date -u -d "@$PS_MTIME" +%H:%M:%SZ)) is older than the last commit (${PS_GIT}): it may not include the latest changes")
 fi
 log "mode $MODE, layouts $LAYOUTS, ${DUR}s per measurement, $ROUNDS round(s); work dir $WORK"
 read -r B0 T0 < <(cpu_busy); sleep 2; read -r B1 T1 < <(cpu_busy)
@@ -558,6 +560,9 @@ MEM_LAYOUT=A
 log "memory: $MEM_CONNS idle connections per proxy (layout $MEM_LAYOUT)"
 for id in "${PEERS[@]}"; do m_memory "$MEM_LAYOUT" "$id"; done
 ELAPSED=$(( $(date +%s) - START ))
+if [ "$(sha256sum "$PS_SRC" 2>/dev/null | cut -c1-16)" != "$PS_SHA" ]; then
+	NOTES+=("$PS_SRC was rebuilt during the run (a compile shared the CPUs); the run used the binary copied at its start")
+fi
 
 # ------------------------------------------------------------------ report
 mkdir -p "$RESULTS"
@@ -568,7 +573,7 @@ export M_MODE="$MODE" M_TS="$TS" M_LAYOUTS="$LAYOUTS" M_DUR="$DUR" M_ROUNDS="$RO
 	M_MEM="$MEM_CONNS" M_MEM_LAYOUT="$MEM_LAYOUT" M_ELAPSED="$ELAPSED" M_WRKC="$WRK_CONNS" \
 	M_REDISC="$REDIS_CLIENTS" M_RN1="$REDIS_N_PLAIN" M_RN16="$REDIS_N_PIPE" M_FD="$FD" \
 	M_PS="$("$PS_BIN" --version 2>&1 | head -1)" M_PSGIT="$PS_GIT" M_PSSRC="$PS_SRC" \
-	M_PSMTIME="$(date -u -r "$PS_SRC" +%Y-%m-%dT%H:%M:%SZ 2>/dev/null)" M_PSSHA="$(sha256sum "$PS_BIN" | cut -c1-16)" \
+	M_PSMTIME="$(date -u -d "@$PS_MTIME" +%Y-%m-%dT%H:%M:%SZ)" M_PSSHA="$PS_SHA" \
 	M_HAP="$(haproxy -v 2>&1 | head -1)" M_NGX="$(nginx -v 2>&1 | head -1)" \
 	M_IPERF="$(iperf3 -v 2>&1 | head -1)" M_WRK="$(wrk -v 2>&1 | head -1)" \
 	M_REDIS="$(redis-server --version 2>&1 | head -1)" \
