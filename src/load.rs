@@ -65,8 +65,7 @@ impl LoadStats {
 /// those in flight. Returns when all have finished.
 pub async fn run(target: SocketAddr, rate: f64, stats: Arc<LoadStats>, stop: CancellationToken) {
     assert!(rate > 0.0, "rate is positive");
-    let slots = Arc::new(Semaphore::new(MAX_IN_FLIGHT));
-    let tasks = tokio_util::task::TaskTracker::new();
+    let sender = Sender::new(target, stats);
     let mut tick = tokio::time::interval(Duration::from_secs_f64(1.0 / rate));
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Burst);
     loop {
@@ -74,14 +73,9 @@ pub async fn run(target: SocketAddr, rate: f64, stats: Arc<LoadStats>, stop: Can
             () = stop.cancelled() => break,
             _ = tick.tick() => {}
         }
-        let Ok(permit) = Arc::clone(&slots).try_acquire_owned() else {
-            stats.skipped.fetch_add(1, Relaxed);
-            continue;
-        };
-        tasks.spawn(one_request(target, Arc::clone(&stats), permit));
+        sender.fire();
     }
-    tasks.close();
-    tasks.wait().await;
+    sender.finish().await;
 }
 
 /// Sends one request at each of `times` (offsets from now), as a
@@ -93,21 +87,49 @@ pub async fn run_schedule(
     stop: CancellationToken,
 ) {
     let start = tokio::time::Instant::now();
-    let slots = Arc::new(Semaphore::new(MAX_IN_FLIGHT));
-    let tasks = tokio_util::task::TaskTracker::new();
+    let sender = Sender::new(target, stats);
     for at in times {
         tokio::select! {
             () = stop.cancelled() => break,
             () = tokio::time::sleep_until(start + at) => {}
         }
-        let Ok(permit) = Arc::clone(&slots).try_acquire_owned() else {
-            stats.skipped.fetch_add(1, Relaxed);
-            continue;
-        };
-        tasks.spawn(one_request(target, Arc::clone(&stats), permit));
+        sender.fire();
     }
-    tasks.close();
-    tasks.wait().await;
+    sender.finish().await;
+}
+
+/// Starts requests without waiting for them, at most `MAX_IN_FLIGHT` at
+/// once (more are counted as skipped), and waits for all at the end.
+struct Sender {
+    target: SocketAddr,
+    stats: Arc<LoadStats>,
+    slots: Arc<Semaphore>,
+    tasks: tokio_util::task::TaskTracker,
+}
+
+impl Sender {
+    fn new(target: SocketAddr, stats: Arc<LoadStats>) -> Self {
+        Sender {
+            target,
+            stats,
+            slots: Arc::new(Semaphore::new(MAX_IN_FLIGHT)),
+            tasks: tokio_util::task::TaskTracker::new(),
+        }
+    }
+
+    fn fire(&self) {
+        let Ok(permit) = Arc::clone(&self.slots).try_acquire_owned() else {
+            self.stats.skipped.fetch_add(1, Relaxed);
+            return;
+        };
+        self.tasks
+            .spawn(one_request(self.target, Arc::clone(&self.stats), permit));
+    }
+
+    async fn finish(self) {
+        self.tasks.close();
+        self.tasks.wait().await;
+    }
 }
 
 /// One request on a new connection, counted; releases its in-flight slot
