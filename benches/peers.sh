@@ -544,8 +544,13 @@ m_memory() { # LAYOUT ID
 TS=$(date -u +%Y%m%dT%H%M%SZ)
 START=$(date +%s)
 PS_GIT="$(git -C "$ROOT" log -1 --format='%h %cI' 2>/dev/null || echo unknown)"
-if [ "$(git -C "$ROOT" log -1 --format=%ct 2>/dev/null || echo 0)" -gt "$PS_MTIME" ]; then
-	NOTES+=("the portshift binary (built $(date -u -d "@$PS_MTIME" +%H:%M:%SZ)) is older than the last commit (${PS_GIT}): it may not include the latest changes")
+# Only commits that change what the binary is built from count.
+SRC_COMMIT="$(git -C "$ROOT" log -1 --format='%h %cI' -- src Cargo.toml Cargo.lock 2>/dev/null)"
+if [ "$(git -C "$ROOT" log -1 --format=%ct -- src Cargo.toml Cargo.lock 2>/dev/null || echo 0)" -gt "$PS_MTIME" ]; then
+	NOTES+=("the portshift binary (built $(date -u -d "@$PS_MTIME" +%H:%M:%SZ)) is older than the last commit to src/ or Cargo.* (${SRC_COMMIT}): it may not include the latest changes")
+fi
+if ! git -C "$ROOT" diff --quiet HEAD -- src Cargo.toml Cargo.lock 2>/dev/null; then
+	NOTES+=("src/ or Cargo.* has uncommitted changes; the binary may or may not include them")
 fi
 log "mode $MODE, layouts $LAYOUTS, ${DUR}s per measurement, $ROUNDS round(s); work dir $WORK"
 read -r B0 T0 < <(cpu_busy); sleep 2; read -r B1 T1 < <(cpu_busy)
