@@ -10,7 +10,7 @@ use super::Clock;
 use super::outcome::End;
 use crate::core::turns::{Side, Turn, TurnTracker};
 use std::io;
-use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering::Relaxed};
 use std::time::Duration;
 use tokio::net::TcpStream;
 
@@ -116,6 +116,7 @@ pub async fn bidirectional(
         clock,
         last_us: AtomicU64::new(clock.now().as_micros() as u64),
         turns: TurnTracker::default(),
+        eof: [AtomicBool::new(false), AtomicBool::new(false)],
         on_turn,
     };
     let (up, down) = (AtomicU64::new(0), AtomicU64::new(0));
@@ -147,9 +148,18 @@ struct Watch<'a> {
     last_us: AtomicU64,
     turns: TurnTracker,
     on_turn: &'a (dyn Fn(Turn, Duration) + Sync),
+    /// Which sides have sent EOF, indexed by `Side as usize`.
+    eof: [AtomicBool; 2],
 }
 
 impl Watch<'_> {
+    /// Records EOF from `side`; true if the other side had sent its EOF
+    /// already, so the whole connection is about to close.
+    fn eof_from(&self, side: Side) -> bool {
+        self.eof[side as usize].store(true, Relaxed);
+        self.eof[1 - side as usize].load(Relaxed)
+    }
+
     fn on_chunk(&self, side: Side) {
         let now = self.clock.now();
         self.last_us.store(now.as_micros() as u64, Relaxed);
@@ -193,8 +203,8 @@ async fn pipe(
     loop {
         from.readable().await.map_err(|_| reader)?;
         let b = buf.get_or_insert_with(pool::take);
-        let n = match from.try_read(b) {
-            Ok(n) => n,
+        let (n, drained) = match read_chunk(from, b) {
+            Ok(r) => r,
             Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
                 // Nothing more for now: the buffer goes back to the pool.
                 if let Some(b) = buf.take() {
@@ -211,6 +221,13 @@ async fn pipe(
             if side == Side::Client {
                 log.client_eof.store(true, Relaxed);
             }
+            if watch.eof_from(side) {
+                // Both sides are done: `to` is closed right after this and
+                // its close sends the FIN. `to` sent its EOF and every byte
+                // before it was read, so nothing unread turns that close
+                // into a reset. One shutdown syscall fewer per connection.
+                return Ok(());
+            }
             // Half-close: pass the EOF on, keep the other direction open.
             return socket2::SockRef::from(to)
                 .shutdown(std::net::Shutdown::Write)
@@ -223,6 +240,42 @@ async fn pipe(
         watch.on_chunk(side);
         write_all(to, &b[..n]).await.map_err(|_| writer)?;
         total.fetch_add(n as u64, Relaxed);
+        if drained {
+            // The socket is empty and its readiness cleared: this
+            // direction is idle until the next edge, so the buffer goes
+            // back now rather than after a read that would fail.
+            if let Some(b) = buf.take() {
+                pool::give(b);
+            }
+        }
+    }
+}
+
+/// One read into `buf`: the byte count, and whether it drained the socket.
+///
+/// A read that fills less than the buffer has taken everything the kernel
+/// held, so the stream's read readiness is cleared on the spot (by
+/// answering `WouldBlock` inside `try_io`) instead of by a second `recv`
+/// that fails with `EAGAIN`. That saves one syscall per chunk: a third of
+/// all syscalls in a request/response exchange. HAProxy and nginx make the
+/// same inference. It is safe with edge-triggered epoll: data arriving after
+/// this read raises a new edge, which sets readiness again.
+fn read_chunk(from: &TcpStream, buf: &mut [u8]) -> io::Result<(usize, bool)> {
+    use std::io::Read;
+    let sock = socket2::SockRef::from(from);
+    let mut got = None;
+    let r = from.try_io(tokio::io::Interest::READABLE, || {
+        let n = (&*sock).read(buf)?;
+        if n > 0 && n < buf.len() {
+            got = Some(n);
+            return Err(io::ErrorKind::WouldBlock.into());
+        }
+        Ok(n)
+    });
+    match (r, got) {
+        (_, Some(n)) => Ok((n, true)),
+        (Ok(n), None) => Ok((n, false)),
+        (Err(e), None) => Err(e),
     }
 }
 
