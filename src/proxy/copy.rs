@@ -11,6 +11,7 @@ use super::outcome::End;
 use crate::core::turns::{Side, Turn, TurnTracker};
 use std::io;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering::Relaxed};
+use std::task::{Context, Poll, ready};
 use std::time::Duration;
 use tokio::net::TcpStream;
 
@@ -100,6 +101,13 @@ impl ReplayLog {
 
 /// Runs until both directions reach EOF, either side fails, or nothing moves
 /// for `idle`. `on_turn` receives every finished request/response turn.
+///
+/// Both directions and the idle timer are driven by one hand-written poll
+/// function rather than `join!`/`select!` over `readable()` futures: a wake
+/// costs a readiness check per direction (`poll_read_ready`, one waker slot
+/// per socket and direction) instead of a waiter list insert and removal
+/// under a lock, and there is no combinator state to walk. On loopback this
+/// was about a quarter of the proxy's user-space time per request.
 pub async fn bidirectional(
     client: &TcpStream,
     upstream: &TcpStream,
@@ -116,23 +124,44 @@ pub async fn bidirectional(
         clock,
         last_us: AtomicU64::new(clock.now().as_micros() as u64),
         turns: TurnTracker::default(),
-        eof: [AtomicBool::new(false), AtomicBool::new(false)],
         on_turn,
+        eof: [AtomicBool::new(false), AtomicBool::new(false)],
     };
-    let (up, down) = (AtomicU64::new(0), AtomicU64::new(0));
-    let both = async {
-        tokio::try_join!(
-            pipe(client, upstream, &up, &watch, Side::Client, &log),
-            pipe(upstream, client, &down, &watch, Side::Upstream, &log)
-        )
-    };
-    let (end, failed) = tokio::select! {
-        r = both => match r { Ok(_) => (End::Closed, None), Err(f) => (End::Reset, Some(f)) },
-        () = watch.idle_for(idle) => (End::IdleTimeout, None),
-    };
+    let mut up = Direction::new(Side::Client);
+    let mut down = Direction::new(Side::Upstream);
+    let sleep = tokio::time::sleep(idle);
+    tokio::pin!(sleep);
+    let (end, failed) = std::future::poll_fn(|cx| {
+        let a = up.poll(cx, client, upstream, &watch, &log);
+        let b = down.poll(cx, upstream, client, &watch, &log);
+        match (a, b) {
+            (Poll::Ready(Err(f)), _) | (_, Poll::Ready(Err(f))) => {
+                return Poll::Ready((End::Reset, Some(f)));
+            }
+            (Poll::Ready(Ok(())), Poll::Ready(Ok(()))) => return Poll::Ready((End::Closed, None)),
+            _ => {}
+        }
+        // The timer is armed for the idle limit counted from the last
+        // activity it knew of; when it fires early (traffic since), it is
+        // re-armed for the rest.
+        while sleep.as_mut().poll(cx).is_ready() {
+            let last = Duration::from_micros(watch.last_us.load(Relaxed));
+            let quiet = watch.clock.now().saturating_sub(last);
+            if quiet >= idle {
+                return Poll::Ready((End::IdleTimeout, None));
+            }
+            sleep
+                .as_mut()
+                .reset(tokio::time::Instant::now() + (idle - quiet));
+        }
+        Poll::Pending
+    })
+    .await;
+    up.release();
+    down.release();
     Copied {
-        up: up.load(Relaxed),
-        down: down.load(Relaxed),
+        up: up.total,
+        down: down.total,
         end,
         replay: if failed == Some(Failed::Upstream) {
             log.take()
@@ -167,87 +196,117 @@ impl Watch<'_> {
             (self.on_turn)(turn, now);
         }
     }
-
-    /// Completes once nothing has moved for `idle`.
-    async fn idle_for(&self, idle: Duration) {
-        loop {
-            let last = Duration::from_micros(self.last_us.load(Relaxed));
-            let quiet = self.clock.now().saturating_sub(last);
-            if quiet >= idle {
-                return;
-            }
-            tokio::time::sleep(idle - quiet).await;
-        }
-    }
 }
 
-/// One direction: read from `from`, write to `to`, until EOF (passed on
-/// as a half-close) or an error. Readiness-based, so both directions share
-/// the two sockets without splitting them.
-async fn pipe(
-    from: &TcpStream,
-    to: &TcpStream,
-    total: &AtomicU64,
-    watch: &Watch<'_>,
+/// One direction's state: bytes read but not yet written (`buf[start..end]`),
+/// and whether the last read drained the socket.
+struct Direction {
     side: Side,
-    log: &ReplayLog,
-) -> Result<(), Failed> {
-    let (reader, writer) = match side {
-        Side::Client => (Failed::Client, Failed::Upstream),
-        Side::Upstream => (Failed::Upstream, Failed::Client),
-    };
-    // The buffer is borrowed from the thread's pool only while this
-    // direction has bytes to move, and handed back when it goes idle, so an
-    // idle connection, used or not, holds none.
-    let mut buf: Option<Vec<u8>> = None;
-    loop {
-        from.readable().await.map_err(|_| reader)?;
-        let b = buf.get_or_insert_with(pool::take);
-        let (n, drained) = match read_chunk(from, b) {
-            Ok(r) => r,
-            Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
-                // Nothing more for now: the buffer goes back to the pool.
-                if let Some(b) = buf.take() {
-                    pool::give(b);
-                }
-                continue;
-            }
-            Err(_) => return Err(reader),
+    buf: Option<Vec<u8>>,
+    start: usize,
+    end: usize,
+    drained: bool,
+    done: bool,
+    total: u64,
+}
+
+impl Direction {
+    fn new(side: Side) -> Self {
+        Direction {
+            side,
+            buf: None,
+            start: 0,
+            end: 0,
+            drained: false,
+            done: false,
+            total: 0,
+        }
+    }
+
+    /// Hands the buffer back to the pool: the direction is idle.
+    fn release(&mut self) {
+        if let Some(b) = self.buf.take() {
+            pool::give(b);
+        }
+    }
+
+    /// Moves bytes from `from` to `to` until it would block (`Pending`, with
+    /// the waker registered on the socket that blocked), reaches EOF (passed
+    /// on as a half-close) or fails.
+    fn poll(
+        &mut self,
+        cx: &mut Context<'_>,
+        from: &TcpStream,
+        to: &TcpStream,
+        watch: &Watch<'_>,
+        log: &ReplayLog,
+    ) -> Poll<Result<(), Failed>> {
+        let (reader, writer) = match self.side {
+            Side::Client => (Failed::Client, Failed::Upstream),
+            Side::Upstream => (Failed::Upstream, Failed::Client),
         };
-        if n == 0 {
-            if let Some(b) = buf.take() {
-                pool::give(b);
+        loop {
+            if self.done {
+                return Poll::Ready(Ok(()));
             }
-            if side == Side::Client {
-                log.client_eof.store(true, Relaxed);
+            while self.start < self.end {
+                if ready!(to.poll_write_ready(cx)).is_err() {
+                    return Poll::Ready(Err(writer));
+                }
+                let b = self.buf.as_ref().expect("pending bytes live in the buffer");
+                match to.try_write(&b[self.start..self.end]) {
+                    Ok(n) => self.start += n,
+                    Err(e) if e.kind() == io::ErrorKind::WouldBlock => {}
+                    Err(_) => return Poll::Ready(Err(writer)),
+                }
             }
-            if watch.eof_from(side) {
-                // Both sides are done: `to` is closed right after this and
-                // its close sends the FIN. `to` sent its EOF and every byte
-                // before it was read, so nothing unread turns that close
-                // into a reset. One shutdown syscall fewer per connection.
-                return Ok(());
+            if self.end > 0 {
+                self.total += self.end as u64;
+                (self.start, self.end) = (0, 0);
+                if self.drained {
+                    // The socket is empty and its readiness cleared: the
+                    // buffer goes back now, not after a failed read.
+                    self.release();
+                }
             }
-            // Half-close: pass the EOF on, keep the other direction open.
-            return socket2::SockRef::from(to)
-                .shutdown(std::net::Shutdown::Write)
-                .map_err(|_| writer);
+            if ready!(from.poll_read_ready(cx)).is_err() {
+                return Poll::Ready(Err(reader));
+            }
+            let b = self.buf.get_or_insert_with(pool::take);
+            match read_chunk(from, b) {
+                Ok((0, _)) => {
+                    self.release();
+                    self.done = true;
+                    return Poll::Ready(self.pass_eof(to, watch, log).map_err(|_| writer));
+                }
+                Ok((n, drained)) => {
+                    match self.side {
+                        Side::Client => log.client_sent(&b[..n]),
+                        Side::Upstream => log.upstream_spoke(),
+                    }
+                    watch.on_chunk(self.side);
+                    (self.end, self.drained) = (n, drained);
+                }
+                // Readiness is cleared: the next `poll_read_ready` registers.
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => self.release(),
+                Err(_) => return Poll::Ready(Err(reader)),
+            }
         }
-        match side {
-            Side::Client => log.client_sent(&b[..n]),
-            Side::Upstream => log.upstream_spoke(),
+    }
+
+    /// EOF from `from`: half-close `to` so the other direction keeps flowing.
+    fn pass_eof(&self, to: &TcpStream, watch: &Watch<'_>, log: &ReplayLog) -> io::Result<()> {
+        if self.side == Side::Client {
+            log.client_eof.store(true, Relaxed);
         }
-        watch.on_chunk(side);
-        write_all(to, &b[..n]).await.map_err(|_| writer)?;
-        total.fetch_add(n as u64, Relaxed);
-        if drained {
-            // The socket is empty and its readiness cleared: this
-            // direction is idle until the next edge, so the buffer goes
-            // back now rather than after a read that would fail.
-            if let Some(b) = buf.take() {
-                pool::give(b);
-            }
+        if watch.eof_from(self.side) {
+            // Both sides are done: `to` is closed right after this and its
+            // close sends the FIN. `to` sent its EOF and every byte before it
+            // was read, so nothing unread turns that close into a reset. One
+            // shutdown syscall fewer per connection.
+            return Ok(());
         }
+        socket2::SockRef::from(to).shutdown(std::net::Shutdown::Write)
     }
 }
 
