@@ -11,6 +11,13 @@ use std::path::PathBuf;
 use std::process::ExitCode;
 use std::time::Duration;
 
+/// mimalloc: a connection allocates a task, its registrations and timers,
+/// and frees them all when it ends; glibc malloc spent ~2.5% of the proxy's
+/// CPU on that churn (perf, `Connection: close`), mimalloc's per-thread free
+/// lists far less.
+#[global_allocator]
+static ALLOC: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 #[derive(Parser)]
 #[command(
     name = "portshift",
