@@ -25,27 +25,58 @@ fn payload(len: usize, seed: u64) -> Vec<u8> {
         .collect()
 }
 
-/// Several MiB cross the proxy both ways at once and arrive byte-exact.
+/// Several MiB cross the proxy both ways at once and arrive byte-exact,
+/// through splice (the default for bulk flows) and through the copy buffer.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn bytes_arrive_intact_both_ways() {
+    for extra in ["", "splice = false"] {
+        let echo = echo_backend().await;
+        let proxy = start_proxy(&two_group_config(&[echo.addr()], &[echo.addr()], extra)).await;
+        let sent = payload(8 << 20, 42);
+        let stream = TcpStream::connect(proxy.addr()).await.unwrap();
+        let (mut r, mut w) = stream.into_split();
+        let to_send = sent.clone();
+        let writer = tokio::spawn(async move {
+            w.write_all(&to_send).await.unwrap();
+            w.shutdown().await.unwrap();
+        });
+        let mut got = Vec::with_capacity(sent.len());
+        timeout(PATIENCE, r.read_to_end(&mut got))
+            .await
+            .expect("echo completes")
+            .unwrap();
+        writer.await.unwrap();
+        assert_eq!(got.len(), sent.len(), "every byte came back ({extra:?})");
+        assert!(got == sent, "bytes came back unchanged ({extra:?})");
+        let report = proxy.shutdown().await;
+        assert_eq!(report.cut, 0);
+    }
+}
+
+/// One connection alternates bulk bursts (which switch a direction to
+/// splice) with small exchanges (which switch it back to the buffer), and
+/// every byte of every turn comes back in order.
+#[tokio::test]
+async fn bulk_and_small_turns_alternate_on_one_connection() {
     let echo = echo_backend().await;
     let proxy = start_proxy(&two_group_config(&[echo.addr()], &[echo.addr()], "")).await;
-    let sent = payload(8 << 20, 42);
-    let stream = TcpStream::connect(proxy.addr()).await.unwrap();
-    let (mut r, mut w) = stream.into_split();
-    let to_send = sent.clone();
-    let writer = tokio::spawn(async move {
-        w.write_all(&to_send).await.unwrap();
-        w.shutdown().await.unwrap();
-    });
-    let mut got = Vec::with_capacity(sent.len());
-    timeout(PATIENCE, r.read_to_end(&mut got))
-        .await
-        .expect("echo completes")
-        .unwrap();
-    writer.await.unwrap();
-    assert_eq!(got.len(), sent.len(), "every byte came back");
-    assert!(got == sent, "bytes came back unchanged");
+    let mut c = TcpStream::connect(proxy.addr()).await.unwrap();
+    for (i, len) in [1 << 20, 5, 300_000, 1, 2 << 20, 64]
+        .into_iter()
+        .enumerate()
+    {
+        let sent = payload(len, i as u64 + 1);
+        let (mut r, mut w) = c.split();
+        let mut got = vec![0u8; len];
+        let (wrote, read) = tokio::join!(
+            w.write_all(&sent),
+            timeout(PATIENCE, r.read_exact(&mut got))
+        );
+        wrote.unwrap();
+        read.expect("echo of the turn arrives").unwrap();
+        assert!(got == sent, "turn {i} ({len} bytes) came back unchanged");
+    }
+    drop(c);
     let report = proxy.shutdown().await;
     assert_eq!(report.cut, 0);
 }

@@ -147,6 +147,9 @@ pub struct Listener {
     /// bytes (up to 16 KiB) replayed to the next backend. Safe only for
     /// idempotent protocols; off by default.
     pub retry_on_early_reset: bool,
+    /// Move bulk flows with splice(2) (Linux): socket to pipe to socket,
+    /// never through user space. On by default.
+    pub splice: bool,
     pub limits: Limits,
     /// Close a client that sends nothing this long after connecting (a
     /// slow-loris guard; leave unset for server-speaks-first protocols).

@@ -125,6 +125,7 @@ pub struct RawListener {
     pub idle_timeout: Option<S<String>>,
     pub connect_attempts: Option<S<u32>>,
     pub retry_on_early_reset: Option<bool>,
+    pub splice: Option<bool>,
     pub max_connections: Option<S<u32>>,
     pub max_connections_per_source: Option<S<u32>>,
     pub first_byte_timeout: Option<S<String>>,

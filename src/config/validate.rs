@@ -369,6 +369,7 @@ impl Validator<'_, '_> {
             ),
             connect_attempts: self.attempts(raw.connect_attempts.as_ref()),
             retry_on_early_reset: raw.retry_on_early_reset.unwrap_or(false),
+            splice: raw.splice.unwrap_or(true),
             limits: Limits {
                 max_connections: self.count(
                     raw.max_connections.as_ref(),

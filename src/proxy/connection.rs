@@ -137,6 +137,7 @@ async fn proxy_one(
         state.clock,
         &on_turn,
         keep_replay,
+        state.splice,
     )
     .await;
     metrics.active.decrement(1.0);

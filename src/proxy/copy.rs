@@ -115,6 +115,7 @@ pub async fn bidirectional(
     clock: Clock,
     on_turn: &(dyn Fn(Turn, Duration) + Sync),
     keep_replay: bool,
+    splice: bool,
 ) -> Copied {
     let log = ReplayLog {
         enabled: keep_replay,
@@ -127,8 +128,10 @@ pub async fn bidirectional(
         on_turn,
         eof: [AtomicBool::new(false), AtomicBool::new(false)],
     };
-    let mut up = Direction::new(Side::Client);
-    let mut down = Direction::new(Side::Upstream);
+    // Replay needs the client's bytes in hand, so it rules splice out.
+    let splice = splice && !keep_replay;
+    let mut up = Direction::new(Side::Client, splice);
+    let mut down = Direction::new(Side::Upstream, splice);
     let sleep = tokio::time::sleep(idle);
     tokio::pin!(sleep);
     let (end, failed) = std::future::poll_fn(|cx| {
@@ -200,6 +203,12 @@ impl Watch<'_> {
 
 /// One direction's state: bytes read but not yet written (`buf[start..end]`),
 /// and whether the last read drained the socket.
+///
+/// A read that fills the whole buffer marks a bulk flow: if splice is on,
+/// the direction then borrows a pipe and moves bytes socket → pipe → socket
+/// with splice(2), never copying them through user space, until the source
+/// runs dry; then the pipe goes back to its pool and small reads use the
+/// buffer again.
 struct Direction {
     side: Side,
     buf: Option<Vec<u8>>,
@@ -208,10 +217,16 @@ struct Direction {
     drained: bool,
     done: bool,
     total: u64,
+    /// Splice allowed for this direction (config, and no replay; turned
+    /// off for good if the kernel refuses it for these sockets).
+    splice: bool,
+    /// The borrowed pipe while in splice mode, and the bytes inside it.
+    pipe: Option<splice::Pipe>,
+    in_pipe: usize,
 }
 
 impl Direction {
-    fn new(side: Side) -> Self {
+    fn new(side: Side, splice: bool) -> Self {
         Direction {
             side,
             buf: None,
@@ -220,13 +235,83 @@ impl Direction {
             drained: false,
             done: false,
             total: 0,
+            splice: splice && splice::SUPPORTED,
+            pipe: None,
+            in_pipe: 0,
         }
     }
 
-    /// Hands the buffer back to the pool: the direction is idle.
+    /// Hands the buffer and an empty pipe back to their pools: the
+    /// direction is idle. A pipe with bytes still in it (the connection
+    /// failed mid-flow) is closed instead.
     fn release(&mut self) {
         if let Some(b) = self.buf.take() {
             pool::give(b);
+        }
+        if let Some(p) = self.pipe.take() {
+            if self.in_pipe == 0 {
+                splice::give(p);
+            }
+            self.in_pipe = 0;
+        }
+    }
+
+    /// Splice mode: drains the pipe into `to`, refills it from `from`.
+    /// `Ready(None)` means the source ran dry with the pipe empty: back to
+    /// buffer mode (the pipe is returned). `Ready(Some(r))` ends the
+    /// direction like the buffer path would.
+    fn poll_splice(
+        &mut self,
+        cx: &mut Context<'_>,
+        from: &TcpStream,
+        to: &TcpStream,
+        watch: &Watch<'_>,
+    ) -> Poll<Result<(), Failed>> {
+        let (reader, writer) = match self.side {
+            Side::Client => (Failed::Client, Failed::Upstream),
+            Side::Upstream => (Failed::Upstream, Failed::Client),
+        };
+        loop {
+            let pipe = self.pipe.as_ref().expect("splice mode holds a pipe");
+            while self.in_pipe > 0 {
+                if ready!(to.poll_write_ready(cx)).is_err() {
+                    return Poll::Ready(Err(writer));
+                }
+                match splice::drain(pipe, to, self.in_pipe) {
+                    Ok(n) => {
+                        self.in_pipe -= n;
+                        self.total += n as u64;
+                    }
+                    Err(e) if e.kind() == io::ErrorKind::WouldBlock => {}
+                    Err(_) => return Poll::Ready(Err(writer)),
+                }
+            }
+            if ready!(from.poll_read_ready(cx)).is_err() {
+                return Poll::Ready(Err(reader));
+            }
+            match splice::fill(from, pipe) {
+                // EOF: the buffer path's read sees it too and passes it on.
+                Ok(0) => {
+                    self.release();
+                    return Poll::Ready(Ok(()));
+                }
+                Ok(n) => {
+                    self.in_pipe = n;
+                    watch.on_chunk(self.side);
+                }
+                // Dry: readiness is cleared, the buffer path waits for more.
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
+                    self.release();
+                    return Poll::Ready(Ok(()));
+                }
+                // The kernel cannot splice these sockets: copy instead.
+                Err(e) if e.raw_os_error() == Some(splice::EINVAL) => {
+                    self.release();
+                    self.splice = false;
+                    return Poll::Ready(Ok(()));
+                }
+                Err(_) => return Poll::Ready(Err(reader)),
+            }
         }
     }
 
@@ -249,6 +334,9 @@ impl Direction {
             if self.done {
                 return Poll::Ready(Ok(()));
             }
+            if self.pipe.is_some() {
+                ready!(self.poll_splice(cx, from, to, watch))?;
+            }
             while self.start < self.end {
                 if ready!(to.poll_write_ready(cx)).is_err() {
                     return Poll::Ready(Err(writer));
@@ -262,11 +350,19 @@ impl Direction {
             }
             if self.end > 0 {
                 self.total += self.end as u64;
+                let full = self.end == BUFFER_BYTES;
                 (self.start, self.end) = (0, 0);
                 if self.drained {
                     // The socket is empty and its readiness cleared: the
                     // buffer goes back now, not after a failed read.
                     self.release();
+                } else if full && self.splice {
+                    // A full buffer: a bulk flow. Splice from here on.
+                    if let Some(p) = splice::take() {
+                        self.release();
+                        self.pipe = Some(p);
+                        continue;
+                    }
                 }
             }
             if ready!(from.poll_read_ready(cx)).is_err() {
@@ -335,6 +431,103 @@ fn read_chunk(from: &TcpStream, buf: &mut [u8]) -> io::Result<(usize, bool)> {
         (_, Some(n)) => Ok((n, true)),
         (Ok(n), None) => Ok((n, false)),
         (Err(e), None) => Err(e),
+    }
+}
+
+/// Pipes for splice(2), reused per thread like the copy buffers: a pipe is
+/// two fds and up to 64 KiB of kernel pages while it holds data, so a
+/// connection borrows one only while its flow is bulk.
+#[cfg(target_os = "linux")]
+mod splice {
+    use rustix::pipe::{PipeFlags, SpliceFlags};
+    use std::cell::RefCell;
+    use std::io;
+    use std::os::fd::OwnedFd;
+    use tokio::io::Interest;
+    use tokio::net::TcpStream;
+
+    pub const SUPPORTED: bool = true;
+    pub const EINVAL: i32 = rustix::io::Errno::INVAL.raw_os_error();
+
+    /// Bytes asked of one splice into the pipe: its default capacity.
+    const CHUNK: usize = 64 * 1024;
+    /// Idle pipes kept per thread; beyond, they are closed.
+    const KEEP: usize = 16;
+
+    pub struct Pipe {
+        read: OwnedFd,
+        write: OwnedFd,
+    }
+
+    thread_local! {
+        static FREE: RefCell<Vec<Pipe>> = const { RefCell::new(Vec::new()) };
+    }
+
+    /// A pipe from the pool, or a new one; `None` if none can be made
+    /// (fd limit): the caller copies through its buffer instead.
+    pub fn take() -> Option<Pipe> {
+        FREE.with(|f| f.borrow_mut().pop()).or_else(|| {
+            let (read, write) =
+                rustix::pipe::pipe_with(PipeFlags::CLOEXEC | PipeFlags::NONBLOCK).ok()?;
+            Some(Pipe { read, write })
+        })
+    }
+
+    /// Returns an empty pipe to the pool.
+    pub fn give(p: Pipe) {
+        FREE.with(|f| {
+            let mut f = f.borrow_mut();
+            if f.len() < KEEP {
+                f.push(p);
+            }
+        });
+    }
+
+    const FLAGS: SpliceFlags = SpliceFlags::MOVE.union(SpliceFlags::NONBLOCK);
+
+    /// Socket → empty pipe. `WouldBlock` clears the socket's read readiness.
+    /// A short count says nothing here (the pipe may have run out of
+    /// slots), so there is no drained shortcut as for plain reads.
+    pub fn fill(from: &TcpStream, p: &Pipe) -> io::Result<usize> {
+        from.try_io(Interest::READABLE, || {
+            rustix::pipe::splice(from, None, &p.write, None, CHUNK, FLAGS).map_err(io::Error::from)
+        })
+    }
+
+    /// Pipe → socket, at most `len` bytes. `WouldBlock` clears the socket's
+    /// write readiness.
+    pub fn drain(p: &Pipe, to: &TcpStream, len: usize) -> io::Result<usize> {
+        to.try_io(Interest::WRITABLE, || {
+            rustix::pipe::splice(&p.read, None, to, None, len, FLAGS).map_err(io::Error::from)
+        })
+    }
+}
+
+/// Elsewhere there is no splice: every flow is copied through a buffer.
+#[cfg(not(target_os = "linux"))]
+mod splice {
+    use std::io;
+    use tokio::net::TcpStream;
+
+    pub const SUPPORTED: bool = false;
+    pub const EINVAL: i32 = 22;
+
+    pub enum Pipe {}
+
+    pub fn take() -> Option<Pipe> {
+        None
+    }
+
+    pub fn give(p: Pipe) {
+        match p {}
+    }
+
+    pub fn fill(_: &TcpStream, p: &Pipe) -> io::Result<usize> {
+        match *p {}
+    }
+
+    pub fn drain(p: &Pipe, _: &TcpStream, _: usize) -> io::Result<usize> {
+        match *p {}
     }
 }
 

@@ -60,6 +60,7 @@ pub struct ListenerState {
     /// `[stats] record`: off skips every latency sample on the data path.
     pub(super) record_latency: bool,
     pub(super) retry_on_early_reset: bool,
+    pub(super) splice: bool,
     /// An operator's pinned weights; while set, the policy is suspended.
     pin: Mutex<Option<Weights>>,
     paused: AtomicBool,
@@ -168,6 +169,7 @@ impl ListenerState {
             connect_attempts: l.connect_attempts as usize,
             record_latency: config.record_latency,
             retry_on_early_reset: l.retry_on_early_reset,
+            splice: l.splice,
             pin: Mutex::new(None),
             paused: AtomicBool::new(false),
             trace,
