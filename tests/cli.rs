@@ -73,6 +73,7 @@ fn check_prints_what_would_run() {
         "127.0.0.1:9002           weight 2    (66.7% of the group)",
         "policy   failover",
         "allow    127.0.0.0/8, ::1/128",
+        "copy     splice(2) for bulk flows",
     ] {
         assert!(
             out.stdout.contains(want),

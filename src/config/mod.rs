@@ -310,6 +310,19 @@ impl Config {
                 format!("; deny {}", acl(&l.acl.deny))
             };
             let _ = writeln!(out, "  allow    {allow}{deny}");
+            let copy = match (l.splice, l.retry_on_early_reset) {
+                (true, false) => "splice(2) for bulk flows, a 16 KiB buffer otherwise",
+                (true, true) => {
+                    "16 KiB buffer (splice is off: retry_on_early_reset keeps the bytes)"
+                }
+                (false, _) => "16 KiB buffer (splice off)",
+            };
+            let retry = if l.retry_on_early_reset {
+                "; an early reset is retried on the next backend"
+            } else {
+                ""
+            };
+            let _ = writeln!(out, "  copy     {copy}{retry}");
             let lim = |v: Option<u32>| v.map_or("unlimited".to_string(), |n| n.to_string());
             let first = l.first_byte_timeout.map_or("off".to_string(), ms);
             let _ = writeln!(
