@@ -311,19 +311,11 @@ fn sigterm_stops_accepting_and_drains() {
         dir.path(),
         &two_group_config(&[echo.addr()], &[echo.addr()], ""),
     );
-    let mut child = Command::new(bin())
-        .args(["run", "-c"])
-        .arg(&path)
-        .env("RUST_LOG", "info")
-        .env("NO_COLOR", "1")
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
-    let mut lines = BufReader::new(child.stderr.take().unwrap()).lines();
+    let (mut child, mut lines) = spawn_logging(Command::new(bin()).args(["run", "-c"]).arg(&path));
     let addr: SocketAddr = loop {
         let line = lines.next().expect("proxy logs before exiting").unwrap();
-        if let Some(rest) = line.split("addr=").nth(1) {
-            break rest.split_whitespace().next().unwrap().parse().unwrap();
+        if let Some(addr) = logged_addr(&line) {
+            break addr;
         }
     };
     let mut conn = TcpStream::connect(addr).unwrap();

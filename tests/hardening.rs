@@ -6,9 +6,8 @@ mod common;
 
 use common::*;
 use portshift::backend::{self, BackendOpts, Mode};
-use std::io::{BufRead, BufReader};
 use std::net::SocketAddr;
-use std::process::{Child, Command, Stdio};
+use std::process::{Child, Command};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::{Duration, Instant};
@@ -295,31 +294,21 @@ fn spawn_proxy(
     want_admin: bool,
 ) -> (ProxyChild, SocketAddr, Option<SocketAddr>) {
     let limit = nofile.map_or(String::new(), |n| format!("ulimit -n {n}; "));
-    let mut child = Command::new("sh")
-        .arg("-c")
-        .arg(format!("{limit}exec {} run -c {}", bin(), config.display()))
-        .env("RUST_LOG", "info")
-        .env("NO_COLOR", "1")
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
-    let mut lines = BufReader::new(child.stderr.take().unwrap()).lines();
+    let (child, mut lines) = spawn_logging(Command::new("sh").arg("-c").arg(format!(
+        "{limit}exec {} run -c {}",
+        bin(),
+        config.display()
+    )));
     let child = ProxyChild(child);
     let (mut addr, mut admin) = (None, None);
     let deadline = Instant::now() + PATIENCE;
     while addr.is_none() || (want_admin && admin.is_none()) {
         assert!(Instant::now() < deadline, "proxy started");
         let line = lines.next().expect("proxy logs before exiting").unwrap();
-        let value = || {
-            line.split("addr=")
-                .nth(1)
-                .and_then(|r| r.split_whitespace().next())
-                .and_then(|a| a.parse().ok())
-        };
         if line.contains("admin listening") {
-            admin = value();
+            admin = logged_addr(&line);
         } else if line.contains(" listening") {
-            addr = value();
+            addr = logged_addr(&line);
         }
     }
     // Keep draining stderr so the child never blocks on a full pipe.

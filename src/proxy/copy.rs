@@ -256,10 +256,18 @@ impl Direction {
         }
     }
 
+    /// Which side a failed read, and a failed write, blame.
+    fn failures(&self) -> (Failed, Failed) {
+        match self.side {
+            Side::Client => (Failed::Client, Failed::Upstream),
+            Side::Upstream => (Failed::Upstream, Failed::Client),
+        }
+    }
+
     /// Splice mode: drains the pipe into `to`, refills it from `from`.
-    /// `Ready(None)` means the source ran dry with the pipe empty: back to
-    /// buffer mode (the pipe is returned). `Ready(Some(r))` ends the
-    /// direction like the buffer path would.
+    /// `Ready(Ok(()))` means back to buffer mode, the pipe returned: the
+    /// source ran dry, reached EOF (which the buffer path's read then sees
+    /// and passes on) or cannot be spliced. `Ready(Err)` ends the direction.
     fn poll_splice(
         &mut self,
         cx: &mut Context<'_>,
@@ -267,10 +275,7 @@ impl Direction {
         to: &TcpStream,
         watch: &Watch<'_>,
     ) -> Poll<Result<(), Failed>> {
-        let (reader, writer) = match self.side {
-            Side::Client => (Failed::Client, Failed::Upstream),
-            Side::Upstream => (Failed::Upstream, Failed::Client),
-        };
+        let (reader, writer) = self.failures();
         loop {
             let pipe = self.pipe.as_ref().expect("splice mode holds a pipe");
             while self.in_pipe > 0 {
@@ -326,10 +331,7 @@ impl Direction {
         watch: &Watch<'_>,
         log: &ReplayLog,
     ) -> Poll<Result<(), Failed>> {
-        let (reader, writer) = match self.side {
-            Side::Client => (Failed::Client, Failed::Upstream),
-            Side::Upstream => (Failed::Upstream, Failed::Client),
-        };
+        let (reader, writer) = self.failures();
         loop {
             if self.done {
                 return Poll::Ready(Ok(()));

@@ -27,6 +27,33 @@ pub fn write_config(dir: &Path, text: &str) -> PathBuf {
     path
 }
 
+/// Starts `cmd` (a `portshift run`) with info logs on a piped stderr, and
+/// returns the child and its stderr lines.
+pub fn spawn_logging(
+    cmd: &mut std::process::Command,
+) -> (
+    std::process::Child,
+    std::io::Lines<std::io::BufReader<std::process::ChildStderr>>,
+) {
+    use std::io::BufRead;
+    let mut child = cmd
+        .env("RUST_LOG", "info")
+        .env("NO_COLOR", "1")
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .expect("the portshift binary starts");
+    let lines = std::io::BufReader::new(child.stderr.take().expect("stderr is piped")).lines();
+    (child, lines)
+}
+
+/// The `addr=` value of a proxy log line (`listening addr=127.0.0.1:…`).
+pub fn logged_addr(line: &str) -> Option<SocketAddr> {
+    line.split("addr=")
+        .nth(1)
+        .and_then(|r| r.split_whitespace().next())
+        .and_then(|a| a.parse().ok())
+}
+
 /// A proxy running in this process.
 pub struct TestProxy {
     pub addrs: Vec<(String, SocketAddr)>,
