@@ -200,14 +200,14 @@ alloc_port() { # KEY
 	done
 }
 SERVICES=(iperf http redis sink)
-PROXY_IDS=(ps hap ngx psoff)   # psoff: portshift with [stats] record = false
+PROXY_IDS=(ps hap ngx psoff pscopy)   # psoff: [stats] record = false; pscopy: splice = false
 for s in "${SERVICES[@]}"; do alloc_port "be.$s"; done
 for p in "${PROXY_IDS[@]}"; do for s in "${SERVICES[@]}"; do alloc_port "$p.$s"; done; done
-declare -A NAME=([ps]=portshift [hap]=haproxy [ngx]=nginx [psoff]=portshift-record-off)
+declare -A NAME=([ps]=portshift [hap]=haproxy [ngx]=nginx [psoff]=portshift-record-off [pscopy]=portshift-splice-off)
 
 # ------------------------------------------------------------------ configs
-write_portshift() { # ID RECORD
-	local id=$1 rec=$2 f="$WORK/$1.toml" s
+write_portshift() { # ID RECORD SPLICE
+	local id=$1 rec=$2 splice=${3:-true} f="$WORK/$1.toml" s
 	{
 		echo 'drain_timeout = "1s"'
 		echo
@@ -217,8 +217,8 @@ write_portshift() { # ID RECORD
 			printf '\n[[group]]\nname = "%s"\nbackends = ["127.0.0.1:%s"]\n' "$s" "${PORT[be.$s]}"
 		done
 		for s in "${SERVICES[@]}"; do
-			printf '\n[[listener]]\nname = "%s"\nlisten = ["127.0.0.1:%s"]\nprimary = "%s"\nidle_timeout = "15m"\n' \
-				"$s" "${PORT[$id.$s]}" "$s"
+			printf '\n[[listener]]\nname = "%s"\nlisten = ["127.0.0.1:%s"]\nprimary = "%s"\nidle_timeout = "15m"\nsplice = %s\n' \
+				"$s" "${PORT[$id.$s]}" "$s" "$splice"
 		done
 	} >"$f"
 	"$PS_BIN" check -c "$f" >/dev/null 2>"$WORK/$id.check.err" || { cat "$WORK/$id.check.err" >&2; die "portshift rejected $f"; }
@@ -301,6 +301,7 @@ EOF
 
 write_portshift ps true
 write_portshift psoff false
+write_portshift pscopy true false
 write_haproxy
 write_nginx_stream
 write_nginx_http
@@ -310,7 +311,7 @@ declare -A PXPID
 start_proxy() { # ID CPU
 	local id=$1 cpu=$2 s
 	case "$id" in
-	ps | psoff) spawn "$id" "$cpu" env RUST_LOG=warn "$PS_BIN" run -c "$WORK/$id.toml" ;;
+	ps | psoff | pscopy) spawn "$id" "$cpu" env RUST_LOG=warn "$PS_BIN" run -c "$WORK/$id.toml" ;;
 	hap) spawn hap "$cpu" haproxy -db -f "$WORK/hap.cfg" ;;
 	ngx) spawn ngx "$cpu" nginx -p "$WORK/ngx/" -e "$WORK/ngx/error.log" -c "$WORK/ngx.conf" ;;
 	esac
@@ -474,8 +475,9 @@ run_layout() { # LAYOUT
 		done
 	fi
 	calibrate_redis
-	for r in $(seq 1 "$ROUNDS"); do for id in "${PEERS[@]}"; do m_iperf "$L" "$id" "$r" 1; settle "$L"; done; done
-	for r in $(seq 1 "$ROUNDS"); do for id in "${PEERS[@]}"; do m_iperf "$L" "$id" "$r" 8; settle "$L"; done; done
+	# pscopy (splice = false) runs interleaved with the peers: the splice trade-off.
+	for r in $(seq 1 "$ROUNDS"); do for id in "${PEERS[@]}" pscopy; do m_iperf "$L" "$id" "$r" 1; settle "$L"; done; done
+	for r in $(seq 1 "$ROUNDS"); do for id in "${PEERS[@]}" pscopy; do m_iperf "$L" "$id" "$r" 8; settle "$L"; done; done
 	for r in $(seq 1 "$ROUNDS"); do for id in "${PEERS[@]}"; do m_wrk "$L" "$id" "$r" ka; settle "$L"; done; done
 	for r in $(seq 1 "$ROUNDS"); do for id in "${PEERS[@]}"; do m_wrk "$L" "$id" "$r" close; settle "$L"; done; done
 	for r in $(seq 1 "$ROUNDS"); do for id in "${PEERS[@]}"; do m_redis "$L" "$id" "$r" 1; settle "$L"; done; done

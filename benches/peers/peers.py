@@ -365,6 +365,25 @@ def report(raw_path, meta_path, out_path, latest_path=None):
                         "record_on_cpu": con, "record_off_cpu": coff},
         })
 
+    splice = []
+    for layout in order:
+        for n in (1, 8):
+            on = samples.get((layout, f"iperf{n}", "portshift"), [])
+            off = samples.get((layout, f"iperf{n}", "portshift-splice-off"), [])
+            if not off:
+                continue
+            con = samples.get((layout, f"iperf{n}_cpu", "portshift"), [])
+            coff = samples.get((layout, f"iperf{n}_cpu", "portshift-splice-off"), [])
+            nn = lambda v: None if math.isnan(v) else v  # noqa: E731
+            splice.append({
+                "layout": layout, "streams": n,
+                "splice_on_gbps": nn(_median(on)), "splice_off_gbps": nn(_median(off)),
+                "splice_on_cpu_ms_per_gb": nn(_median(con)),
+                "splice_off_cpu_ms_per_gb": nn(_median(coff)),
+                "samples": {"splice_on": on, "splice_off": off,
+                            "splice_on_cpu": con, "splice_off_cpu": coff},
+            })
+
     bg = {}
     for layout in order:
         xs = [x for x in samples.get((layout, "bg_busy", "machine"), []) if not math.isnan(x)]
@@ -378,7 +397,7 @@ def report(raw_path, meta_path, out_path, latest_path=None):
                     "measurements: another load was running; treat that layout's figures with care")
     meta["background_cpu_busy"] = bg
 
-    out = {"meta": meta, "results": rows, "telemetry": tele}
+    out = {"meta": meta, "results": rows, "telemetry": tele, "splice": splice}
     print_table(out)
     with open(out_path, "w") as f:
         json.dump(out, f, indent=2)
@@ -434,6 +453,16 @@ def print_table(out):
                           _fmt(t["record_off_cpu_us_per_req"], 2), "-", "-", "-", "-", "-"])
             lines.append(["telemetry cost in CPU: (on-off)/off", L, "%", "lower",
                           _fmt(t["cpu_cost_percent"], 1), "-", "-", "-", "-", "-"])
+    for sp in out.get("splice", []):
+        L, n = sp["layout"], sp["streams"]
+        for mode in ("on", "off"):
+            lines.append([f"portshift splice={'true' if mode == 'on' else 'false'}, iperf3 -P {n}",
+                          L, "Gbit/s", "higher", _fmt(sp[f"splice_{mode}_gbps"], 2),
+                          "-", "-", "-", "-", "-"])
+        for mode in ("on", "off"):
+            lines.append([f"portshift splice={'true' if mode == 'on' else 'false'}, CPU/GB -P {n}",
+                          L, "ms/GB", "lower", _fmt(sp[f"splice_{mode}_cpu_ms_per_gb"], 1),
+                          "-", "-", "-", "-", "-"])
     widths = [max(len(str(x[i])) for x in lines + [hdr]) for i in range(len(hdr))]
     right = {4, 5, 6, 7, 8, 9}
 
