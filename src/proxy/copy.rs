@@ -3,8 +3,9 @@
 //! the other direction keeps flowing. A direction borrows a buffer from a
 //! per-thread pool while it has bytes to move and gives it back when it
 //! goes idle: no allocation per chunk, and no buffer held by an idle
-//! connection. Each chunk read also
-//! feeds the turn tracker, which yields `exchange` and `first_byte` samples.
+//! connection. Bulk flows switch to splice(2) through a pooled pipe. Each
+//! chunk read also feeds the turn tracker, which yields `exchange` and
+//! `first_byte` samples.
 
 use super::Clock;
 use super::outcome::End;
