@@ -307,10 +307,7 @@ fn sigterm_stops_accepting_and_drains() {
     let rt = tokio::runtime::Runtime::new().unwrap();
     let echo = rt.block_on(echo_backend());
     let dir = tempfile::tempdir().unwrap();
-    let path = write_config(
-        dir.path(),
-        &two_group_config(&[echo.addr()], &[echo.addr()], ""),
-    );
+    let path = write_config(dir.path(), &echo_config(echo.addr(), ""));
     let (mut child, mut lines) = spawn_logging(Command::new(bin()).args(["run", "-c"]).arg(&path));
     let addr: SocketAddr = loop {
         let line = lines.next().expect("proxy logs before exiting").unwrap();
@@ -470,7 +467,7 @@ fn sighup_reloads_the_config_file() {
     let rt = tokio::runtime::Runtime::new().unwrap();
     let echo = rt.block_on(echo_backend());
     let dir = tempfile::tempdir().unwrap();
-    let first = two_group_config(&[echo.addr()], &[echo.addr()], "");
+    let first = echo_config(echo.addr(), "");
     let path = write_config(dir.path(), &first);
     let mut child = Command::new(bin())
         .args(["run", "-c"])
@@ -510,7 +507,7 @@ fn sighup_reloads_the_config_file() {
         &path,
         format!(
             "{first}\n{}",
-            two_group_config(&[echo.addr()], &[echo.addr()], "")
+            echo_config(echo.addr(), "")
                 .split("[[listener]]")
                 .nth(1)
                 .map(|l| format!(

@@ -51,12 +51,7 @@ async fn echo_roundtrip(addr: SocketAddr, len: usize, seed: u64) -> Result<(), S
 #[tokio::test]
 async fn connection_limits_refuse_new_and_keep_established() {
     let echo = echo_backend().await;
-    let proxy = start_proxy(&two_group_config(
-        &[echo.addr()],
-        &[echo.addr()],
-        "max_connections = 2",
-    ))
-    .await;
+    let proxy = start_proxy(&echo_config(echo.addr(), "max_connections = 2")).await;
     let mut held = Vec::new();
     for _ in 0..2 {
         let mut s = TcpStream::connect(proxy.addr()).await.unwrap();
@@ -85,12 +80,7 @@ async fn connection_limits_refuse_new_and_keep_established() {
     assert_eq!(proxy.state("l").outcomes.snapshot().denied, 1);
     drop(held);
 
-    let per = start_proxy(&two_group_config(
-        &[echo.addr()],
-        &[echo.addr()],
-        "max_connections_per_source = 1",
-    ))
-    .await;
+    let per = start_proxy(&echo_config(echo.addr(), "max_connections_per_source = 1")).await;
     let first = TcpStream::connect(per.addr()).await.unwrap();
     tokio::time::sleep(Duration::from_millis(100)).await;
     let second = read_all(per.addr()).await;
@@ -111,12 +101,7 @@ async fn connection_limits_refuse_new_and_keep_established() {
 #[tokio::test]
 async fn silent_client_is_closed_by_first_byte_timeout() {
     let echo = echo_backend().await;
-    let proxy = start_proxy(&two_group_config(
-        &[echo.addr()],
-        &[echo.addr()],
-        "first_byte_timeout = \"300ms\"",
-    ))
-    .await;
+    let proxy = start_proxy(&echo_config(echo.addr(), "first_byte_timeout = \"300ms\"")).await;
     let started = Instant::now();
     let got = read_all(proxy.addr())
         .await
@@ -337,7 +322,7 @@ async fn accept_loop_survives_fd_exhaustion() {
     let dir = tempfile::tempdir().unwrap();
     let text = format!(
         "[admin]\nlisten = \"127.0.0.1:0\"\n{}",
-        two_group_config(&[echo.addr()], &[echo.addr()], "")
+        echo_config(echo.addr(), "")
     );
     let path = write_config(dir.path(), &text);
     let (child, addr, admin) = spawn_proxy(&path, Some(64), true);
@@ -399,10 +384,7 @@ async fn thousands_of_concurrent_connections_arrive_intact_without_fd_leak() {
         .unwrap_or(5000);
     let echo = echo_backend().await;
     let dir = tempfile::tempdir().unwrap();
-    let path = write_config(
-        dir.path(),
-        &two_group_config(&[echo.addr()], &[echo.addr()], ""),
-    );
+    let path = write_config(dir.path(), &echo_config(echo.addr(), ""));
     let (child, addr, _) = spawn_proxy(&path, None, false);
     let pid = child.0.id();
     tokio::time::sleep(Duration::from_millis(200)).await;

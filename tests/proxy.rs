@@ -31,7 +31,7 @@ fn payload(len: usize, seed: u64) -> Vec<u8> {
 async fn bytes_arrive_intact_both_ways() {
     for extra in ["", "splice = false"] {
         let echo = echo_backend().await;
-        let proxy = start_proxy(&two_group_config(&[echo.addr()], &[echo.addr()], extra)).await;
+        let proxy = start_proxy(&echo_config(echo.addr(), extra)).await;
         let sent = payload(8 << 20, 42);
         let stream = TcpStream::connect(proxy.addr()).await.unwrap();
         let (mut r, mut w) = stream.into_split();
@@ -59,7 +59,7 @@ async fn bytes_arrive_intact_both_ways() {
 #[tokio::test]
 async fn bulk_and_small_turns_alternate_on_one_connection() {
     let echo = echo_backend().await;
-    let proxy = start_proxy(&two_group_config(&[echo.addr()], &[echo.addr()], "")).await;
+    let proxy = start_proxy(&echo_config(echo.addr(), "")).await;
     let mut c = TcpStream::connect(proxy.addr()).await.unwrap();
     for (i, len) in [1 << 20, 5, 300_000, 1, 2 << 20, 64]
         .into_iter()
@@ -276,12 +276,7 @@ async fn weight_change_applies_next_and_cuts_nobody() {
 #[tokio::test]
 async fn idle_connection_is_closed_and_counted() {
     let echo = echo_backend().await;
-    let proxy = start_proxy(&two_group_config(
-        &[echo.addr()],
-        &[echo.addr()],
-        "idle_timeout = \"300ms\"",
-    ))
-    .await;
+    let proxy = start_proxy(&echo_config(echo.addr(), "idle_timeout = \"300ms\"")).await;
     let got = read_all(proxy.addr())
         .await
         .expect("closed by the proxy, not by the test timeout");
@@ -294,22 +289,12 @@ async fn idle_connection_is_closed_and_counted() {
 #[tokio::test]
 async fn denied_source_never_reaches_backend() {
     let echo = echo_backend().await;
-    let proxy = start_proxy(&two_group_config(
-        &[echo.addr()],
-        &[echo.addr()],
-        "allow = [\"10.0.0.0/8\"]",
-    ))
-    .await;
+    let proxy = start_proxy(&echo_config(echo.addr(), "allow = [\"10.0.0.0/8\"]")).await;
     let got = read_all(proxy.addr()).await;
     assert!(matches!(&got, Ok(b) if b.is_empty()) || got.is_err());
     let c = proxy.state("l").outcomes.snapshot();
     assert_eq!((c.denied, c.accepted, c.connected), (1, 0, 0));
-    let allowed = start_proxy(&two_group_config(
-        &[echo.addr()],
-        &[echo.addr()],
-        "deny = [\"10.0.0.0/8\"]",
-    ))
-    .await;
+    let allowed = start_proxy(&echo_config(echo.addr(), "deny = [\"10.0.0.0/8\"]")).await;
     let mut s = TcpStream::connect(allowed.addr()).await.unwrap();
     s.write_all(b"hi").await.unwrap();
     let mut buf = [0u8; 2];

@@ -278,6 +278,11 @@ METRICS = {
 ERR_KEYS = {"ka_err": "ka_rps", "close_err": "close_rps"}
 
 
+def nn(v):
+    """NaN as JSON null."""
+    return None if math.isnan(v) else v
+
+
 def _median(xs):
     xs = [x for x in xs if x is not None and not math.isnan(x)]
     return statistics.median(xs) if xs else float("nan")
@@ -352,7 +357,6 @@ def report(raw_path, meta_path, out_path, latest_path=None):
         mon, moff, mcon, mcoff = _median(on), _median(off), _median(con), _median(coff)
         cost = (moff - mon) / moff * 100.0 if moff and not math.isnan(moff) and not math.isnan(mon) else float("nan")
         ccost = (mcon - mcoff) / mcoff * 100.0 if mcoff and not math.isnan(mcoff) and not math.isnan(mcon) else float("nan")
-        nn = lambda v: None if math.isnan(v) else v  # noqa: E731
         tele.append({
             "layout": layout,
             "record_on_rps": nn(mon),
@@ -374,7 +378,6 @@ def report(raw_path, meta_path, out_path, latest_path=None):
                 continue
             con = samples.get((layout, f"iperf{n}_cpu", "portshift"), [])
             coff = samples.get((layout, f"iperf{n}_cpu", "portshift-splice-off"), [])
-            nn = lambda v: None if math.isnan(v) else v  # noqa: E731
             splice.append({
                 "layout": layout, "streams": n,
                 "splice_on_gbps": nn(_median(on)), "splice_off_gbps": nn(_median(off)),

@@ -11,7 +11,7 @@ use super::Clock;
 use super::outcome::End;
 use crate::core::turns::{Side, Turn, TurnTracker};
 use std::io;
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering::Relaxed};
+use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
 use std::task::{Context, Poll, ready};
 use std::time::Duration;
 use tokio::net::TcpStream;
@@ -127,7 +127,6 @@ pub async fn bidirectional(
         last_us: AtomicU64::new(clock.now().as_micros() as u64),
         turns: TurnTracker::default(),
         on_turn,
-        eof: [AtomicBool::new(false), AtomicBool::new(false)],
     };
     // Replay needs the client's bytes in hand, so it rules splice out.
     let splice = splice && !keep_replay;
@@ -136,8 +135,8 @@ pub async fn bidirectional(
     let sleep = tokio::time::sleep(idle);
     tokio::pin!(sleep);
     let (end, failed) = std::future::poll_fn(|cx| {
-        let a = up.poll(cx, client, upstream, &watch, &log);
-        let b = down.poll(cx, upstream, client, &watch, &log);
+        let a = up.poll(cx, client, upstream, down.done, &watch, &log);
+        let b = down.poll(cx, upstream, client, up.done, &watch, &log);
         match (a, b) {
             (Poll::Ready(Err(f)), _) | (_, Poll::Ready(Err(f))) => {
                 return Poll::Ready((End::Reset, Some(f)));
@@ -181,18 +180,9 @@ struct Watch<'a> {
     last_us: AtomicU64,
     turns: TurnTracker,
     on_turn: &'a (dyn Fn(Turn, Duration) + Sync),
-    /// Which sides have sent EOF, indexed by `Side as usize`.
-    eof: [AtomicBool; 2],
 }
 
 impl Watch<'_> {
-    /// Records EOF from `side`; true if the other side had sent its EOF
-    /// already, so the whole connection is about to close.
-    fn eof_from(&self, side: Side) -> bool {
-        self.eof[side as usize].store(true, Relaxed);
-        self.eof[1 - side as usize].load(Relaxed)
-    }
-
     fn on_chunk(&self, side: Side) {
         let now = self.clock.now();
         self.last_us.store(now.as_micros() as u64, Relaxed);
@@ -323,12 +313,14 @@ impl Direction {
 
     /// Moves bytes from `from` to `to` until it would block (`Pending`, with
     /// the waker registered on the socket that blocked), reaches EOF (passed
-    /// on as a half-close) or fails.
+    /// on as a half-close) or fails. `peer_done`: the other direction has
+    /// already read EOF from `to`.
     fn poll(
         &mut self,
         cx: &mut Context<'_>,
         from: &TcpStream,
         to: &TcpStream,
+        peer_done: bool,
         watch: &Watch<'_>,
         log: &ReplayLog,
     ) -> Poll<Result<(), Failed>> {
@@ -376,7 +368,7 @@ impl Direction {
                 Ok((0, _)) => {
                     self.release();
                     self.done = true;
-                    return Poll::Ready(self.pass_eof(to, watch, log).map_err(|_| writer));
+                    return Poll::Ready(self.pass_eof(to, peer_done, log).map_err(|_| writer));
                 }
                 Ok((n, drained)) => {
                     match self.side {
@@ -394,11 +386,11 @@ impl Direction {
     }
 
     /// EOF from `from`: half-close `to` so the other direction keeps flowing.
-    fn pass_eof(&self, to: &TcpStream, watch: &Watch<'_>, log: &ReplayLog) -> io::Result<()> {
+    fn pass_eof(&self, to: &TcpStream, peer_done: bool, log: &ReplayLog) -> io::Result<()> {
         if self.side == Side::Client {
             log.client_eof.store(true, Relaxed);
         }
-        if watch.eof_from(self.side) {
+        if peer_done {
             // Both sides are done: `to` is closed right after this and its
             // close sends the FIN. `to` sent its EOF and every byte before it
             // was read, so nothing unread turns that close into a reset. One

@@ -162,6 +162,11 @@ pub async fn echo_backend() -> portshift::backend::BackendHandle {
     .expect("bind loopback")
 }
 
+/// `two_group_config` with one echo backend as both primary and backup.
+pub fn echo_config(echo: SocketAddr, extra: &str) -> String {
+    two_group_config(&[echo], &[echo], extra)
+}
+
 /// A config with one listener on 127.0.0.1:0, a primary and a backup group.
 pub fn two_group_config(primary: &[SocketAddr], backup: &[SocketAddr], extra: &str) -> String {
     let list = |a: &[SocketAddr]| {
