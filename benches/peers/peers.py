@@ -12,6 +12,10 @@ Subcommands:
   hold PORT N STATUS      -> open N connections to PORT and keep them idle;
                              SIGUSR1: send 64 bytes on each and read the echo;
                              writes "connected <n>" / "exchanged <n>" to STATUS
+  drive PORT ka|close N   -> exactly N HTTP requests through PORT, one at a time:
+                             ka over 4 keep-alive connections, close one
+                             connection each (benches/counts.sh)
+  syscalls STRACE_OUT     -> "name count" per syscall from strace -c -o output
   rss PID                 -> VmRSS of PID in bytes
   cpu PID                 -> user+system CPU time of PID (all threads), microseconds
   report RAW.tsv META.json OUT.json [LATEST.json]
@@ -229,6 +233,51 @@ def hold(port, n, status):
     _write_status(status, f"exchanged {done}")
     while not stop:
         time.sleep(0.1)
+
+
+def drive(port, mode, n):
+    """Exactly n requests, one at a time, each answer read in full: a
+    fixed amount of work, so per-request counts do not depend on timing."""
+    port, n = int(port), int(n)
+    close = mode == "close"
+    if mode not in ("ka", "close"):
+        sys.exit(f"drive: mode must be ka or close, not {mode!r}")
+    req = b"GET / HTTP/1.1\r\nHost: x\r\n" + (b"Connection: close\r\n" if close else b"") + b"\r\n"
+
+    def answer(s):
+        buf = b""
+        while b"backend\n" not in buf:
+            d = s.recv(4096)
+            if not d:
+                sys.exit("drive: connection closed before the answer")
+            buf += d
+
+    def connect():
+        return socket.create_connection(("127.0.0.1", port), timeout=30)
+
+    if close:
+        for _ in range(n):
+            with connect() as s:
+                s.sendall(req)
+                answer(s)
+                while s.recv(4096):
+                    pass
+    else:
+        conns = [connect() for _ in range(4)]
+        for i in range(n):
+            conns[i % 4].sendall(req)
+            answer(conns[i % 4])
+        for s in conns:
+            s.close()
+
+
+def syscalls(path):
+    """The per-syscall call counts of an `strace -c` summary."""
+    for line in open(path):
+        f = line.split()
+        # "% time  seconds  usecs/call  calls  [errors]  syscall"
+        if len(f) >= 5 and f[0][0].isdigit() and f[-1] != "total":
+            print(f[-1], int(f[3]))
 
 
 def rss(pid):
@@ -520,6 +569,8 @@ def main():
         "check-redis": check_redis,
         "sink": sink,
         "hold": hold,
+        "drive": drive,
+        "syscalls": syscalls,
         "rss": rss,
         "cpu": cpu,
         "report": report,

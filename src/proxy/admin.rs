@@ -126,7 +126,7 @@ async fn not_found(method: Method, uri: axum::http::Uri) -> Response {
 async fn metrics() -> impl IntoResponse {
     (
         [(header::CONTENT_TYPE, "text/plain; version=0.0.4")],
-        crate::telemetry::prometheus().render(),
+        crate::telemetry::render(),
     )
 }
 

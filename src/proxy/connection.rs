@@ -7,7 +7,7 @@ use super::state::{ListenerState, SourceSlot};
 use crate::config::SocketOptions;
 use crate::core::routes::{Attempt, GroupRoutes};
 use crate::core::stats::Signal;
-use crate::core::turns::Turn;
+use crate::core::turns::{Side, Turn};
 use crate::sim::trace::TraceRecord;
 use crate::telemetry::ErrorKind;
 use std::io;
@@ -20,7 +20,7 @@ use tracing::debug;
 pub async fn handle(state: Arc<ListenerState>, client: TcpStream, _source: Option<SourceSlot>) {
     let _active = state.outcomes.active_guard();
     let arrived = state.clock.now();
-    apply_socket_options(&client, &state.socket);
+    apply_socket_options(&client, &state.socket, Side::Client);
     if let Some(limit) = state.first_byte_timeout {
         // Slow-loris guard: a client that says nothing gets no upstream
         // connection and is closed.
@@ -109,7 +109,7 @@ async fn proxy_one(
     arrived: Duration,
 ) -> copy::Copied {
     state.outcomes.connected();
-    apply_socket_options(upstream, &state.socket);
+    apply_socket_options(upstream, &state.socket, Side::Upstream);
     let _tracked = groups[attempt.group].track(attempt.backend);
     let metrics = &state.metrics[attempt.group][attempt.backend];
     let stats = &state.stats[attempt.group].backends[attempt.backend];
@@ -230,28 +230,71 @@ async fn connect_first(
     None
 }
 
+/// Linux copies `TCP_NODELAY` from a listening socket to the sockets it
+/// accepts, so the client side gets it from `prepare_listener` once, not
+/// from a `setsockopt` per connection (one syscall of about twenty in a
+/// short connection's life).
+const NODELAY_INHERITED: bool = cfg!(target_os = "linux");
+
+/// The listener's options that accepted sockets inherit, set on the
+/// listening socket itself (again at each start, so a reload that changes
+/// them applies to its kept sockets too).
+pub fn prepare_listener(listener: &tokio::net::TcpListener, o: &SocketOptions) {
+    if NODELAY_INHERITED && let Err(e) = socket2::SockRef::from(listener).set_tcp_nodelay(o.nodelay)
+    {
+        debug!(error = %e, "nodelay not applied to the listening socket");
+    }
+}
+
 /// The listener's socket options, on one side of a proxied connection.
 /// A refused option (e.g. a buffer size above the system cap) is logged,
 /// never fatal: the connection works with the system's default.
-fn apply_socket_options(stream: &TcpStream, o: &SocketOptions) {
+fn apply_socket_options(stream: &TcpStream, o: &SocketOptions, side: Side) {
     let sock = socket2::SockRef::from(stream);
-    let mut results = vec![("nodelay", sock.set_tcp_nodelay(o.nodelay))];
+    let report = |option: &str, r: io::Result<()>| {
+        if let Err(e) = r {
+            debug!(option, error = %e, "socket option not applied");
+        }
+    };
+    if !(NODELAY_INHERITED && side == Side::Client) {
+        report("nodelay", sock.set_tcp_nodelay(o.nodelay));
+    }
     if let Some(k) = o.keepalive {
         let params = socket2::TcpKeepalive::new()
             .with_time(k.time)
             .with_interval(k.interval)
             .with_retries(k.count);
-        results.push(("keepalive", sock.set_tcp_keepalive(&params)));
+        report("keepalive", sock.set_tcp_keepalive(&params));
     }
     if let Some(n) = o.send_buffer {
-        results.push(("send_buffer", sock.set_send_buffer_size(n as usize)));
+        report("send_buffer", sock.set_send_buffer_size(n as usize));
     }
     if let Some(n) = o.recv_buffer {
-        results.push(("recv_buffer", sock.set_recv_buffer_size(n as usize)));
+        report("recv_buffer", sock.set_recv_buffer_size(n as usize));
     }
-    for (option, r) in results {
-        if let Err(e) = r {
-            debug!(option, error = %e, "socket option not applied");
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The client side of every proxied connection gets the listener's
+    /// `nodelay`, whether it is set per connection or inherited, and a
+    /// restart on the same socket (a reload) that changes it takes effect.
+    #[tokio::test]
+    async fn accepted_sockets_carry_the_listeners_nodelay() {
+        let listener = super::super::bind_one("127.0.0.1:0".parse().unwrap(), 16).unwrap();
+        let addr = listener.local_addr().unwrap();
+        for nodelay in [true, false, true] {
+            let o = SocketOptions {
+                nodelay,
+                ..SocketOptions::default()
+            };
+            prepare_listener(&listener, &o);
+            let _client = TcpStream::connect(addr).await.unwrap();
+            let (accepted, _) = listener.accept().await.unwrap();
+            apply_socket_options(&accepted, &o, Side::Client);
+            assert_eq!(accepted.nodelay().unwrap(), nodelay, "nodelay = {nodelay}");
         }
     }
 }

@@ -134,6 +134,7 @@ pub async fn bidirectional(
     let mut down = Direction::new(Side::Upstream, splice);
     let sleep = tokio::time::sleep(idle);
     tokio::pin!(sleep);
+    let mut timer = IdleTimer::default();
     let (end, failed) = std::future::poll_fn(|cx| {
         let a = up.poll(cx, client, upstream, down.done, &watch, &log);
         let b = down.poll(cx, upstream, client, up.done, &watch, &log);
@@ -147,7 +148,7 @@ pub async fn bidirectional(
         // The timer is armed for the idle limit counted from the last
         // activity it knew of; when it fires early (traffic since), it is
         // re-armed for the rest.
-        while sleep.as_mut().poll(cx).is_ready() {
+        while timer.needs_poll(cx, sleep.is_elapsed()) && sleep.as_mut().poll(cx).is_ready() {
             let last = Duration::from_micros(watch.last_us.load(Relaxed));
             let quiet = watch.clock.now().saturating_sub(last);
             if quiet >= idle {
@@ -156,6 +157,7 @@ pub async fn bidirectional(
             sleep
                 .as_mut()
                 .reset(tokio::time::Instant::now() + (idle - quiet));
+            timer.rearmed();
         }
         Poll::Pending
     })
@@ -171,6 +173,35 @@ pub async fn bidirectional(
         } else {
             None
         },
+    }
+}
+
+/// When the idle timer must be polled. A registered timer wakes the task
+/// by itself when it fires, so polling it on every I/O wake (a cooperative
+/// budget check and a waker comparison each time) is only needed when it is
+/// not registered yet, has fired, or the future is now polled with another
+/// waker than the one the timer holds.
+#[derive(Default)]
+struct IdleTimer {
+    registered: Option<std::task::Waker>,
+}
+
+impl IdleTimer {
+    fn needs_poll(&mut self, cx: &Context<'_>, fired: bool) -> bool {
+        let current = self
+            .registered
+            .as_ref()
+            .is_some_and(|w| w.will_wake(cx.waker()));
+        if fired || !current {
+            self.registered = Some(cx.waker().clone());
+            return true;
+        }
+        false
+    }
+
+    /// The timer was reset: its next poll registers it again.
+    fn rearmed(&mut self) {
+        self.registered = None;
     }
 }
 
@@ -270,15 +301,16 @@ impl Direction {
         loop {
             let pipe = self.pipe.as_ref().expect("splice mode holds a pipe");
             while self.in_pipe > 0 {
-                if ready!(to.poll_write_ready(cx)).is_err() {
-                    return Poll::Ready(Err(writer));
-                }
                 match splice::drain(pipe, to, self.in_pipe) {
                     Ok(n) => {
                         self.in_pipe -= n;
                         self.total += n as u64;
                     }
-                    Err(e) if e.kind() == io::ErrorKind::WouldBlock => {}
+                    Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
+                        if ready!(to.poll_write_ready(cx)).is_err() {
+                            return Poll::Ready(Err(writer));
+                        }
+                    }
                     Err(_) => return Poll::Ready(Err(writer)),
                 }
             }
@@ -332,14 +364,20 @@ impl Direction {
             if self.pipe.is_some() {
                 ready!(self.poll_splice(cx, from, to, watch))?;
             }
+            // Write first, wait only when the kernel says so: a socket is
+            // nearly always writable, and the readiness check before every
+            // write was a tenth of the proxy's user-space work per request.
+            // `try_write` answers `WouldBlock` without a syscall while
+            // write readiness is known to be clear.
             while self.start < self.end {
-                if ready!(to.poll_write_ready(cx)).is_err() {
-                    return Poll::Ready(Err(writer));
-                }
                 let b = self.buf.as_ref().expect("pending bytes live in the buffer");
                 match to.try_write(&b[self.start..self.end]) {
                     Ok(n) => self.start += n,
-                    Err(e) if e.kind() == io::ErrorKind::WouldBlock => {}
+                    Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
+                        if ready!(to.poll_write_ready(cx)).is_err() {
+                            return Poll::Ready(Err(writer));
+                        }
+                    }
                     Err(_) => return Poll::Ready(Err(writer)),
                 }
             }

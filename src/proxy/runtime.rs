@@ -182,6 +182,7 @@ impl Shared {
             s.slot = match std::mem::replace(&mut s.slot, Slot::Moving) {
                 Slot::Idle(l) => {
                     info!(listener = %r.state.name, addr = %s.local, "listening");
+                    connection::prepare_listener(&l, &r.state.socket);
                     let task =
                         accept_loop(l, Arc::clone(&r.state), self.conns.clone(), r.token.clone());
                     Slot::Accepting(tokio::spawn(task))
@@ -426,9 +427,14 @@ async fn accept_loop(
     conns: TaskTracker,
     stop: CancellationToken,
 ) -> TcpListener {
+    // One cancellation future for the loop's life: making one per accept
+    // would add and remove a waiter under the token's lock every time.
+    let cancelled = stop.cancelled();
+    tokio::pin!(cancelled);
     loop {
         let accepted = tokio::select! {
-            () = stop.cancelled() => return listener,
+            biased;
+            () = &mut cancelled => return listener,
             r = listener.accept() => r,
         };
         match accepted {

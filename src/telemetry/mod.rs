@@ -6,10 +6,14 @@
 //! emitted per packet. Labels stay low-cardinality: listener, group,
 //! backend, signal, kind; never a client address.
 
+mod histogram;
+
+pub use histogram::LATENCY_BUCKETS;
+
 use crate::core::stats::Signal;
-use metrics::{Counter, Gauge, Histogram, Label};
-use metrics_exporter_prometheus::{Matcher, PrometheusBuilder, PrometheusHandle};
-use std::sync::OnceLock;
+use metrics::{Counter, Gauge, Label};
+use metrics_exporter_prometheus::{PrometheusBuilder, PrometheusHandle};
+use std::sync::{Arc, OnceLock};
 use std::time::Duration;
 
 pub const LATENCY: &str = "portshift_latency_seconds";
@@ -28,17 +32,6 @@ pub const POLICY_STATE: &str = "portshift_policy_state";
 pub const ROUTE_PINNED: &str = "portshift_route_pinned";
 pub const POLICY_PAUSED: &str = "portshift_policy_paused";
 pub const RELOADS: &str = "portshift_config_reloads_total";
-
-/// Histogram buckets in seconds, dense in the 1 ms – 1 s range where latency
-/// alerts are written (e.g. p99 above 250 ms).
-pub const LATENCY_BUCKETS: [f64; 20] = [
-    0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.075, 0.1, 0.15, 0.2, 0.25,
-    0.3, 0.5, 0.75, 1.0, 2.5, 10.0,
-];
-
-/// How often histogram samples are folded into buckets when nobody scrapes,
-/// so memory stays bounded.
-const UPKEEP_INTERVAL: Duration = Duration::from_secs(5);
 
 /// Outcome kinds counted in `portshift_errors_total{kind}`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -73,29 +66,24 @@ impl ErrorKind {
     }
 }
 
+/// Everything `/metrics` serves: the exporter's counters and gauges, then
+/// the latency histograms kept in `histogram`.
+pub fn render() -> String {
+    let mut out = prometheus().render();
+    histogram::render(&mut out);
+    out
+}
+
 /// The process's Prometheus handle; installs the recorder on first call.
 pub fn prometheus() -> &'static PrometheusHandle {
     static HANDLE: OnceLock<PrometheusHandle> = OnceLock::new();
     HANDLE.get_or_init(|| {
-        let recorder = PrometheusBuilder::new()
-            .set_buckets_for_metric(Matcher::Full(LATENCY.into()), &LATENCY_BUCKETS)
-            .expect("bucket list is non-empty")
-            .build_recorder();
+        let recorder = PrometheusBuilder::new().build_recorder();
         let handle = recorder.handle();
         // Fails only if another recorder was installed first, which this
         // crate never does; then metrics go there and /metrics is empty.
         let _ = metrics::set_global_recorder(recorder);
         describe();
-        let upkeep = handle.clone();
-        std::thread::Builder::new()
-            .name("metrics-upkeep".into())
-            .spawn(move || {
-                loop {
-                    std::thread::sleep(UPKEEP_INTERVAL);
-                    upkeep.run_upkeep();
-                }
-            })
-            .expect("spawning one thread at start succeeds");
         metrics::gauge!(BUILD_INFO, "version" => env!("CARGO_PKG_VERSION")).set(1.0);
         // Series that exist from the start: increase() cannot see the first
         // event of a counter that appears with it.
@@ -108,11 +96,6 @@ pub fn prometheus() -> &'static PrometheusHandle {
 
 fn describe() {
     use metrics::Unit;
-    metrics::describe_histogram!(
-        LATENCY,
-        Unit::Seconds,
-        "Latency per signal: connect, first_byte, exchange (each request/response turn), probe"
-    );
     metrics::describe_counter!(CONNECTIONS, "Proxied connections established to a backend");
     metrics::describe_gauge!(ACTIVE, "Proxied connections currently open to a backend");
     metrics::describe_counter!(
@@ -207,7 +190,7 @@ pub struct BackendMetrics {
     pub to_backend: Counter,
     pub to_client: Counter,
     pub probe_up: Gauge,
-    latency: [Histogram; 4],
+    latency: Arc<histogram::BackendSeries>,
     errors: [Counter; 6],
 }
 
@@ -230,13 +213,13 @@ impl BackendMetrics {
             to_backend: metrics::counter!(BYTES, with("direction", "to_backend")),
             to_client: metrics::counter!(BYTES, with("direction", "to_client")),
             probe_up: metrics::gauge!(PROBE_UP, labels.clone()),
-            latency: Signal::ALL.map(|s| metrics::histogram!(LATENCY, with("signal", s.name()))),
+            latency: histogram::backend_series(listener, group, backend),
             errors: ErrorKind::ALL.map(|k| metrics::counter!(ERRORS, with("kind", k.name()))),
         }
     }
 
     pub fn latency(&self, signal: Signal, d: Duration) {
-        self.latency[signal.index()].record(d.as_secs_f64());
+        self.latency[signal.index()].record(d);
     }
 
     pub fn error(&self, kind: ErrorKind) {
