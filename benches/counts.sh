@@ -154,10 +154,10 @@ instructions() {
 	drive "$port" ka 20   # warm-up: first-use allocations and lazy setup are not counted
 	drive "$port" close 20
 	for kind in ka close; do
-		callgrind_control -i on "$vp" >/dev/null
+		callgrind_control -i on "$vp" >/dev/null 2>&1
 		if [ "$kind" = ka ]; then drive "$port" ka "$KA_N"; else drive "$port" close "$CLOSE_N"; fi
-		callgrind_control -i off "$vp" >/dev/null
-		callgrind_control -d "$kind" "$vp" >/dev/null
+		callgrind_control -i off "$vp" >/dev/null 2>&1
+		callgrind_control -d "$kind" "$vp" >/dev/null 2>&1
 	done
 	kill -TERM -- "-$vp" 2>/dev/null
 	wait "$vp" 2>/dev/null
