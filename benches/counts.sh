@@ -9,7 +9,10 @@
 # Two figures per workload, both independent of how busy the machine is:
 #   - user-space instructions per request, under valgrind's callgrind
 #     (instrumentation switched on only while the requests run);
-#   - syscalls per request, from strace -c attached to the running proxy.
+#   - syscalls per request, from strace -c attached to the running proxy;
+# plus the share of each proxy's CPU time spent in user space (what the
+# instruction counts can see), and what recording latency costs portshift
+# in instructions (record = true against false).
 # The load is a fixed number of HTTP requests sent one at a time (peers.py
 # drive), so each request costs its proxy a full wake-up: this is the
 # per-request cost with no batching, close to layout A of peers.sh.
@@ -44,6 +47,8 @@ RESULTS="$ROOT/benches/results"
 log() { echo "[counts $(date +%T)] $*" >&2; }
 die() { log "ERROR: $*"; exit 1; }
 [ -x "$PS_BIN" ] || { log "no portshift binary at $PS_BIN (run: cargo build --release)"; exit 2; }
+# shellcheck source=peers/common.sh
+source "$HERE/peers/common.sh"
 
 need=()
 command -v haproxy >/dev/null || need+=(haproxy)
@@ -53,13 +58,7 @@ NGX_STREAM_SO=/usr/lib/nginx/modules/ngx_stream_module.so
 command -v valgrind >/dev/null || need+=(valgrind)
 command -v strace >/dev/null || need+=(strace)
 command -v ss >/dev/null || need+=(iproute2)
-if [ ${#need[@]} -gt 0 ]; then
-	log "installing: ${need[*]}"
-	export DEBIAN_FRONTEND=noninteractive
-	apt-get install -y -q "${need[@]}" >&2 ||
-		{ apt-get update -q >&2 && apt-get install -y -q "${need[@]}" >&2; } ||
-		{ log "apt-get install ${need[*]} failed"; exit 2; }
-fi
+install_missing ${need[@]+"${need[@]}"}
 
 WORK="$(mktemp -d /tmp/portshift-counts.XXXXXX)"
 PIDS=()
@@ -85,30 +84,7 @@ wait_listen() { # PORT PID: up to 60 s (valgrind starts slowly)
 
 # ------------------------------------------------------------------ backend
 BE=$(free_port)
-mkdir -p "$WORK/http"
-cat >"$WORK/http.conf" <<EOF
-user root;
-worker_processes 1;
-daemon off;
-master_process on;
-pid $WORK/http/nginx.pid;
-error_log $WORK/http/error.log warn;
-events { worker_connections 1024; }
-http {
-    access_log off;
-    client_body_temp_path $WORK/http/cb;
-    proxy_temp_path $WORK/http/px;
-    fastcgi_temp_path $WORK/http/fc;
-    uwsgi_temp_path $WORK/http/uw;
-    scgi_temp_path $WORK/http/sc;
-    keepalive_requests 100000000;
-    keepalive_timeout 15m;
-    server {
-        listen 127.0.0.1:$BE;
-        location / { default_type text/plain; return 200 "backend\n"; }
-    }
-}
-EOF
+write_http_backend "$WORK/http.conf" "$WORK/http" "$BE" "$(ulimit -n)"
 setsid nginx -p "$WORK/http/" -e "$WORK/http/error.log" -c "$WORK/http.conf" >/dev/null 2>&1 &
 PIDS+=($!)
 wait_listen "$BE" $! || die "nginx HTTP backend did not start"
@@ -118,9 +94,11 @@ wait_listen "$BE" $! || die "nginx HTTP backend did not start"
 proxy_cmd() {
 	local id=$1 port=$2
 	case "$id" in
-	portshift)
-		printf 'drain_timeout = "1s"\n\n[[group]]\nname = "http"\nbackends = ["127.0.0.1:%s"]\n\n[[listener]]\nname = "http"\nlisten = ["127.0.0.1:%s"]\nprimary = "http"\nidle_timeout = "15m"\n' \
-			"$BE" "$port" >"$WORK/ps.toml"
+	portshift | portshift-record-off)
+		local rec=true
+		[ "$id" = portshift-record-off ] && rec=false
+		printf 'drain_timeout = "1s"\n\n[stats]\nrecord = %s\n\n[[group]]\nname = "http"\nbackends = ["127.0.0.1:%s"]\n\n[[listener]]\nname = "http"\nlisten = ["127.0.0.1:%s"]\nprimary = "http"\nidle_timeout = "15m"\n' \
+			"$rec" "$BE" "$port" >"$WORK/ps.toml"
 		CMD=("$PS_BIN" run -c "$WORK/ps.toml") ;;
 	haproxy)
 		printf 'global\n    nbthread 1\n    maxconn 1000\n\ndefaults\n    mode tcp\n    timeout connect 5s\n    timeout client 15m\n    timeout server 15m\n\nlisten http\n    bind 127.0.0.1:%s\n    server s1 127.0.0.1:%s\n' \
@@ -200,11 +178,37 @@ syscalls() {
 	log "  $ID: syscalls counted"
 }
 
+# ---------------------------------------------------------------- user share
+# user_share ID: the share of the proxy's CPU time spent in user space under
+# keep-alive load (no tracer attached), to weigh the instruction counts:
+# they see only that share. 10x the keep-alive requests, so the tick-based
+# CPU times are long enough to read.
+user_share() {
+	local port pid u0 s0 u1 s1
+	port=$(free_port)
+	proxy_cmd "$ID" "$port"
+	RUST_LOG=warn setsid taskset -c 0 "${CMD[@]}" >"$WORK/$ID.log" 2>&1 &
+	pid=$!
+	PIDS+=("$pid")
+	wait_listen "$port" "$pid" || { tail -5 "$WORK/$ID.log" >&2; die "$ID did not start"; }
+	drive "$port" ka 20
+	read -r u0 s0 < <("${PEERS_PY[@]}" cpu-split "$pid")
+	drive "$port" ka $((KA_N * 10))
+	read -r u1 s1 < <("${PEERS_PY[@]}" cpu-split "$pid")
+	kill -TERM -- "-$pid" 2>/dev/null
+	wait "$pid" 2>/dev/null
+	printf '%s\tuser_share_ka\t%s\n' "$ID" "$(awk -v u=$((u1 - u0)) -v s=$((s1 - s0)) 'BEGIN{ if (u + s > 0) printf "%.3f", u / (u + s); else print "nan" }')" >>"$RAW"
+}
+
 log "mode $MODE: $KA_N keep-alive requests, $CLOSE_N new connections per proxy; work dir $WORK"
 for ID in portshift haproxy nginx; do
 	instructions
 	syscalls
+	user_share
 done
+# What recording latency costs: the same portshift with [stats] record = false.
+ID=portshift-record-off
+instructions
 
 # ------------------------------------------------------------------ report
 TS=$(date -u +%Y%m%dT%H%M%SZ)
@@ -229,6 +233,7 @@ rows = [
     ("instr_close", "user-space instructions per new connection"),
     ("sys_ka", "syscalls per keep-alive request"),
     ("sys_close", "syscalls per new connection"),
+    ("user_share_ka", "share of CPU time in user space, keep-alive"),
 ]
 def ratio(key, peer):
     a, b = vals.get(key, {}).get("portshift"), vals.get(key, {}).get(peer)
@@ -237,9 +242,21 @@ print(f"\nper-request work, {e['C_KA']} keep-alive requests and {e['C_CLOSE']} n
 print(f"{'figure':<50} {'portshift':>10} {'haproxy':>10} {'nginx':>10} {'ps/hap':>7} {'ps/ngx':>7}")
 for key, label in rows:
     v = vals.get(key, {})
-    cells = [f"{v[p]:>10.2f}" if key.startswith("sys") and p in v else f"{v.get(p, float('nan')):>10.0f}" for p in proxies]
+    dec = 0 if key.startswith("instr") else 2
+    cells = [f"{v.get(p, float('nan')):>10.{dec}f}" for p in proxies]
     rh, rn = ratio(key, "haproxy"), ratio(key, "nginx")
     print(f"{label:<50} {''.join(c + ' ' for c in cells)}{rh if rh is not None else 'n/a':>7} {rn if rn is not None else 'n/a':>7}")
+on, off = vals.get("instr_ka", {}).get("portshift"), vals.get("instr_ka", {}).get("portshift-record-off")
+share = vals.get("user_share_ka", {}).get("portshift")
+telemetry = None
+if on and off is not None:
+    cost = on - off
+    telemetry = {"instructions_per_request": round(cost), "share_of_user_instructions": round(cost / on, 4)}
+    line = f"\nrecording latency ([stats] record = true vs false): {cost:.0f} instructions per keep-alive request, {100 * cost / on:.1f}% of portshift's user-space instructions"
+    if share is not None and share == share:
+        telemetry["share_of_cpu_estimate"] = round(cost / on * share, 4)
+        line += f"; with {100 * share:.0f}% of its CPU in user space, about {100 * cost / on * share:.1f}% of its CPU"
+    print(line)
 for kind in ("ka", "close"):
     print(f"\nsyscalls per {'keep-alive request' if kind == 'ka' else 'new connection'}, by name:")
     names = sorted({k[len(f'sys_{kind}_'):] for k in vals if k.startswith(f"sys_{kind}_")})
@@ -254,6 +271,7 @@ doc = {
     "machine": {"cpu": e["C_CPU"], "kernel": e["C_KERNEL"]},
     "values": vals,
     "ratios": {k: {"haproxy": ratio(k, "haproxy"), "nginx": ratio(k, "nginx")} for k, _ in rows},
+    "telemetry_cost": telemetry,
 }
 json.dump(doc, open(out, "w"), indent=1)
 print(f"\nwritten: {out}")

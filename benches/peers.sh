@@ -72,6 +72,8 @@ RESULTS="$ROOT/benches/results"
 
 log() { echo "[peers $(date +%T)] $*" >&2; }
 die() { log "ERROR: $*"; exit 1; }
+# shellcheck source=peers/common.sh
+source "$HERE/peers/common.sh"
 
 [ -x "$PS_BIN" ] || { log "no portshift binary at $PS_BIN (run: cargo build --release)"; exit 2; }
 command -v "$PY" >/dev/null || { log "python3 not found"; exit 2; }
@@ -92,13 +94,7 @@ command -v redis-server >/dev/null || need+=(redis-server)
 command -v redis-benchmark >/dev/null || need+=(redis-tools)
 command -v ss >/dev/null || need+=(iproute2)
 command -v taskset >/dev/null || need+=(util-linux)
-if [ ${#need[@]} -gt 0 ]; then
-	log "installing: ${need[*]}"
-	export DEBIAN_FRONTEND=noninteractive
-	apt-get install -y -q "${need[@]}" >&2 ||
-		{ apt-get update -q >&2 && apt-get install -y -q "${need[@]}" >&2; } ||
-		{ log "apt-get install ${need[*]} failed"; exit 2; }
-fi
+install_missing ${need[@]+"${need[@]}"}
 LOAD_STREAM=""
 [ -e "$NGX_STREAM_SO" ] && LOAD_STREAM="load_module $NGX_STREAM_SO;"
 
@@ -270,33 +266,8 @@ EOF
 	nginx -t -q -p "$WORK/ngx/" -e "$WORK/ngx/error.log" -c "$WORK/ngx.conf" >&2 || die "nginx rejected $WORK/ngx.conf"
 }
 write_nginx_http() {
-	local d="$WORK/http"
-	mkdir -p "$d"
-	cat >"$WORK/http.conf" <<EOF
-user root;
-worker_processes 1;
-worker_rlimit_nofile $FD;
-daemon off;
-master_process on;
-pid $d/nginx.pid;
-error_log $d/error.log warn;
-events { worker_connections 8192; }
-http {
-    access_log off;
-    client_body_temp_path $d/cb;
-    proxy_temp_path $d/px;
-    fastcgi_temp_path $d/fc;
-    uwsgi_temp_path $d/uw;
-    scgi_temp_path $d/sc;
-    keepalive_requests 100000000;
-    keepalive_timeout 15m;
-    server {
-        listen 127.0.0.1:${PORT[be.http]} backlog=4096;
-        location / { default_type text/plain; return 200 "backend\n"; }
-    }
-}
-EOF
-	nginx -t -q -p "$d/" -e "$d/error.log" -c "$WORK/http.conf" >&2 || die "nginx rejected $WORK/http.conf"
+	write_http_backend "$WORK/http.conf" "$WORK/http" "${PORT[be.http]}" "$FD"
+	nginx -t -q -p "$WORK/http/" -e "$WORK/http/error.log" -c "$WORK/http.conf" >&2 || die "nginx rejected $WORK/http.conf"
 }
 
 write_portshift ps true

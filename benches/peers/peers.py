@@ -18,6 +18,7 @@ Subcommands:
   syscalls STRACE_OUT     -> "name count" per syscall from strace -c -o output
   rss PID                 -> VmRSS of PID in bytes
   cpu PID                 -> user+system CPU time of PID (all threads), microseconds
+  cpu-split PID           -> "user system" CPU time of PID (all threads), microseconds
   report RAW.tsv META.json OUT.json [LATEST.json]
                           -> print the table, write the JSON
   table RESULT.json       -> print the table of a saved result again
@@ -286,6 +287,12 @@ def rss(pid):
             print(int(line.split()[1]) * 1024)
             return
     print("nan")
+
+
+def cpu_split(pid):
+    f = open(f"/proc/{pid}/stat").read().rsplit(")", 1)[1].split()
+    tick = os.sysconf("SC_CLK_TCK")
+    print(int(int(f[11]) * 1_000_000 / tick), int(int(f[12]) * 1_000_000 / tick))
 
 
 def cpu(pid):
@@ -573,6 +580,7 @@ def main():
         "syscalls": syscalls,
         "rss": rss,
         "cpu": cpu,
+        "cpu-split": cpu_split,
         "report": report,
         "table": table,
     }.get(cmd)
