@@ -70,6 +70,19 @@ cleanup() {
 	rm -rf "$WORK"
 }
 trap cleanup EXIT
+# stop_group PID: TERM to PID's process group (each proxy runs in its own
+# session), KILL after 10 s (a proxy under valgrind may miss the TERM).
+stop_group() {
+	local i
+	kill -TERM -- "-$1" 2>/dev/null
+	for i in $(seq 1 100); do
+		kill -0 "$1" 2>/dev/null || break
+		sleep 0.1
+	done
+	kill -KILL -- "-$1" 2>/dev/null
+	wait "$1" 2>/dev/null
+	return 0
+}
 listening() { ss -Htln "sport = :$1" 2>/dev/null | grep -q .; }
 free_port() { python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])'; }
 wait_listen() { # PORT PID: up to 60 s (valgrind starts slowly)
@@ -137,8 +150,7 @@ instructions() {
 		callgrind_control -i off "$vp" >/dev/null 2>&1
 		callgrind_control -d "$kind" "$vp" >/dev/null 2>&1
 	done
-	kill -TERM -- "-$vp" 2>/dev/null
-	wait "$vp" 2>/dev/null
+	stop_group "$vp"
 	# Dump files: one per -d, in order (ka, close), then one at exit (empty).
 	ka=$(cat "$out".1 2>/dev/null | awk '/^totals:/{s+=$2} END{print s+0}')
 	cl=$(cat "$out".2 2>/dev/null | awk '/^totals:/{s+=$2} END{print s+0}')
@@ -147,10 +159,9 @@ instructions() {
 	log "  $ID: $((ka / KA_N)) instructions per keep-alive request, $((cl / CLOSE_N)) per new connection"
 }
 
-# ---------------------------------------------------------------- strace
-# syscalls ID: syscalls per keep-alive request and per new connection.
-syscalls() {
-	local port pid sp kind n total
+# start_warm: starts proxy ID without a tracer, pinned to CPU 0, and warms
+# it up; sets port and pid (locals of the caller).
+start_warm() {
 	port=$(free_port)
 	proxy_cmd "$ID" "$port"
 	RUST_LOG=warn setsid taskset -c 0 "${CMD[@]}" >"$WORK/$ID.log" 2>&1 &
@@ -159,6 +170,13 @@ syscalls() {
 	wait_listen "$port" "$pid" || { tail -5 "$WORK/$ID.log" >&2; die "$ID did not start"; }
 	drive "$port" ka 20
 	drive "$port" close 20
+}
+
+# ---------------------------------------------------------------- strace
+# syscalls ID: syscalls per keep-alive request and per new connection.
+syscalls() {
+	local sp kind n total port pid
+	start_warm
 	for kind in ka close; do
 		strace -c -f -p "$pid" -o "$WORK/st.$ID.$kind" 2>/dev/null &
 		sp=$!
@@ -173,8 +191,7 @@ syscalls() {
 		done < <("${PEERS_PY[@]}" syscalls "$WORK/st.$ID.$kind")
 		printf '%s\tsys_%s\t%s\n' "$ID" "$kind" "$(awk -v a="$total" -v n="$n" 'BEGIN{printf "%.2f", a/n}')" >>"$RAW"
 	done
-	kill -TERM -- "-$pid" 2>/dev/null
-	wait "$pid" 2>/dev/null
+	stop_group "$pid"
 	log "  $ID: syscalls counted"
 }
 
@@ -184,19 +201,12 @@ syscalls() {
 # they see only that share. 10x the keep-alive requests, so the tick-based
 # CPU times are long enough to read.
 user_share() {
-	local port pid u0 s0 u1 s1
-	port=$(free_port)
-	proxy_cmd "$ID" "$port"
-	RUST_LOG=warn setsid taskset -c 0 "${CMD[@]}" >"$WORK/$ID.log" 2>&1 &
-	pid=$!
-	PIDS+=("$pid")
-	wait_listen "$port" "$pid" || { tail -5 "$WORK/$ID.log" >&2; die "$ID did not start"; }
-	drive "$port" ka 20
+	local u0 s0 u1 s1 port pid
+	start_warm
 	read -r u0 s0 < <("${PEERS_PY[@]}" cpu-split "$pid")
 	drive "$port" ka $((KA_N * 10))
 	read -r u1 s1 < <("${PEERS_PY[@]}" cpu-split "$pid")
-	kill -TERM -- "-$pid" 2>/dev/null
-	wait "$pid" 2>/dev/null
+	stop_group "$pid"
 	printf '%s\tuser_share_ka\t%s\n' "$ID" "$(awk -v u=$((u1 - u0)) -v s=$((s1 - s0)) 'BEGIN{ if (u + s > 0) printf "%.3f", u / (u + s); else print "nan" }')" >>"$RAW"
 }
 
