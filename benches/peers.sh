@@ -12,13 +12,15 @@ set -uo pipefail
 usage() {
 	cat <<'EOF'
 usage: bash benches/peers.sh [--smoke] [--layout A|B|AB] [--duration SECS] [--rounds N]
-                             [--conns N] [--keep-work]
+                             [--conns N] [--only LIST] [--keep-work]
   --smoke        tiny durations, one round, few idle connections (CI); exit 0 if the tools ran
   --layout L     A: proxy alone on CPU 1, load generators and backends on CPU 0
                  B: everything on CPU 0                     (default: AB; smoke: B)
   --duration S   seconds per wrk/iperf3 measurement         (default 5; smoke 1)
   --rounds N     interleaved rounds                         (default 3; smoke 1)
   --conns N      idle connections for the memory figure     (default 10000, capped by the fd limit)
+  --only LIST    comma-separated subset of: iperf1,iperf8,ka,close,redis,redis16,tele,memory
+                 (default: all), e.g. --only close --rounds 10 to narrow one row's spread
   --keep-work    keep the temp dir (configs, logs, raw outputs) for inspection
 env: PORTSHIFT_BIN (default target/release/portshift), PYTHON (default python3)
 EOF
@@ -30,6 +32,7 @@ DUR=""
 ROUNDS=""
 MEM_CONNS=""
 KEEP_WORK=0
+ONLY=""
 while [ $# -gt 0 ]; do
 	case "$1" in
 	--smoke) MODE=smoke ;;
@@ -37,12 +40,18 @@ while [ $# -gt 0 ]; do
 	--duration) DUR="${2:?}"; shift ;;
 	--rounds) ROUNDS="${2:?}"; shift ;;
 	--conns) MEM_CONNS="${2:?}"; shift ;;
+	--only) ONLY="${2:?}"; shift ;;
 	--keep-work) KEEP_WORK=1 ;;
 	-h | --help) usage; exit 0 ;;
 	*) echo "unknown argument: $1" >&2; usage >&2; exit 2 ;;
 	esac
 	shift
 done
+for t in ${ONLY//,/ }; do
+	case "$t" in iperf1 | iperf8 | ka | close | redis | redis16 | tele | memory) ;; *) echo "--only: unknown measurement '$t'" >&2; exit 2 ;; esac
+done
+# wanted NAME: is this measurement in the run (all of them without --only)?
+wanted() { [ -z "$ONLY" ] || [[ ",$ONLY," == *",$1,"* ]]; }
 case "${LAYOUTS:=$([ "$MODE" = smoke ] && echo B || echo AB)}" in A | B | AB) ;; *) echo "--layout must be A, B or AB" >&2; exit 2 ;; esac
 
 if [ "$MODE" = smoke ]; then
@@ -117,7 +126,7 @@ MEM_MAX=$(( (FD - 200) / 2 / 100 * 100 ))
 MEM_CONNS=$MEM_WANT
 NOTES=()
 FAILS=()
-if [ "$MEM_CONNS" -gt "$MEM_MAX" ]; then
+if [ "$MEM_CONNS" -gt "$MEM_MAX" ] && wanted memory; then
 	NOTES+=("fd hard limit is $FD_HARD (raising it needs CAP_SYS_RESOURCE): memory measured with $MEM_MAX idle connections instead of $MEM_WANT")
 	MEM_CONNS=$MEM_MAX
 fi
@@ -445,15 +454,15 @@ run_layout() { # LAYOUT
 			taskset -c "$LG_CPU" wrk -t1 -c"$WRK_CONNS" -d1s "http://127.0.0.1:${PORT[$id.http]}/" >/dev/null 2>&1
 		done
 	fi
-	calibrate_redis
+	{ wanted redis || wanted redis16; } && calibrate_redis
 	# pscopy (splice = false) runs interleaved with the peers: the splice trade-off.
-	for r in $(seq 1 "$ROUNDS"); do for id in "${PEERS[@]}" pscopy; do m_iperf "$L" "$id" "$r" 1; settle "$L"; done; done
-	for r in $(seq 1 "$ROUNDS"); do for id in "${PEERS[@]}" pscopy; do m_iperf "$L" "$id" "$r" 8; settle "$L"; done; done
-	for r in $(seq 1 "$ROUNDS"); do for id in "${PEERS[@]}"; do m_wrk "$L" "$id" "$r" ka; settle "$L"; done; done
-	for r in $(seq 1 "$ROUNDS"); do for id in "${PEERS[@]}"; do m_wrk "$L" "$id" "$r" close; settle "$L"; done; done
-	for r in $(seq 1 "$ROUNDS"); do for id in "${PEERS[@]}"; do m_redis "$L" "$id" "$r" 1; settle "$L"; done; done
-	for r in $(seq 1 "$ROUNDS"); do for id in "${PEERS[@]}"; do m_redis "$L" "$id" "$r" 16; settle "$L"; done; done
-	for r in $(seq 1 "$ROUNDS"); do for id in ps psoff; do m_wrk "$L" "$id" "$r" tele; settle "$L"; done; done
+	wanted iperf1 && for r in $(seq 1 "$ROUNDS"); do for id in "${PEERS[@]}" pscopy; do m_iperf "$L" "$id" "$r" 1; settle "$L"; done; done
+	wanted iperf8 && for r in $(seq 1 "$ROUNDS"); do for id in "${PEERS[@]}" pscopy; do m_iperf "$L" "$id" "$r" 8; settle "$L"; done; done
+	wanted ka && for r in $(seq 1 "$ROUNDS"); do for id in "${PEERS[@]}"; do m_wrk "$L" "$id" "$r" ka; settle "$L"; done; done
+	wanted close && for r in $(seq 1 "$ROUNDS"); do for id in "${PEERS[@]}"; do m_wrk "$L" "$id" "$r" close; settle "$L"; done; done
+	wanted redis && for r in $(seq 1 "$ROUNDS"); do for id in "${PEERS[@]}"; do m_redis "$L" "$id" "$r" 1; settle "$L"; done; done
+	wanted redis16 && for r in $(seq 1 "$ROUNDS"); do for id in "${PEERS[@]}"; do m_redis "$L" "$id" "$r" 16; settle "$L"; done; done
+	wanted tele && for r in $(seq 1 "$ROUNDS"); do for id in ps psoff; do m_wrk "$L" "$id" "$r" tele; settle "$L"; done; done
 	for id in "${PROXY_IDS[@]}"; do stop_proxy "$id"; done
 }
 
@@ -535,8 +544,11 @@ start_backends
 for L in $(echo "$LAYOUTS" | grep -o .); do run_layout "$L"; done
 MEM_LAYOUT=A
 [[ "$LAYOUTS" == *A* ]] || MEM_LAYOUT=B
-log "memory: $MEM_CONNS idle connections per proxy (layout $MEM_LAYOUT)"
-for id in "${PEERS[@]}"; do m_memory "$MEM_LAYOUT" "$id"; done
+if wanted memory; then
+	log "memory: $MEM_CONNS idle connections per proxy (layout $MEM_LAYOUT)"
+	for id in "${PEERS[@]}"; do m_memory "$MEM_LAYOUT" "$id"; done
+fi
+[ -n "$ONLY" ] && NOTES+=("only these measurements were run (--only): $ONLY")
 ELAPSED=$(( $(date +%s) - START ))
 if [ "$(sha256sum "$PS_SRC" 2>/dev/null | cut -c1-16)" != "$PS_SHA" ]; then
 	NOTES+=("$PS_SRC was rebuilt during the run (a compile shared the CPUs); the run used the binary copied at its start")
@@ -544,12 +556,12 @@ fi
 
 # ------------------------------------------------------------------ report
 mkdir -p "$RESULTS"
-OUT="$RESULTS/peers-$LAYOUTS-$MODE-$TS.json"
+OUT="$RESULTS/peers-$LAYOUTS-$MODE${ONLY:+-only-${ONLY//,/+}}-$TS.json"
 printf '%s\n' "${NOTES[@]+"${NOTES[@]}"}" >"$WORK/notes.txt"
 printf '%s\n' "${FAILS[@]+"${FAILS[@]}"}" >"$WORK/fails.txt"
 export M_MODE="$MODE" M_TS="$TS" M_LAYOUTS="$LAYOUTS" M_DUR="$DUR" M_ROUNDS="$ROUNDS" \
 	M_MEM="$MEM_CONNS" M_MEM_LAYOUT="$MEM_LAYOUT" M_ELAPSED="$ELAPSED" M_WRKC="$WRK_CONNS" \
-	M_REDISC="$REDIS_CLIENTS" M_RN1="$REDIS_N_PLAIN" M_RN16="$REDIS_N_PIPE" M_FD="$FD" \
+	M_REDISC="$REDIS_CLIENTS" M_RN1="${REDIS_N_PLAIN:-0}" M_RN16="${REDIS_N_PIPE:-0}" M_FD="$FD" \
 	M_PS="$("$PS_BIN" --version 2>&1 | head -1)" M_PSGIT="$PS_GIT" M_PSSRC="$PS_SRC" \
 	M_PSMTIME="$(date -u -d "@$PS_MTIME" +%Y-%m-%dT%H:%M:%SZ)" M_PSSHA="$PS_SHA" \
 	M_HAP="$(haproxy -v 2>&1 | head -1)" M_NGX="$(nginx -v 2>&1 | head -1)" \
