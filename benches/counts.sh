@@ -70,19 +70,6 @@ cleanup() {
 	rm -rf "$WORK"
 }
 trap cleanup EXIT
-# stop_group PID: TERM to PID's process group (each proxy runs in its own
-# session), KILL after 10 s (a proxy under valgrind may miss the TERM).
-stop_group() {
-	local i
-	kill -TERM -- "-$1" 2>/dev/null
-	for i in $(seq 1 100); do
-		kill -0 "$1" 2>/dev/null || break
-		sleep 0.1
-	done
-	kill -KILL -- "-$1" 2>/dev/null
-	wait "$1" 2>/dev/null
-	return 0
-}
 listening() { ss -Htln "sport = :$1" 2>/dev/null | grep -q .; }
 free_port() { python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])'; }
 wait_listen() { # PORT PID: up to 60 s (valgrind starts slowly)
@@ -150,7 +137,7 @@ instructions() {
 		callgrind_control -i off "$vp" >/dev/null 2>&1
 		callgrind_control -d "$kind" "$vp" >/dev/null 2>&1
 	done
-	stop_group "$vp"
+	stop_group "$vp" 10   # a proxy under valgrind may miss the TERM
 	# Dump files: one per -d, in order (ka, close), then one at exit (empty).
 	ka=$(cat "$out".1 2>/dev/null | awk '/^totals:/{s+=$2} END{print s+0}')
 	cl=$(cat "$out".2 2>/dev/null | awk '/^totals:/{s+=$2} END{print s+0}')
@@ -191,7 +178,7 @@ syscalls() {
 		done < <("${PEERS_PY[@]}" syscalls "$WORK/st.$ID.$kind")
 		printf '%s\tsys_%s\t%s\n' "$ID" "$kind" "$(awk -v a="$total" -v n="$n" 'BEGIN{printf "%.2f", a/n}')" >>"$RAW"
 	done
-	stop_group "$pid"
+	stop_group "$pid" 10
 	log "  $ID: syscalls counted"
 }
 
@@ -206,7 +193,7 @@ user_share() {
 	read -r u0 s0 < <("${PEERS_PY[@]}" cpu-split "$pid")
 	drive "$port" ka $((KA_N * 10))
 	read -r u1 s1 < <("${PEERS_PY[@]}" cpu-split "$pid")
-	stop_group "$pid"
+	stop_group "$pid" 10
 	printf '%s\tuser_share_ka\t%s\n' "$ID" "$(awk -v u=$((u1 - u0)) -v s=$((s1 - s0)) 'BEGIN{ if (u + s > 0) printf "%.3f", u / (u + s); else print "nan" }')" >>"$RAW"
 }
 

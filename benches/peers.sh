@@ -143,17 +143,9 @@ PS_BIN="$WORK/portshift"
 PS_SHA=$(sha256sum "$PS_BIN" | cut -c1-16)
 PIDS=()
 stop_pid() {
-	local pid=$1 i
+	local pid=$1
 	[ -n "$pid" ] || return 0
-	# Each child runs in its own session (setsid), so its group id is its pid:
-	# this reaches nginx workers too.
-	kill -TERM -- "-$pid" 2>/dev/null || kill -TERM "$pid" 2>/dev/null
-	for i in $(seq 1 50); do
-		kill -0 "$pid" 2>/dev/null || break
-		sleep 0.1
-	done
-	kill -KILL -- "-$pid" 2>/dev/null
-	wait "$pid" 2>/dev/null
+	stop_group "$pid" 5
 	local keep=() p
 	for p in "${PIDS[@]}"; do [ "$p" != "$pid" ] && keep+=("$p"); done
 	PIDS=("${keep[@]}")

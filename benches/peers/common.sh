@@ -44,3 +44,18 @@ http {
 }
 EOC
 }
+
+# stop_group PID SECS: TERM to PID's process group (each child runs in its
+# own session, setsid, so its group id is its pid: this reaches nginx
+# workers too), or to PID alone if it has no group; KILL after SECS.
+stop_group() {
+	local pid=$1 i
+	kill -TERM -- "-$pid" 2>/dev/null || kill -TERM "$pid" 2>/dev/null
+	for i in $(seq 1 $(($2 * 10))); do
+		kill -0 "$pid" 2>/dev/null || break
+		sleep 0.1
+	done
+	kill -KILL -- "-$pid" 2>/dev/null
+	wait "$pid" 2>/dev/null
+	return 0
+}
