@@ -64,9 +64,7 @@ WORK="$(mktemp -d /tmp/portshift-counts.XXXXXX)"
 PIDS=()
 cleanup() {
 	local p
-	for p in "${PIDS[@]}"; do kill -TERM -- "-$p" 2>/dev/null || kill -TERM "$p" 2>/dev/null; done
-	sleep 0.3
-	for p in "${PIDS[@]}"; do kill -KILL -- "-$p" 2>/dev/null; done
+	for p in "${PIDS[@]}"; do kill -0 "$p" 2>/dev/null && stop_group "$p" 3; done
 	rm -rf "$WORK"
 }
 trap cleanup EXIT

@@ -289,17 +289,22 @@ def rss(pid):
     print("nan")
 
 
-def cpu_split(pid):
+def _cpu_us(pid):
+    """(user, system) CPU time of PID, all threads, in microseconds.
+
+    /proc/PID/stat: utime and stime are fields 14 and 15, counted after the
+    ")" that ends the command name."""
     f = open(f"/proc/{pid}/stat").read().rsplit(")", 1)[1].split()
     tick = os.sysconf("SC_CLK_TCK")
-    print(int(int(f[11]) * 1_000_000 / tick), int(int(f[12]) * 1_000_000 / tick))
+    return int(int(f[11]) * 1_000_000 / tick), int(int(f[12]) * 1_000_000 / tick)
+
+
+def cpu_split(pid):
+    print(*_cpu_us(pid))
 
 
 def cpu(pid):
-    # /proc/PID/stat: utime and stime are fields 14 and 15, counted after the
-    # ")" that ends the command name; they include every thread.
-    f = open(f"/proc/{pid}/stat").read().rsplit(")", 1)[1].split()
-    print(int((int(f[11]) + int(f[12])) * 1_000_000 / os.sysconf("SC_CLK_TCK")))
+    print(sum(_cpu_us(pid)))
 
 
 # ---------------------------------------------------------------- report
