@@ -325,8 +325,10 @@ async fn run(config: Config, record: Option<PathBuf>) -> anyhow::Result<()> {
             connect_refused = c.connect_refused,
             connect_timeout = c.connect_timeout,
             no_backend = c.no_backend,
+            local_error = c.local_error,
             idle_timeout = c.idle_timeout,
             reset = c.reset,
+            client_reset = c.client_reset,
             bytes_up = c.bytes_up,
             bytes_down = c.bytes_down,
             "listener totals"

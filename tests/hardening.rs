@@ -360,7 +360,25 @@ async fn accept_loop_survives_fd_exhaustion() {
         .find(|l| l.starts_with("portshift_errors_total{") && l.contains("kind=\"accept_error\""))
         .and_then(|l| l.rsplit(' ').next()?.parse().ok())
         .unwrap_or(0.0);
-    assert!(accept_errors > 0.0, "accept errors are counted:\n{body}");
+    let count = |kind: &str, group: &str| -> f64 {
+        body.lines()
+            .filter(|l| l.starts_with("portshift_errors_total{"))
+            .filter(|l| l.contains(&format!("group=\"{group}\"")))
+            .filter(|l| l.contains(&format!("kind=\"{kind}\"")))
+            .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+            .sum()
+    };
+    // Out of descriptors, portshift either fails to accept or fails to
+    // open the upstream socket: both are its own, never the backend's.
+    assert!(
+        accept_errors + count("local_error", "") > 0.0,
+        "fd exhaustion is counted:\n{body}"
+    );
+    assert_eq!(
+        count("connect_error", "primary") + count("connect_error", "backup"),
+        0.0,
+        "EMFILE is not charged to a backend:\n{body}"
+    );
     drop(child);
 }
 

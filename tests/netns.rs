@@ -181,6 +181,11 @@ fn ephemeral_port_exhaustion_is_counted_and_survived() {
         let errno =
             "portshift_upstream_connect_errors_total{listener=\"l\",errno=\"EADDRNOTAVAIL\"}";
         let before = metric(errno);
+        let local = "portshift_errors_total{listener=\"l\",group=\"\",backend=\"\",kind=\"local_error\"}";
+        let backend_errors = format!(
+            "portshift_errors_total{{listener=\"l\",group=\"g\",backend=\"{BACKEND}\",kind=\"connect_"
+        );
+        let local_before = metric(local);
 
         // Hold connections until the proxy's connect finds no local port.
         // The range has 8; the kernel may keep one back, so the exact count
@@ -216,6 +221,13 @@ fn ephemeral_port_exhaustion_is_counted_and_survived() {
             metric(errno) - before,
             1.0,
             "the failure is counted as EADDRNOTAVAIL"
+        );
+        // No local port is portshift's shortage, not the backend's fault.
+        assert_eq!(metric(local) - local_before, 1.0, "counted as local_error");
+        assert_eq!(
+            metric(&backend_errors),
+            0.0,
+            "nothing charged to the backend"
         );
 
         // The held connections are untouched by the failure.

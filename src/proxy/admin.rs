@@ -407,7 +407,8 @@ fn listener_status(s: &ListenerState, addrs: &[SocketAddr]) -> Value {
         "connections": {
             "accepted": c.accepted, "denied": c.denied, "connected": c.connected, "active": c.active,
             "no_backend": c.no_backend, "connect_refused": c.connect_refused, "connect_timeout": c.connect_timeout,
-            "reset": c.reset, "idle_timeout": c.idle_timeout, "bytes_to_backend": c.bytes_up, "bytes_to_client": c.bytes_down,
+            "connect_local": c.connect_local, "local_error": c.local_error,
+            "reset": c.reset, "client_reset": c.client_reset, "idle_timeout": c.idle_timeout, "bytes_to_backend": c.bytes_up, "bytes_to_client": c.bytes_down,
         },
         "decisions": decisions,
     })

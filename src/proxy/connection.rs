@@ -5,6 +5,7 @@ use super::copy;
 use super::outcome::{ConnectFailure, End};
 use super::state::{ListenerState, SourceSlot};
 use crate::config::SocketOptions;
+use crate::core::blame::Blame;
 use crate::core::routes::{Attempt, GroupRoutes};
 use crate::core::stats::Signal;
 use crate::core::turns::{Side, Turn};
@@ -39,11 +40,13 @@ pub async fn handle(state: Arc<ListenerState>, client: TcpStream, _source: Optio
     let mut from = 0;
     let mut replay: Option<copy::Replay> = None;
     loop {
-        let Some((i, upstream, connect)) = connect_first(&state, &table.groups, &plan, from).await
-        else {
-            // Every attempt failed: close the client now rather than let it hang.
-            no_backend(&state, arrived, plan.len());
-            return;
+        let (i, upstream, connect) = match connect_first(&state, &table.groups, &plan, from).await {
+            Ok(connected) => connected,
+            Err(last) => {
+                // Every attempt failed: close the client now rather than let it hang.
+                no_backend(&state, arrived, plan.len(), last);
+                return;
+            }
         };
         let attempt = plan[i];
         if let Some(r) = replay.take() {
@@ -77,11 +80,21 @@ pub async fn handle(state: Arc<ListenerState>, client: TcpStream, _source: Optio
     }
 }
 
-/// Every attempt failed: count, log, trace.
-fn no_backend(state: &ListenerState, arrived: Duration, attempts: usize) {
-    state.outcomes.no_backend();
-    state.listener_metrics.no_backend.increment(1);
-    debug!(listener = %state.name, attempts, "no backend reachable; closing client");
+/// Every attempt failed: count, log, trace. When portshift itself could
+/// not make an attempt (out of descriptors or local ports), the client's
+/// closing is counted as a local error, not as backends being down.
+fn no_backend(state: &ListenerState, arrived: Duration, attempts: usize, last: Blame) {
+    let outcome = if last == Blame::Local {
+        state.outcomes.local_error();
+        state.listener_metrics.local_error.increment(1);
+        debug!(listener = %state.name, attempts, "no upstream connection could be made (local resources); closing client");
+        "local_error"
+    } else {
+        state.outcomes.no_backend();
+        state.listener_metrics.no_backend.increment(1);
+        debug!(listener = %state.name, attempts, "no backend reachable; closing client");
+        "no_backend"
+    };
     if let Some(trace) = state.trace.load().as_ref() {
         trace.write(&TraceRecord {
             t: arrived,
@@ -90,9 +103,10 @@ fn no_backend(state: &ListenerState, arrived: Duration, attempts: usize) {
             backend: "",
             connect: None,
             first_byte: None,
-            outcome: "no_backend",
+            outcome,
             bytes_to_backend: 0,
             bytes_to_client: 0,
+            ended_by: last.name(),
         });
     }
 }
@@ -144,13 +158,17 @@ async fn proxy_one(
     metrics.to_backend.increment(copied.up);
     metrics.to_client.increment(copied.down);
     match copied.end {
-        End::Closed => {}
+        End::Closed { .. } => {}
         End::IdleTimeout => metrics.error(ErrorKind::IdleTimeout),
-        End::Reset => {
-            // A reset mid-stream counts against the backend's exchanges.
+        End::Failed(Blame::Upstream) => {
+            // Only the backend's own reset counts against its exchanges,
+            // and so against its error rate and the policy.
             stats.record_error(Signal::Exchange, state.clock.now());
             metrics.error(ErrorKind::Reset);
         }
+        // The client aborted: counted, never the backend's fault.
+        End::Failed(Blame::Client) => metrics.error(ErrorKind::ClientReset),
+        End::Failed(Blame::Local) => state.listener_metrics.local_error.increment(1),
     }
     if copied.replay.is_none() {
         state.outcomes.ended(copied.end, copied.up, copied.down);
@@ -165,28 +183,32 @@ async fn proxy_one(
             backend: &routes.addr(attempt.backend).to_string(),
             connect: Some(connect),
             first_byte: (fb > 0).then(|| Duration::from_micros(fb)),
-            outcome: match (copied.end, copied.replay.is_some()) {
-                (_, true) => "reset_retried",
-                (End::Closed, _) => "closed",
-                (End::IdleTimeout, _) => "idle_timeout",
-                (End::Reset, _) => "reset",
+            outcome: if copied.replay.is_some() {
+                "reset_retried"
+            } else {
+                copied.end.name()
             },
             bytes_to_backend: copied.up,
             bytes_to_client: copied.down,
+            ended_by: copied.end.ended_by().name(),
         });
     }
     copied
 }
 
 /// Tries the plan in order; a refused or timed-out backend is followed by the
-/// next one before the client has seen anything. Failures count against the
-/// backend's `connect` signal, so a group that fails fast never looks fast.
+/// next one before the client has seen anything. The backend's failures
+/// count against its `connect` signal, so a group that fails fast never
+/// looks fast; an attempt portshift could not make (EMFILE, EADDRNOTAVAIL)
+/// is counted as local and left out of the backend's statistics. When all
+/// fail: whose fault the last failure was.
 async fn connect_first(
     state: &ListenerState,
     groups: &[Arc<GroupRoutes>],
     plan: &[Attempt],
     from: usize,
-) -> Option<(usize, TcpStream, Duration)> {
+) -> Result<(usize, TcpStream, Duration), Blame> {
+    let mut last = Blame::Upstream;
     for (i, &attempt) in plan.iter().enumerate().skip(from) {
         let addr = groups[attempt.group].addr(attempt.backend);
         let stats = &state.stats[attempt.group].backends[attempt.backend];
@@ -200,11 +222,13 @@ async fn connect_first(
                         stats.record(Signal::Connect, now, now - started);
                         metrics.latency(Signal::Connect, now - started);
                     }
-                    return Some((i, stream, now - started));
+                    return Ok((i, stream, now - started));
                 }
                 Ok(Err(e)) => {
                     crate::telemetry::connect_errno(&state.name, crate::telemetry::errno_name(&e));
-                    if e.kind() == io::ErrorKind::ConnectionRefused {
+                    if Blame::of_connect(&e) == Blame::Local {
+                        ConnectFailure::Local
+                    } else if e.kind() == io::ErrorKind::ConnectionRefused {
                         ConnectFailure::Refused
                     } else {
                         ConnectFailure::Other
@@ -215,19 +239,26 @@ async fn connect_first(
                     ConnectFailure::Timeout
                 }
             };
-        stats.record_error(Signal::Connect, state.clock.now());
-        metrics.error(match failure {
-            ConnectFailure::Refused => ErrorKind::ConnectRefused,
-            ConnectFailure::Timeout => ErrorKind::ConnectTimeout,
-            ConnectFailure::Other => ErrorKind::ConnectError,
-        });
+        let kind = match failure {
+            ConnectFailure::Refused => Some(ErrorKind::ConnectRefused),
+            ConnectFailure::Timeout => Some(ErrorKind::ConnectTimeout),
+            ConnectFailure::Other => Some(ErrorKind::ConnectError),
+            ConnectFailure::Local => None,
+        };
+        if let Some(kind) = kind {
+            stats.record_error(Signal::Connect, state.clock.now());
+            metrics.error(kind);
+            last = Blame::Upstream;
+        } else {
+            last = Blame::Local;
+        }
         state.outcomes.connect_failed(failure);
         if i + 1 < plan.len() {
             state.outcomes.retried();
         }
         debug!(listener = %state.name, backend = %addr, ?failure, "upstream connect failed");
     }
-    None
+    Err(last)
 }
 
 /// Linux copies `TCP_NODELAY` from a listening socket to the sockets it

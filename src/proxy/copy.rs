@@ -9,6 +9,7 @@
 
 use super::Clock;
 use super::outcome::End;
+use crate::core::blame::Blame;
 use crate::core::turns::{Side, Turn, TurnTracker};
 use std::io;
 use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
@@ -47,13 +48,6 @@ pub async fn resend(upstream: &TcpStream, r: &Replay) -> io::Result<()> {
         socket2::SockRef::from(upstream).shutdown(std::net::Shutdown::Write)?;
     }
     Ok(())
-}
-
-/// Which side failed.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-enum Failed {
-    Client,
-    Upstream,
 }
 
 /// Client bytes kept until the backend first answers (retry on early
@@ -135,14 +129,21 @@ pub async fn bidirectional(
     let sleep = tokio::time::sleep(idle);
     tokio::pin!(sleep);
     let mut timer = IdleTimer::default();
-    let (end, failed) = std::future::poll_fn(|cx| {
+    // The side whose EOF came first: who ended a connection that closed.
+    let mut first_eof = None;
+    let end = std::future::poll_fn(|cx| {
         let a = up.poll(cx, client, upstream, down.done, &watch, &log);
         let b = down.poll(cx, upstream, client, up.done, &watch, &log);
         match (a, b) {
-            (Poll::Ready(Err(f)), _) | (_, Poll::Ready(Err(f))) => {
-                return Poll::Ready((End::Reset, Some(f)));
+            (Poll::Ready(Err(blame)), _) | (_, Poll::Ready(Err(blame))) => {
+                return Poll::Ready(End::Failed(blame));
             }
-            (Poll::Ready(Ok(())), Poll::Ready(Ok(()))) => return Poll::Ready((End::Closed, None)),
+            (Poll::Ready(Ok(())), Poll::Ready(Ok(()))) => {
+                let first = first_eof.unwrap_or(Side::Client);
+                return Poll::Ready(End::Closed { first });
+            }
+            (Poll::Ready(Ok(())), _) => first_eof = first_eof.or(Some(Side::Client)),
+            (_, Poll::Ready(Ok(()))) => first_eof = first_eof.or(Some(Side::Upstream)),
             _ => {}
         }
         // The timer is armed for the idle limit counted from the last
@@ -152,7 +153,7 @@ pub async fn bidirectional(
             let last = Duration::from_micros(watch.last_us.load(Relaxed));
             let quiet = watch.clock.now().saturating_sub(last);
             if quiet >= idle {
-                return Poll::Ready((End::IdleTimeout, None));
+                return Poll::Ready(End::IdleTimeout);
             }
             sleep
                 .as_mut()
@@ -168,7 +169,7 @@ pub async fn bidirectional(
         up: up.total,
         down: down.total,
         end,
-        replay: if failed == Some(Failed::Upstream) {
+        replay: if end == End::Failed(Blame::Upstream) {
             log.take()
         } else {
             None
@@ -278,11 +279,13 @@ impl Direction {
         }
     }
 
-    /// Which side a failed read, and a failed write, blame.
-    fn failures(&self) -> (Failed, Failed) {
+    /// The sides this direction reads from and writes to: a failed read
+    /// is the reader's fault, a failed write the writer's (unless it says
+    /// portshift ran out of something).
+    fn sides(&self) -> (Side, Side) {
         match self.side {
-            Side::Client => (Failed::Client, Failed::Upstream),
-            Side::Upstream => (Failed::Upstream, Failed::Client),
+            Side::Client => (Side::Client, Side::Upstream),
+            Side::Upstream => (Side::Upstream, Side::Client),
         }
     }
 
@@ -296,8 +299,9 @@ impl Direction {
         from: &TcpStream,
         to: &TcpStream,
         watch: &Watch<'_>,
-    ) -> Poll<Result<(), Failed>> {
-        let (reader, writer) = self.failures();
+    ) -> Poll<Result<(), Blame>> {
+        let (reader, writer) = self.sides();
+        let fail = |side, e: &io::Error| Poll::Ready(Err(Blame::of_io(side, e)));
         loop {
             let pipe = self.pipe.as_ref().expect("splice mode holds a pipe");
             while self.in_pipe > 0 {
@@ -307,15 +311,15 @@ impl Direction {
                         self.total += n as u64;
                     }
                     Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
-                        if ready!(to.poll_write_ready(cx)).is_err() {
-                            return Poll::Ready(Err(writer));
+                        if let Err(e) = ready!(to.poll_write_ready(cx)) {
+                            return fail(writer, &e);
                         }
                     }
-                    Err(_) => return Poll::Ready(Err(writer)),
+                    Err(e) => return fail(writer, &e),
                 }
             }
-            if ready!(from.poll_read_ready(cx)).is_err() {
-                return Poll::Ready(Err(reader));
+            if let Err(e) = ready!(from.poll_read_ready(cx)) {
+                return fail(reader, &e);
             }
             match splice::fill(from, pipe) {
                 // EOF: the buffer path's read sees it too and passes it on.
@@ -338,7 +342,7 @@ impl Direction {
                     self.splice = false;
                     return Poll::Ready(Ok(()));
                 }
-                Err(_) => return Poll::Ready(Err(reader)),
+                Err(e) => return fail(reader, &e),
             }
         }
     }
@@ -355,8 +359,9 @@ impl Direction {
         peer_done: bool,
         watch: &Watch<'_>,
         log: &ReplayLog,
-    ) -> Poll<Result<(), Failed>> {
-        let (reader, writer) = self.failures();
+    ) -> Poll<Result<(), Blame>> {
+        let (reader, writer) = self.sides();
+        let fail = |side, e: &io::Error| Poll::Ready(Err(Blame::of_io(side, e)));
         loop {
             if self.done {
                 return Poll::Ready(Ok(()));
@@ -374,11 +379,11 @@ impl Direction {
                 match to.try_write(&b[self.start..self.end]) {
                     Ok(n) => self.start += n,
                     Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
-                        if ready!(to.poll_write_ready(cx)).is_err() {
-                            return Poll::Ready(Err(writer));
+                        if let Err(e) = ready!(to.poll_write_ready(cx)) {
+                            return fail(writer, &e);
                         }
                     }
-                    Err(_) => return Poll::Ready(Err(writer)),
+                    Err(e) => return fail(writer, &e),
                 }
             }
             if self.end > 0 {
@@ -398,15 +403,18 @@ impl Direction {
                     }
                 }
             }
-            if ready!(from.poll_read_ready(cx)).is_err() {
-                return Poll::Ready(Err(reader));
+            if let Err(e) = ready!(from.poll_read_ready(cx)) {
+                return fail(reader, &e);
             }
             let b = self.buf.get_or_insert_with(pool::take);
             match read_chunk(from, b) {
                 Ok((0, _)) => {
                     self.release();
                     self.done = true;
-                    return Poll::Ready(self.pass_eof(to, peer_done, log).map_err(|_| writer));
+                    return match self.pass_eof(to, peer_done, log) {
+                        Ok(()) => Poll::Ready(Ok(())),
+                        Err(e) => fail(writer, &e),
+                    };
                 }
                 Ok((n, drained)) => {
                     match self.side {
@@ -418,7 +426,7 @@ impl Direction {
                 }
                 // Readiness is cleared: the next `poll_read_ready` registers.
                 Err(e) if e.kind() == io::ErrorKind::WouldBlock => self.release(),
-                Err(_) => return Poll::Ready(Err(reader)),
+                Err(e) => return fail(reader, &e),
             }
         }
     }

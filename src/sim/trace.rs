@@ -2,8 +2,10 @@
 //! connection; `portshift sim` replays their arrival times.
 //!
 //! Format (header included):
-//! `t_s,listener,group,backend,connect_ms,first_byte_ms,outcome,bytes_to_backend,bytes_to_client`
+//! `t_s,listener,group,backend,connect_ms,first_byte_ms,outcome,bytes_to_backend,bytes_to_client,ended_by`
 //! `t_s` is seconds since the proxy started; missing measurements are empty.
+//! `ended_by` is the side that ended the connection: `client`, `upstream`
+//! or `local` (portshift: an idle timeout, or its own resources).
 
 use std::fs::File;
 use std::io::{self, BufRead, BufReader, BufWriter, Write};
@@ -11,8 +13,7 @@ use std::path::Path;
 use std::sync::Mutex;
 use std::time::Duration;
 
-pub const HEADER: &str =
-    "t_s,listener,group,backend,connect_ms,first_byte_ms,outcome,bytes_to_backend,bytes_to_client";
+pub const HEADER: &str = "t_s,listener,group,backend,connect_ms,first_byte_ms,outcome,bytes_to_backend,bytes_to_client,ended_by";
 
 /// One recorded connection.
 #[derive(Debug, Clone, PartialEq)]
@@ -26,6 +27,7 @@ pub struct TraceRecord<'a> {
     pub outcome: &'a str,
     pub bytes_to_backend: u64,
     pub bytes_to_client: u64,
+    pub ended_by: &'a str,
 }
 
 /// A buffered trace file, shared by every connection task. One short line
@@ -54,7 +56,7 @@ impl TraceWriter {
         // A failed write loses a trace line, never a connection.
         let _ = writeln!(
             out,
-            "{:.6},{},{},{},{},{},{},{},{}",
+            "{:.6},{},{},{},{},{},{},{},{},{}",
             r.t.as_secs_f64(),
             r.listener,
             r.group,
@@ -63,7 +65,8 @@ impl TraceWriter {
             ms(r.first_byte),
             r.outcome,
             r.bytes_to_backend,
-            r.bytes_to_client
+            r.bytes_to_client,
+            r.ended_by
         );
     }
 

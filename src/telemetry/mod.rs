@@ -33,23 +33,29 @@ pub const ROUTE_PINNED: &str = "portshift_route_pinned";
 pub const POLICY_PAUSED: &str = "portshift_policy_paused";
 pub const RELOADS: &str = "portshift_config_reloads_total";
 
-/// Outcome kinds counted in `portshift_errors_total{kind}`.
+/// Per-backend outcome kinds counted in `portshift_errors_total{kind}`.
+/// Only the backend's own failures (connect_*, reset, probe_failure) are
+/// in its latency window and the policy's error rate; `client_reset` is
+/// counted beside them so an operator sees who abandons which service,
+/// and never moves traffic.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum ErrorKind {
     ConnectRefused,
     ConnectTimeout,
     ConnectError,
     Reset,
+    ClientReset,
     IdleTimeout,
     ProbeFailure,
 }
 
 impl ErrorKind {
-    const ALL: [ErrorKind; 6] = [
+    const ALL: [ErrorKind; 7] = [
         ErrorKind::ConnectRefused,
         ErrorKind::ConnectTimeout,
         ErrorKind::ConnectError,
         ErrorKind::Reset,
+        ErrorKind::ClientReset,
         ErrorKind::IdleTimeout,
         ErrorKind::ProbeFailure,
     ];
@@ -60,6 +66,7 @@ impl ErrorKind {
             ErrorKind::ConnectTimeout => "connect_timeout",
             ErrorKind::ConnectError => "connect_error",
             ErrorKind::Reset => "reset",
+            ErrorKind::ClientReset => "client_reset",
             ErrorKind::IdleTimeout => "idle_timeout",
             ErrorKind::ProbeFailure => "probe_failure",
         }
@@ -100,7 +107,7 @@ fn describe() {
     metrics::describe_gauge!(ACTIVE, "Proxied connections currently open to a backend");
     metrics::describe_counter!(
         ERRORS,
-        "Failed outcomes by kind: connect_refused, connect_timeout, connect_error, reset, idle_timeout, probe_failure, no_backend, accept_error"
+        "Failed outcomes by kind. The backend's: connect_refused, connect_timeout, connect_error, reset, probe_failure. The client's: client_reset. portshift's own (group and backend empty): local_error, accept_error. Also idle_timeout, first_byte_timeout, no_backend"
     );
     metrics::describe_counter!(
         BYTES,
@@ -163,6 +170,9 @@ pub struct ListenerMetrics {
     pub first_byte_timeout: Counter,
     pub no_backend: Counter,
     pub accept_error: Counter,
+    /// portshift's own resources failed a connection (descriptors,
+    /// memory, local ports): never a backend's fault.
+    pub local_error: Counter,
 }
 
 impl ListenerMetrics {
@@ -178,6 +188,7 @@ impl ListenerMetrics {
             first_byte_timeout: err("first_byte_timeout"),
             no_backend: err("no_backend"),
             accept_error: err("accept_error"),
+            local_error: err("local_error"),
         }
     }
 }
@@ -191,7 +202,7 @@ pub struct BackendMetrics {
     pub to_client: Counter,
     pub probe_up: Gauge,
     latency: Arc<histogram::BackendSeries>,
-    errors: [Counter; 6],
+    errors: [Counter; 7],
 }
 
 impl BackendMetrics {
