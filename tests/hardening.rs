@@ -263,8 +263,16 @@ async fn shifts_and_reloads_under_load_lose_nothing() {
     );
 }
 
-/// A proxy child process, killed when dropped (also when a test fails).
-struct ProxyChild(Child);
+/// A proxy child process, killed when dropped (also when a test fails),
+/// and the log lines it wrote after starting.
+struct ProxyChild(Child, Arc<std::sync::Mutex<Vec<String>>>);
+
+impl ProxyChild {
+    fn logged(&self, needle: &str) -> usize {
+        let lines = self.1.lock().unwrap();
+        lines.iter().filter(|l| l.contains(needle)).count()
+    }
+}
 
 impl Drop for ProxyChild {
     fn drop(&mut self) {
@@ -284,7 +292,8 @@ fn spawn_proxy(
         bin(),
         config.display()
     )));
-    let child = ProxyChild(child);
+    let log = Arc::new(std::sync::Mutex::new(Vec::new()));
+    let child = ProxyChild(child, log.clone());
     let (mut addr, mut admin) = (None, None);
     let deadline = Instant::now() + PATIENCE;
     while addr.is_none() || (want_admin && admin.is_none()) {
@@ -297,7 +306,11 @@ fn spawn_proxy(
         }
     }
     // Keep draining stderr so the child never blocks on a full pipe.
-    std::thread::spawn(move || for _ in lines {});
+    std::thread::spawn(move || {
+        for line in lines.map_while(Result::ok) {
+            log.lock().unwrap().push(line);
+        }
+    });
     (child, addr.unwrap(), admin)
 }
 
@@ -341,6 +354,13 @@ async fn accept_loop_survives_fd_exhaustion() {
     assert!(
         spent < 50,
         "the accept loop backs off instead of spinning ({spent} ticks in 1s)"
+    );
+    // 1.5 s of failing accepts, one attempt each 50 ms: at most one line a
+    // second, not thirty.
+    let lines = child.logged("accept failed");
+    assert!(
+        lines <= 3,
+        "accept errors are logged once a second ({lines} lines)"
     );
     assert!(
         std::path::Path::new(&format!("/proc/{}", child.0.id())).exists(),
@@ -580,4 +600,59 @@ mod parsers_never_panic {
             let _ = portshift::config::policy::parse_text("fuzz", Path::new("fuzz.toml"), &mutate(POLICY, at, len, &junk, how));
         }
     }
+}
+
+/// A burst of 300 connects against `max_connections = 20`: never more than
+/// 20 proxied connections alive at once, counted where they arrive (at the
+/// backend), and every refused one is counted.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn max_connections_holds_under_a_burst() {
+    let backend = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let baddr = backend.local_addr().unwrap();
+    let live = Arc::new(AtomicU64::new(0));
+    let peak = Arc::new(AtomicU64::new(0));
+    let (l, p) = (live.clone(), peak.clone());
+    tokio::spawn(async move {
+        while let Ok((mut s, _)) = backend.accept().await {
+            let n = l.fetch_add(1, Ordering::SeqCst) + 1;
+            p.fetch_max(n, Ordering::SeqCst);
+            let l = l.clone();
+            tokio::spawn(async move {
+                let mut b = [0u8; 64];
+                while matches!(s.read(&mut b).await, Ok(n) if n > 0) {}
+                l.fetch_sub(1, Ordering::SeqCst);
+            });
+        }
+    });
+    let proxy = start_proxy(&two_group_config(
+        &[baddr],
+        &[baddr],
+        "max_connections = 20",
+    ))
+    .await;
+    let addr = proxy.addr();
+    let mut set = tokio::task::JoinSet::new();
+    for _ in 0..300 {
+        set.spawn(async move {
+            let mut s = TcpStream::connect(addr).await.ok()?;
+            s.write_all(b"x").await.ok()?;
+            // Held open until the test ends.
+            tokio::time::sleep(Duration::from_secs(3)).await;
+            Some(s)
+        });
+    }
+    let mut held = Vec::new();
+    while let Some(r) = set.join_next().await {
+        held.extend(r.unwrap());
+    }
+    let c = proxy.state("l").outcomes.snapshot();
+    assert!(
+        peak.load(Ordering::SeqCst) <= 20,
+        "at most 20 alive at once, saw {}",
+        peak.load(Ordering::SeqCst)
+    );
+    assert_eq!(peak.load(Ordering::SeqCst), 20, "the limit was reached");
+    assert_eq!(c.accepted + c.denied, 300, "{c:?}");
+    assert_eq!(c.accepted, 20, "{c:?}");
+    drop(held);
 }

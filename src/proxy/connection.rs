@@ -3,7 +3,7 @@
 
 use super::copy;
 use super::outcome::{ConnectFailure, End};
-use super::state::{ListenerState, SourceSlot};
+use super::state::{Admission, ListenerState};
 use crate::config::SocketOptions;
 use crate::core::blame::Blame;
 use crate::core::routes::{Attempt, GroupRoutes};
@@ -18,8 +18,9 @@ use std::time::Duration;
 use tokio::net::TcpStream;
 use tracing::debug;
 
-pub async fn handle(state: Arc<ListenerState>, client: TcpStream, _source: Option<SourceSlot>) {
-    let _active = state.outcomes.active_guard();
+/// `_admitted` holds the connection's place under the listener's limits
+/// until this returns.
+pub async fn handle(state: Arc<ListenerState>, client: TcpStream, _admitted: Admission) {
     let arrived = state.clock.now();
     apply_socket_options(&client, &state.socket, Side::Client);
     if let Some(limit) = state.first_byte_timeout {

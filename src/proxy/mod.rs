@@ -13,6 +13,7 @@ mod outcome;
 mod probe;
 mod runtime;
 mod state;
+mod throttle;
 
 pub use control::RecentDecisions;
 pub use copy::{BUFFER_BYTES, Copied};

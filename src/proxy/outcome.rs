@@ -166,10 +166,19 @@ impl Outcomes {
         self.bytes_down.fetch_add(bytes_down, Relaxed);
     }
 
-    /// Counts one active client connection until the guard drops.
-    pub fn active_guard(&self) -> ActiveConn<'_> {
-        self.active.fetch_add(1, Relaxed);
-        ActiveConn(self)
+    /// Takes a place for one more client connection, unless `max` are
+    /// open already. One atomic step, so a burst of accepts can never get
+    /// past the limit between checking and counting.
+    pub fn try_open(&self, max: Option<u32>) -> bool {
+        let max = max.map_or(u64::MAX, u64::from);
+        self.active
+            .fetch_update(Relaxed, Relaxed, |n| (n < max).then_some(n + 1))
+            .is_ok()
+    }
+
+    /// Gives back the place `try_open` took.
+    pub fn close_one(&self) {
+        self.active.fetch_sub(1, Relaxed);
     }
 
     pub fn snapshot(&self) -> OutcomeCounts {
@@ -194,13 +203,5 @@ impl Outcomes {
             bytes_down: g(&self.bytes_down),
             active: g(&self.active),
         }
-    }
-}
-
-pub struct ActiveConn<'a>(&'a Outcomes);
-
-impl Drop for ActiveConn<'_> {
-    fn drop(&mut self) {
-        self.0.active.fetch_sub(1, Relaxed);
     }
 }

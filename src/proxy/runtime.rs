@@ -453,9 +453,7 @@ async fn accept_loop(
             },
             Err(e) => {
                 // EMFILE/ENFILE and friends: the listener survives, backs off.
-                state.outcomes.accept_error();
-                state.listener_metrics.accept_error.increment(1);
-                warn!(listener = %state.name, error = %e, "accept failed; backing off");
+                state.note_accept_error(&e);
                 tokio::time::sleep(ACCEPT_ERROR_BACKOFF).await;
             }
         }

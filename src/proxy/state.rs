@@ -3,6 +3,7 @@
 
 use super::control::RecentDecisions;
 use super::outcome::Outcomes;
+use super::throttle::OncePerSecond;
 use crate::config::{Acl, Config, Limits, Listener, Probe, SocketOptions};
 use crate::core::policy::{GroupInput, Policy};
 use crate::core::routes::{GroupRoutes, Router, Weights, WeightsError};
@@ -76,9 +77,8 @@ pub struct ListenerState {
     /// Open connections per source address, kept only with a per-source
     /// limit.
     sources: Mutex<HashMap<IpAddr, u32>>,
-    /// When a refused connection was last logged (whole seconds of uptime),
-    /// so a flood is logged once a second, not once a connection.
-    last_denied_log: AtomicU64,
+    /// Refused connections are logged once a second, not once a connection.
+    denied_log: OncePerSecond,
 }
 
 /// Why a connection was closed at accept.
@@ -89,21 +89,26 @@ pub enum Denied {
     MaxPerSource,
 }
 
-/// Holds a source address's place under the per-source limit until the
-/// connection ends.
+/// A client connection's place under the listener's limits, taken at
+/// admission and given back when the connection ends: the listener's
+/// count of open connections and, with a per-source limit, its source's.
 #[derive(Debug)]
-pub struct SourceSlot {
+pub struct Admission {
     state: Arc<ListenerState>,
-    ip: IpAddr,
+    source: Option<IpAddr>,
 }
 
-impl Drop for SourceSlot {
+impl Drop for Admission {
     fn drop(&mut self) {
+        self.state.outcomes.close_one();
+        let Some(ip) = self.source else {
+            return;
+        };
         let mut m = self.state.sources.lock().unwrap_or_else(|p| p.into_inner());
-        if let Some(n) = m.get_mut(&self.ip) {
+        if let Some(n) = m.get_mut(&ip) {
             *n -= 1;
             if *n == 0 {
-                m.remove(&self.ip);
+                m.remove(&ip);
             }
         }
     }
@@ -177,37 +182,39 @@ impl ListenerState {
             first_byte_timeout: l.first_byte_timeout,
             socket: l.socket,
             sources: Mutex::new(HashMap::new()),
-            last_denied_log: AtomicU64::new(u64::MAX),
+            denied_log: OncePerSecond::default(),
             steering: AtomicU64::new(0),
         }
     }
 
     /// Decides at accept: the ACL, then the listener's and the source's
-    /// connection limits. Established connections are never affected.
-    pub(super) fn admit(self: &Arc<Self>, ip: IpAddr) -> Result<Option<SourceSlot>, Denied> {
+    /// connection limits. Established connections are never affected. The
+    /// places are taken here, at once, not later in the connection's task:
+    /// a burst of accepts sees every place taken before it.
+    pub(super) fn admit(self: &Arc<Self>, ip: IpAddr) -> Result<Admission, Denied> {
         if !self.acl.admits(ip) {
             return Err(Denied::Acl);
         }
-        if self
-            .limits
-            .max_connections
-            .is_some_and(|max| self.outcomes.active() >= u64::from(max))
-        {
+        if !self.outcomes.try_open(self.limits.max_connections) {
             return Err(Denied::MaxConnections);
         }
+        // From here, dropping the admission gives the place back.
+        let mut admission = Admission {
+            state: Arc::clone(self),
+            source: None,
+        };
         let Some(max) = self.limits.max_connections_per_source else {
-            return Ok(None);
+            return Ok(admission);
         };
         let mut m = self.sources.lock().unwrap_or_else(|p| p.into_inner());
         let n = m.entry(ip).or_insert(0);
         if *n >= max {
+            drop(m);
             return Err(Denied::MaxPerSource);
         }
         *n += 1;
-        Ok(Some(SourceSlot {
-            state: Arc::clone(self),
-            ip,
-        }))
+        admission.source = Some(ip);
+        Ok(admission)
     }
 
     /// Counts a refused connection and logs it, at most once a second.
@@ -221,9 +228,21 @@ impl ListenerState {
             ),
         };
         counter.increment(1);
-        let second = self.clock.now().as_secs();
-        if self.last_denied_log.swap(second, Relaxed) != second {
-            tracing::warn!(listener = %self.name, %peer, reason, "connection refused at accept (logged at most once a second)");
+        if let Some(held) = self.denied_log.allow(self.clock.now()) {
+            tracing::warn!(listener = %self.name, %peer, reason, not_logged = held, "connection refused at accept (logged at most once a second)");
+        }
+    }
+
+    /// Counts a failed accept (EMFILE and the like) and logs it, at most
+    /// once a second for the whole process: with many ports, each backing
+    /// off 50 ms, a full fd table would otherwise write a thousand lines a
+    /// second.
+    pub(super) fn note_accept_error(&self, e: &std::io::Error) {
+        static LOG: OncePerSecond = OncePerSecond::new();
+        self.outcomes.accept_error();
+        self.listener_metrics.accept_error.increment(1);
+        if let Some(held) = LOG.allow(self.clock.now()) {
+            tracing::warn!(listener = %self.name, error = %e, not_logged = held, "accept failed; backing off (logged at most once a second)");
         }
     }
 
