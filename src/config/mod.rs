@@ -77,9 +77,40 @@ pub struct Group {
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Admin {
     pub listen: SocketAddr,
-    /// Where the bearer token comes from; with one, every admin call must
-    /// carry `Authorization: Bearer TOKEN`.
-    pub token: Option<TokenSource>,
+    /// The bearer token every admin call must carry, read when the config
+    /// is loaded (so `check` and a reload see a missing or empty token).
+    pub token: Option<AdminToken>,
+    pub limits: AdminLimits,
+}
+
+/// The admin plane's own limits, so that no admin load can starve the data
+/// path: every admin connection costs a descriptor and a task.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct AdminLimits {
+    /// Admin connections open at once; past it, new ones are closed at
+    /// accept.
+    pub max_connections: u32,
+    /// Time allowed to receive a request's headers, counted from the
+    /// moment the connection opened or its previous response was sent (so
+    /// it also bounds an idle keep-alive connection).
+    pub header_timeout: Duration,
+    /// An admin connection on which no byte moves either way for this long
+    /// is closed (a stalled body, a client that stops reading).
+    pub idle_timeout: Duration,
+}
+
+pub const DEFAULT_ADMIN_MAX_CONNECTIONS: u32 = 64;
+pub const DEFAULT_ADMIN_HEADER_TIMEOUT: Duration = Duration::from_secs(10);
+pub const DEFAULT_ADMIN_IDLE_TIMEOUT: Duration = Duration::from_secs(60);
+
+impl Default for AdminLimits {
+    fn default() -> Self {
+        AdminLimits {
+            max_connections: DEFAULT_ADMIN_MAX_CONNECTIONS,
+            header_timeout: DEFAULT_ADMIN_HEADER_TIMEOUT,
+            idle_timeout: DEFAULT_ADMIN_IDLE_TIMEOUT,
+        }
+    }
 }
 
 /// The admin token is read from a file or an environment variable, never
@@ -88,6 +119,62 @@ pub struct Admin {
 pub enum TokenSource {
     File(PathBuf),
     Env(String),
+}
+
+/// A configured admin token: where it came from and its SHA-256 digest.
+/// The token itself is not kept; calls are checked by comparing digests,
+/// which takes the same time whatever the guess.
+#[derive(Clone, PartialEq, Eq)]
+pub struct AdminToken {
+    pub source: TokenSource,
+    digest: [u8; 32],
+}
+
+impl AdminToken {
+    /// Reads the token from its source: trimmed, and never empty.
+    pub fn read(source: TokenSource) -> Result<AdminToken, String> {
+        let token = match &source {
+            TokenSource::File(p) => std::fs::read_to_string(p)
+                .map_err(|e| format!("cannot read token file {}: {e}", p.display()))?,
+            TokenSource::Env(var) => {
+                std::env::var(var).map_err(|_| format!("environment variable {var} is not set"))?
+            }
+        };
+        let token = token.trim();
+        if token.is_empty() {
+            return Err(match &source {
+                TokenSource::File(p) => format!("token file {} is empty", p.display()),
+                TokenSource::Env(var) => format!("environment variable {var} is empty"),
+            });
+        }
+        Ok(AdminToken {
+            digest: digest(token.as_bytes()),
+            source,
+        })
+    }
+
+    /// Whether `given` is the token, in time independent of where a guess
+    /// goes wrong or how long it is.
+    pub fn matches(&self, given: &[u8]) -> bool {
+        let d = digest(given);
+        d.iter()
+            .zip(&self.digest)
+            .fold(0u8, |acc, (a, b)| acc | (a ^ b))
+            == 0
+    }
+}
+
+impl std::fmt::Debug for AdminToken {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("AdminToken")
+            .field("source", &self.source)
+            .finish_non_exhaustive()
+    }
+}
+
+fn digest(bytes: &[u8]) -> [u8; 32] {
+    use sha2::Digest;
+    sha2::Sha256::digest(bytes).into()
 }
 
 /// An active health and latency probe for every backend of a group: TCP

@@ -41,6 +41,9 @@ pub struct RawAdmin {
     pub token_file: Option<S<String>>,
     /// Environment variable holding the bearer token.
     pub token_env: Option<S<String>>,
+    pub max_connections: Option<S<u32>>,
+    pub header_timeout: Option<S<String>>,
+    pub idle_timeout: Option<S<String>>,
 }
 
 #[derive(Debug, Deserialize)]

@@ -216,12 +216,15 @@ impl Validator<'_, '_> {
                 );
                 None
             }
-            (Some(f), None) => Some(TokenSource::File(
-                self.path
-                    .parent()
-                    .unwrap_or(Path::new("."))
-                    .join(f.get_ref()),
-            )),
+            (Some(f), None) => self.token(
+                f.span(),
+                TokenSource::File(
+                    self.path
+                        .parent()
+                        .unwrap_or(Path::new("."))
+                        .join(f.get_ref()),
+                ),
+            ),
             (None, Some(e)) if e.get_ref().is_empty() => {
                 self.rep.error(
                     e.span(),
@@ -230,10 +233,11 @@ impl Validator<'_, '_> {
                 );
                 None
             }
-            (None, Some(e)) => Some(TokenSource::Env(e.get_ref().clone())),
+            (None, Some(e)) => self.token(e.span(), TokenSource::Env(e.get_ref().clone())),
             (None, None) => None,
         };
-        if !addr.ip().is_loopback() && token.is_none() {
+        let configured = a.token_file.is_some() || a.token_env.is_some();
+        if !addr.ip().is_loopback() && !configured {
             self.rep.error(
                 listen.span(),
                 format!("admin: {addr} is not a loopback address and no token is configured; the admin plane would be open to the network"),
@@ -250,10 +254,52 @@ impl Validator<'_, '_> {
                 Some("give the admin plane its own port".into()),
             );
         }
+        let limits = AdminLimits {
+            max_connections: self
+                .count(
+                    a.max_connections.as_ref(),
+                    "admin.max_connections",
+                    1,
+                    10_000,
+                )
+                .unwrap_or(DEFAULT_ADMIN_MAX_CONNECTIONS),
+            header_timeout: self.duration(
+                a.header_timeout.as_ref(),
+                "admin.header_timeout",
+                DEFAULT_ADMIN_HEADER_TIMEOUT,
+            ),
+            idle_timeout: self.duration(
+                a.idle_timeout.as_ref(),
+                "admin.idle_timeout",
+                DEFAULT_ADMIN_IDLE_TIMEOUT,
+            ),
+        };
         Some(Admin {
             listen: addr,
             token,
+            limits,
         })
+    }
+
+    /// Reads the admin token now, so a missing or empty one is a config
+    /// error at `check`, at start and at reload, pointing at its key.
+    fn token(&mut self, span: std::ops::Range<usize>, source: TokenSource) -> Option<AdminToken> {
+        let hint = match &source {
+            TokenSource::File(_) => {
+                "write the token into that file (one line), readable by portshift"
+            }
+            TokenSource::Env(_) => {
+                "export the variable, with the token as its value, before starting portshift"
+            }
+        };
+        match AdminToken::read(source) {
+            Ok(t) => Some(t),
+            Err(e) => {
+                self.rep
+                    .error(span, format!("admin: {e}"), Some(hint.into()));
+                None
+            }
+        }
     }
 
     fn stats(&mut self, raw: Option<&RawStats>) -> WindowConfig {

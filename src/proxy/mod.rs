@@ -45,8 +45,6 @@ pub enum StartError {
         #[source]
         source: io::Error,
     },
-    #[error("admin token: {0}")]
-    AdminToken(String),
 }
 
 /// A listener that could not be bound; nothing else was left running.
@@ -98,16 +96,6 @@ impl Proxy {
     /// the first failure closes what was bound and reports which listener
     /// and port failed. Must run inside a tokio runtime.
     pub fn bind(config: &Config) -> Result<Proxy, StartError> {
-        Self::bind_with_token(config, None)
-    }
-
-    /// As `bind`, with the admin bearer token already read from its file or
-    /// environment variable (see `admin::read_token`).
-    pub fn bind_with_token(config: &Config, token: Option<String>) -> Result<Proxy, StartError> {
-        let token = match token {
-            Some(t) => Some(t),
-            None => admin::read_token(config).map_err(StartError::AdminToken)?,
-        };
         let admin = match &config.admin {
             None => None,
             Some(a) => Some(
@@ -119,7 +107,7 @@ impl Proxy {
                 })?,
             ),
         };
-        let shared = Arc::new(Shared::bind(config, token)?);
+        let shared = Arc::new(Shared::bind(config)?);
         Ok(Proxy { shared, admin })
     }
 
@@ -249,8 +237,21 @@ impl ProxyHandle {
         self.shared.audit.append(record);
     }
 
-    pub(crate) fn admin_token(&self) -> Option<&str> {
-        self.shared.admin_token.as_deref()
+    /// The admin token in force: a reload may replace it.
+    pub(crate) fn admin_token(&self) -> Option<Arc<crate::config::AdminToken>> {
+        self.shared.admin_token.load_full()
+    }
+
+    /// The admin plane's limits in force (a reload may change them).
+    pub(crate) fn admin_limits(&self) -> crate::config::AdminLimits {
+        self.shared
+            .config
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .admin
+            .as_ref()
+            .map(|a| a.limits)
+            .unwrap_or_default()
     }
 
     pub(crate) fn uptime(&self) -> std::time::Duration {

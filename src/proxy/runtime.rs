@@ -83,6 +83,25 @@ pub struct ReloadReport {
     pub changed: Vec<String>,
     pub removed: Vec<String>,
     pub unchanged: Vec<String>,
+    /// Settings that changed in the file but apply only after a restart
+    /// (`admin.listen`: the admin socket is not moved while it serves).
+    pub restart_required: Vec<String>,
+}
+
+/// The admin settings a reload cannot apply: the admin plane's own socket.
+/// The token and the limits apply at once.
+fn restart_required(
+    old: Option<&crate::config::Admin>,
+    new: Option<&crate::config::Admin>,
+) -> Vec<String> {
+    let key = |a: Option<&crate::config::Admin>| a.map(|a| a.listen);
+    if key(old) == key(new) {
+        return Vec::new();
+    }
+    vec![match (old, new) {
+        (Some(_), Some(_)) => "admin.listen".to_owned(),
+        _ => "admin".to_owned(),
+    }]
 }
 
 pub(crate) struct Shared {
@@ -93,7 +112,8 @@ pub(crate) struct Shared {
     pub background: TaskTracker,
     pub stop: CancellationToken,
     pub audit: Arc<AuditLog>,
-    pub admin_token: Option<String>,
+    /// Swapped whole by a reload: from then on only the new token works.
+    pub admin_token: arc_swap::ArcSwapOption<crate::config::AdminToken>,
     pub trace: TraceSlot,
     reload_lock: tokio::sync::Mutex<()>,
     serving: AtomicBool,
@@ -108,7 +128,7 @@ fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
 
 impl Shared {
     /// Binds every listener (all or nothing) without accepting yet.
-    pub fn bind(config: &Config, admin_token: Option<String>) -> Result<Shared, StartError> {
+    pub fn bind(config: &Config) -> Result<Shared, StartError> {
         let clock = Clock::start();
         let mut bound: HashMap<SocketAddr, Vec<TcpListener>> = HashMap::new();
         for l in &config.listeners {
@@ -150,7 +170,9 @@ impl Shared {
             background: TaskTracker::new(),
             stop: CancellationToken::new(),
             audit: Arc::new(audit),
-            admin_token,
+            admin_token: arc_swap::ArcSwapOption::from_pointee(
+                config.admin.as_ref().and_then(|a| a.token.clone()),
+            ),
             trace,
             reload_lock: tokio::sync::Mutex::new(()),
             serving: AtomicBool::new(false),
@@ -249,9 +271,8 @@ impl Shared {
     async fn reload_inner(self: &Arc<Self>) -> Result<ReloadReport, String> {
         let path: PathBuf = lock(&self.config).path.clone();
         let new = Config::load(&path).map_err(|e| e.to_string())?;
-        if lock(&self.config).admin != new.admin {
-            warn!("admin address or token changes take effect on restart only");
-        }
+        let restart_required =
+            restart_required(lock(&self.config).admin.as_ref(), new.admin.as_ref());
         // Plan without touching anything: which listeners stay as they are,
         // which sockets can be handed over, what must be bound fresh.
         let old: Vec<(String, ListenerSpec, Vec<SocketAddr>)> = lock(&self.listeners)
@@ -264,7 +285,10 @@ impl Shared {
                 )
             })
             .collect();
-        let mut report = ReloadReport::default();
+        let mut report = ReloadReport {
+            restart_required,
+            ..ReloadReport::default()
+        };
         let mut keep = Vec::new();
         for l in &new.listeners {
             let spec = ListenerSpec::of(&new, l);
@@ -362,6 +386,17 @@ impl Shared {
             }
         }
         *lock(&self.listeners) = next;
+        // The new token (read and checked when the file was loaded) takes
+        // over at once: the old one is refused from the next call on.
+        self.admin_token.store(
+            new.admin
+                .as_ref()
+                .and_then(|a| a.token.clone())
+                .map(Arc::new),
+        );
+        if !report.restart_required.is_empty() {
+            warn!(keys = ?report.restart_required, "these admin settings take effect on restart only");
+        }
         *lock(&self.config) = new;
         Ok(report)
     }

@@ -32,6 +32,7 @@ pub const POLICY_STATE: &str = "portshift_policy_state";
 pub const ROUTE_PINNED: &str = "portshift_route_pinned";
 pub const POLICY_PAUSED: &str = "portshift_policy_paused";
 pub const RELOADS: &str = "portshift_config_reloads_total";
+pub const ADMIN_REJECTED: &str = "portshift_admin_rejected_total";
 
 /// Per-backend outcome kinds counted in `portshift_errors_total{kind}`.
 /// Only the backend's own failures (connect_*, reset, probe_failure) are
@@ -153,6 +154,10 @@ fn describe() {
     metrics::describe_gauge!(
         POLICY_PAUSED,
         "1 while the listener's policy is paused by an operator"
+    );
+    metrics::describe_counter!(
+        ADMIN_REJECTED,
+        "Admin connections closed at accept (reason max_connections or descriptors) and admin calls refused for a missing or wrong token (unauthorized)"
     );
     metrics::describe_counter!(
         RELOADS,
@@ -309,6 +314,23 @@ impl RouteMetrics {
                 .set(v);
         }
     }
+}
+
+/// The admin refusal reasons, registered at zero so the first refusal
+/// shows in increase().
+const ADMIN_REJECTED_REASONS: [&str; 3] = ["max_connections", "descriptors", "unauthorized"];
+
+pub fn register_admin_rejections() {
+    prometheus();
+    for reason in ADMIN_REJECTED_REASONS {
+        metrics::counter!(ADMIN_REJECTED, "reason" => reason).increment(0);
+    }
+}
+
+/// Counts one refused admin connection or call: `max_connections` or
+/// `descriptors` at accept, `unauthorized` for a missing or wrong token.
+pub fn admin_rejected(reason: &'static str) {
+    metrics::counter!(ADMIN_REJECTED, "reason" => reason).increment(1);
 }
 
 /// Counts one config reload by result.

@@ -12,12 +12,15 @@
 //! configured every call needs `Authorization: Bearer TOKEN`. Every
 //! mutating call is written to the audit log.
 
+mod server;
+
+use super::throttle::OncePerSecond;
 use super::{ListenerState, ProxyHandle};
-use crate::config::{Config, TokenSource};
 use crate::core::routes::{TOTAL_BP, Weights};
 use crate::core::stats::{Signal, Snapshot};
 use axum::Router;
 use axum::body::Bytes;
+use axum::extract::rejection::BytesRejection;
 use axum::extract::{ConnectInfo, DefaultBodyLimit, Path, Request, State};
 use axum::http::{HeaderMap, Method, StatusCode, header};
 use axum::middleware::{self, Next};
@@ -47,35 +50,9 @@ pub async fn serve(listener: TcpListener, handle: ProxyHandle, stop: Cancellatio
         .fallback(not_found)
         .layer(DefaultBodyLimit::max(MAX_BODY_BYTES))
         .layer(middleware::from_fn_with_state(handle.clone(), auth))
-        .with_state(handle);
-    let shutdown = async move { stop.cancelled().await };
-    let service = app.into_make_service_with_connect_info::<SocketAddr>();
-    if let Err(e) = axum::serve(listener, service)
-        .with_graceful_shutdown(shutdown)
-        .await
-    {
-        warn!(error = %e, "admin listener failed");
-    }
-}
-
-/// Reads the admin bearer token from the file or variable the config names.
-pub fn read_token(config: &Config) -> Result<Option<String>, String> {
-    let Some(source) = config.admin.as_ref().and_then(|a| a.token.as_ref()) else {
-        return Ok(None);
-    };
-    let token = match source {
-        TokenSource::File(p) => {
-            std::fs::read_to_string(p).map_err(|e| format!("cannot read {}: {e}", p.display()))?
-        }
-        TokenSource::Env(var) => {
-            std::env::var(var).map_err(|_| format!("environment variable {var} is not set"))?
-        }
-    };
-    let token = token.trim().to_owned();
-    if token.is_empty() {
-        return Err("the token is empty".into());
-    }
-    Ok(Some(token))
+        .with_state(handle.clone());
+    crate::telemetry::register_admin_rejections();
+    server::serve(listener, app, move || handle.admin_limits(), stop).await;
 }
 
 fn reply(status: StatusCode, body: Value) -> Response {
@@ -98,22 +75,47 @@ async fn auth(
     next: Next,
 ) -> Response {
     if let Some(token) = h.admin_token() {
-        let given = headers
-            .get(header::AUTHORIZATION)
-            .and_then(|v| v.to_str().ok())
-            .and_then(|v| v.strip_prefix("Bearer "))
-            .unwrap_or("");
-        if !constant_time_eq(given.as_bytes(), token.as_bytes()) {
+        let given = bearer(&headers).unwrap_or("");
+        if !token.matches(given.as_bytes()) {
+            let peer = req
+                .extensions()
+                .get::<ConnectInfo<SocketAddr>>()
+                .map(|c| c.0.to_string())
+                .unwrap_or_default();
+            unauthorized(&h, &peer, req.method(), req.uri().path());
             return error(StatusCode::UNAUTHORIZED, "missing or wrong bearer token");
         }
     }
     next.run(req).await
 }
 
-/// Compares without stopping at the first difference, so response time
-/// does not leak how much of a guessed token was right.
-fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
-    a.len() == b.len() && a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
+/// The token of an `Authorization: Bearer TOKEN` header. The scheme is
+/// matched without regard to case (RFC 7235).
+fn bearer(headers: &HeaderMap) -> Option<&str> {
+    let value = headers.get(header::AUTHORIZATION)?.to_str().ok()?;
+    let (scheme, token) = value.trim().split_once(' ')?;
+    scheme.eq_ignore_ascii_case("bearer").then(|| token.trim())
+}
+
+/// A call without the right token: counted every time; logged and audited
+/// at most once a second, so guessing is visible without letting a flood
+/// fill the disk.
+fn unauthorized(h: &ProxyHandle, peer: &str, method: &Method, path: &str) {
+    static LOG: OncePerSecond = OncePerSecond::new();
+    crate::telemetry::admin_rejected("unauthorized");
+    let Some(held) = LOG.allow(h.uptime()) else {
+        return;
+    };
+    warn!(%peer, %method, path, not_logged = held, "admin call refused: missing or wrong bearer token (logged at most once a second)");
+    h.audit(&json!({
+        "time": humantime::format_rfc3339_millis(SystemTime::now()).to_string(),
+        "actor": "admin-api",
+        "peer": peer,
+        "call": format!("{method} {path}"),
+        "result": "unauthorized",
+        "status": 401,
+        "unauthorized_not_logged": held,
+    }));
 }
 
 async fn not_found(method: Method, uri: axum::http::Uri) -> Response {
@@ -156,14 +158,34 @@ async fn pin(
     State(h): State<ProxyHandle>,
     ConnectInfo(peer): ConnectInfo<SocketAddr>,
     Path(name): Path<String>,
-    body: Bytes,
+    body: Result<Bytes, BytesRejection>,
 ) -> Response {
+    let body = match body {
+        Ok(b) => b,
+        // Too large, or unreadable: the JSON error every other refusal gets.
+        Err(rejection) => {
+            let result = error(
+                rejection.status(),
+                format!(
+                    "{}; a weights body is at most {MAX_BODY_BYTES} bytes",
+                    rejection.body_text()
+                ),
+            );
+            let call = format!("PUT /routes/{name}/weights");
+            audit(&h, peer, &call, Value::Null, &result);
+            return result;
+        }
+    };
     let parsed: Result<Value, _> = serde_json::from_slice(&body);
     let result = match (&parsed, find(&h, &name)) {
         (_, Err(msg)) => error(StatusCode::NOT_FOUND, msg),
         (Err(e), _) => error(
             StatusCode::BAD_REQUEST,
             format!("body is not JSON: {e}; send e.g. {{\"primary\": 90, \"backup\": 10}}"),
+        ),
+        (Ok(_), Ok(_)) if let Some(key) = duplicate_key(&body) => error(
+            StatusCode::BAD_REQUEST,
+            format!("`{key}` appears more than once; give each group one percentage"),
         ),
         (Ok(v), Ok(state)) => match weights_from_percent(&state.group_names(), v) {
             Err(why) => error(StatusCode::BAD_REQUEST, why),
@@ -269,6 +291,39 @@ async fn reload(
     };
     audit(&h, peer, "POST /reload", Value::Null, &result);
     result
+}
+
+/// The first key that a JSON object body repeats, if any. `serde_json`
+/// keeps the last of duplicate keys, which would let `{"primary": 100,
+/// "primary": 0}` mean something other than what its author read.
+fn duplicate_key(body: &[u8]) -> Option<String> {
+    struct Keys(Option<String>);
+    impl<'de> serde::Deserialize<'de> for Keys {
+        fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+            struct Visit;
+            impl<'de> serde::de::Visitor<'de> for Visit {
+                type Value = Keys;
+                fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
+                    f.write_str("a JSON object")
+                }
+                fn visit_map<A: serde::de::MapAccess<'de>>(
+                    self,
+                    mut m: A,
+                ) -> Result<Keys, A::Error> {
+                    let mut seen = std::collections::HashSet::new();
+                    let mut twice = None;
+                    while let Some((k, serde::de::IgnoredAny)) = m.next_entry::<String, _>()? {
+                        if !seen.insert(k.clone()) && twice.is_none() {
+                            twice = Some(k);
+                        }
+                    }
+                    Ok(Keys(twice))
+                }
+            }
+            d.deserialize_map(Visit)
+        }
+    }
+    serde_json::from_slice::<Keys>(body).ok()?.0
 }
 
 /// `{"group": percent, ...}` -> basis points per group in listener order.
@@ -462,9 +517,23 @@ mod tests {
     }
 
     #[test]
-    fn token_comparison() {
-        assert!(constant_time_eq(b"abc", b"abc"));
-        assert!(!constant_time_eq(b"abc", b"abd"));
-        assert!(!constant_time_eq(b"abc", b"ab"));
+    fn duplicate_keys_are_found() {
+        assert_eq!(
+            duplicate_key(br#"{"primary": 100, "backup": 0, "primary": 0}"#),
+            Some("primary".into())
+        );
+        assert_eq!(duplicate_key(br#"{"primary": 90, "backup": 10}"#), None);
+        assert_eq!(duplicate_key(b"[1, 2]"), None);
+    }
+
+    #[test]
+    fn bearer_scheme_is_case_insensitive() {
+        let mut h = HeaderMap::new();
+        for v in ["Bearer abc", "bearer abc", "BEARER  abc ", "BeArEr abc"] {
+            h.insert(header::AUTHORIZATION, v.parse().unwrap());
+            assert_eq!(bearer(&h), Some("abc"), "{v}");
+        }
+        h.insert(header::AUTHORIZATION, "Basic abc".parse().unwrap());
+        assert_eq!(bearer(&h), None);
     }
 }
