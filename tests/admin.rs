@@ -243,6 +243,13 @@ async fn bad_requests_get_clear_json_errors() {
             400,
             "`tax` is not a group of this listener",
         ),
+        (
+            "PUT",
+            "/routes/errs/weights",
+            r#"{"primary": 100, "backup": 0, "primary": 0}"#,
+            400,
+            "`primary` appears more than once",
+        ),
         ("GET", "/nowhere", "", 404, "no such endpoint: GET /nowhere"),
     ];
     for (method, path, body, want_status, want) in cases {
@@ -254,12 +261,13 @@ async fn bad_requests_get_clear_json_errors() {
         );
     }
     let huge = format!("{{\"primary\": 100, \"pad\": \"{}\"}}", "x".repeat(100_000));
-    assert_eq!(
-        call(r.admin, "PUT", "/routes/errs/weights", &huge, None)
-            .await
-            .0,
-        413,
-        "oversized bodies are refused"
+    let (status, reply) = call(r.admin, "PUT", "/routes/errs/weights", &huge, None).await;
+    assert_eq!(status, 413, "oversized bodies are refused");
+    assert!(
+        reply["error"]
+            .as_str()
+            .is_some_and(|e| e.contains("at most 16384 bytes")),
+        "the refusal is JSON like every other: {reply}"
     );
     assert_eq!(
         read_all(r.addr("errs")).await.unwrap(),
@@ -295,6 +303,217 @@ async fn token_guards_every_call() {
         200
     );
     assert_eq!(call(admin, "POST", "/reload", "", None).await.0, 401);
+    // The scheme is case-insensitive (RFC 7235).
+    assert_eq!(
+        raw_status(admin, "authorization: bearer s3cret\r\n").await,
+        200
+    );
+    assert_eq!(
+        raw_status(admin, "authorization: BEARER s3cret\r\n").await,
+        200
+    );
+    // Every refusal is counted; the log and the audit trail get one line a
+    // second at most.
+    let (_, m) = call(admin, "GET", "/metrics", "", Some("s3cret")).await;
+    let m = m.as_str().unwrap().to_owned();
+    // The recorder is per process, shared with the other tests here: at
+    // least this test's three.
+    let rejected: f64 = m
+        .lines()
+        .find_map(|l| l.strip_prefix("portshift_admin_rejected_total{reason=\"unauthorized\"} "))
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(0.0);
+    assert!(rejected >= 3.0, "{m}");
+    let audit = std::fs::read_to_string(dir.path().join("audit.jsonl")).unwrap();
+    assert!(
+        audit.contains("\"result\":\"unauthorized\""),
+        "the first refusal is audited: {audit}"
+    );
+}
+
+/// A GET /status with `headers` (each ending in CRLF); returns the status.
+async fn raw_status(admin: SocketAddr, headers: &str) -> u16 {
+    let mut s = TcpStream::connect(admin).await.unwrap();
+    let req = format!("GET /status HTTP/1.1\r\nhost: admin\r\n{headers}connection: close\r\n\r\n");
+    s.write_all(req.as_bytes()).await.unwrap();
+    let mut out = Vec::new();
+    tokio::time::timeout(PATIENCE, s.read_to_end(&mut out))
+        .await
+        .unwrap()
+        .unwrap();
+    String::from_utf8_lossy(&out)
+        .split_whitespace()
+        .nth(1)
+        .unwrap()
+        .parse()
+        .unwrap()
+}
+
+/// Rotating the token: a reload takes the new one at once and refuses the
+/// old; a reload with an unusable token changes nothing and says why.
+#[tokio::test]
+async fn reload_rotates_the_token() {
+    let (p, b) = (
+        named_backend("primary").await,
+        named_backend("backup").await,
+    );
+    let dir = tempfile::tempdir().unwrap();
+    let token = dir.path().join("token");
+    std::fs::write(&token, "old-token\n").unwrap();
+    let text = config("rot", p, b, "").replace(
+        "listen = \"127.0.0.1:0\"\n[[group]]",
+        "listen = \"127.0.0.1:0\"\ntoken_file = \"token\"\n[[group]]",
+    );
+    let path = write_config(dir.path(), &text);
+    let proxy = Proxy::bind(&Config::load(&path).unwrap()).unwrap();
+    let admin = proxy.admin_addr().unwrap();
+    tokio::spawn(proxy.serve(std::future::pending()));
+    assert_eq!(
+        call(admin, "GET", "/status", "", Some("old-token")).await.0,
+        200
+    );
+
+    std::fs::write(&token, "new-token\n").unwrap();
+    let (status, body) = call(admin, "POST", "/reload", "", Some("old-token")).await;
+    assert_eq!(status, 200, "{body}");
+    assert_eq!(body["changes"]["restart_required"], serde_json::json!([]));
+    assert_eq!(
+        call(admin, "GET", "/status", "", Some("old-token")).await.0,
+        401
+    );
+    assert_eq!(
+        call(admin, "GET", "/status", "", Some("new-token")).await.0,
+        200
+    );
+
+    // An empty token file is refused: the running token stays.
+    std::fs::write(&token, "\n").unwrap();
+    let (status, body) = call(admin, "POST", "/reload", "", Some("new-token")).await;
+    assert_eq!(status, 422, "{body}");
+    assert!(
+        body["error"].as_str().unwrap().contains("is empty"),
+        "{body}"
+    );
+    assert_eq!(
+        call(admin, "GET", "/status", "", Some("new-token")).await.0,
+        200
+    );
+
+    // A new file takes over too; a changed admin address is reported as
+    // needing a restart, not silently ignored.
+    std::fs::write(dir.path().join("other"), "third-token").unwrap();
+    let moved = text
+        .replace("token_file = \"token\"", "token_file = \"other\"")
+        .replace(
+            "listen = \"127.0.0.1:0\"\ntoken",
+            "listen = \"127.0.0.1:1\"\ntoken",
+        );
+    std::fs::write(&path, moved).unwrap();
+    let (status, body) = call(admin, "POST", "/reload", "", Some("new-token")).await;
+    assert_eq!(status, 200, "{body}");
+    assert_eq!(
+        body["changes"]["restart_required"],
+        serde_json::json!(["admin.listen"])
+    );
+    let (_, st) = call(admin, "GET", "/status", "", Some("third-token")).await;
+    assert_eq!(
+        st["last_reload"]["changes"]["restart_required"],
+        serde_json::json!(["admin.listen"])
+    );
+}
+
+/// After logrotate moves the audit log away, a reload (same path) opens a
+/// new file, and records go there, not to the rotated one.
+#[tokio::test]
+async fn reload_reopens_the_audit_log() {
+    let (p, b) = (
+        named_backend("primary").await,
+        named_backend("backup").await,
+    );
+    let r = run(&config("rotate", p, b, "")).await;
+    let log = r.dir.path().join("audit.jsonl");
+    let rotated = r.dir.path().join("audit.jsonl.1");
+    let pin = r#"{"primary": 50, "backup": 50}"#;
+    assert_eq!(
+        call(r.admin, "PUT", "/routes/rotate/weights", pin, None)
+            .await
+            .0,
+        200
+    );
+    std::fs::rename(&log, &rotated).unwrap();
+    assert_eq!(call(r.admin, "POST", "/reload", "", None).await.0, 200);
+    assert_eq!(
+        call(r.admin, "DELETE", "/routes/rotate/weights", "", None)
+            .await
+            .0,
+        200
+    );
+    let new = std::fs::read_to_string(&log).expect("a new audit log was opened");
+    let old = std::fs::read_to_string(&rotated).unwrap();
+    assert!(new.contains("DELETE /routes/rotate/weights"), "{new}");
+    assert!(
+        !old.contains("DELETE"),
+        "nothing goes to the rotated file: {old}"
+    );
+    assert!(old.contains("PUT /routes/rotate/weights"));
+}
+
+/// A client that trickles its headers is closed after `header_timeout`; one
+/// that stalls in its body after `idle_timeout`. Neither holds a
+/// descriptor for long.
+#[tokio::test]
+async fn slow_admin_clients_are_closed() {
+    let (p, b) = (
+        named_backend("primary").await,
+        named_backend("backup").await,
+    );
+    let text = config("slow", p, b, "").replace(
+        "listen = \"127.0.0.1:0\"\n[[group]]",
+        "listen = \"127.0.0.1:0\"\nheader_timeout = \"1s\"\nidle_timeout = \"1s\"\n[[group]]",
+    );
+    let r = run(&text).await;
+    let started = std::time::Instant::now();
+    let mut slowloris = TcpStream::connect(r.admin).await.unwrap();
+    slowloris
+        .write_all(b"GET /status HTTP/1.1\r\n")
+        .await
+        .unwrap();
+    let mut closed = false;
+    for _ in 0..100 {
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        if slowloris.write_all(b"x").await.is_err() {
+            closed = true;
+            break;
+        }
+        let mut b = [0u8; 256];
+        if let Ok(Ok(0)) =
+            tokio::time::timeout(Duration::from_millis(1), slowloris.read(&mut b)).await
+        {
+            closed = true;
+            break;
+        }
+    }
+    assert!(closed, "a trickled header is cut off");
+    let took = started.elapsed();
+    assert!(
+        took < Duration::from_secs(5),
+        "within about header_timeout ({took:?})"
+    );
+
+    let mut stalled = TcpStream::connect(r.admin).await.unwrap();
+    stalled
+        .write_all(b"PUT /routes/slow/weights HTTP/1.1\r\nhost: a\r\ncontent-length: 100\r\n\r\n{\"primary\"")
+        .await
+        .unwrap();
+    let started = std::time::Instant::now();
+    let mut out = Vec::new();
+    let read = tokio::time::timeout(PATIENCE, stalled.read_to_end(&mut out)).await;
+    assert!(read.is_ok(), "a stalled body is closed, not held");
+    let took = started.elapsed();
+    assert!(
+        took >= Duration::from_millis(900) && took < Duration::from_secs(5),
+        "after about idle_timeout ({took:?})"
+    );
 }
 
 /// A broken file on reload: the old config keeps serving, the error is

@@ -21,12 +21,12 @@ impl AuditLog {
         Ok(log)
     }
 
-    /// Points the sink at `path` (or nowhere). On error the old file stays.
+    /// Points the sink at `path` (or nowhere), opening it anew even when
+    /// the path is unchanged: after logrotate renamed the file, records go
+    /// to a new file at the path, not to the rotated one. On error the old
+    /// file stays.
     pub fn reopen(&self, path: Option<&Path>) -> io::Result<()> {
         let mut cur = self.file.lock().unwrap_or_else(|p| p.into_inner());
-        if cur.as_ref().map(|(p, _)| p.as_path()) == path {
-            return Ok(());
-        }
         *cur = match path {
             None => None,
             Some(p) => Some((

@@ -242,6 +242,11 @@ impl ProxyHandle {
         self.shared.admin_token.load_full()
     }
 
+    /// `Some(held back)` when a refused admin call may be logged now.
+    pub(crate) fn log_unauthorized(&self) -> Option<u64> {
+        self.shared.unauthorized_log.allow(self.shared.clock.now())
+    }
+
     /// The admin plane's limits in force (a reload may change them).
     pub(crate) fn admin_limits(&self) -> crate::config::AdminLimits {
         self.shared

@@ -114,6 +114,8 @@ pub(crate) struct Shared {
     pub audit: Arc<AuditLog>,
     /// Swapped whole by a reload: from then on only the new token works.
     pub admin_token: arc_swap::ArcSwapOption<crate::config::AdminToken>,
+    /// Refused admin calls are logged and audited once a second.
+    pub unauthorized_log: super::throttle::OncePerSecond,
     pub trace: TraceSlot,
     reload_lock: tokio::sync::Mutex<()>,
     serving: AtomicBool,
@@ -173,6 +175,7 @@ impl Shared {
             admin_token: arc_swap::ArcSwapOption::from_pointee(
                 config.admin.as_ref().and_then(|a| a.token.clone()),
             ),
+            unauthorized_log: super::throttle::OncePerSecond::new(),
             trace,
             reload_lock: tokio::sync::Mutex::new(()),
             serving: AtomicBool::new(false),

@@ -14,7 +14,6 @@
 
 mod server;
 
-use super::throttle::OncePerSecond;
 use super::{ListenerState, ProxyHandle};
 use crate::core::routes::{TOTAL_BP, Weights};
 use crate::core::stats::{Signal, Snapshot};
@@ -101,9 +100,8 @@ fn bearer(headers: &HeaderMap) -> Option<&str> {
 /// at most once a second, so guessing is visible without letting a flood
 /// fill the disk.
 fn unauthorized(h: &ProxyHandle, peer: &str, method: &Method, path: &str) {
-    static LOG: OncePerSecond = OncePerSecond::new();
     crate::telemetry::admin_rejected("unauthorized");
-    let Some(held) = LOG.allow(h.uptime()) else {
+    let Some(held) = h.log_unauthorized() else {
         return;
     };
     warn!(%peer, %method, path, not_logged = held, "admin call refused: missing or wrong bearer token (logged at most once a second)");
