@@ -134,8 +134,12 @@ fn main() -> ExitCode {
     } else {
         "info"
     };
+    // Colour only on a terminal: a file or a pipe (journald, a log
+    // shipper) gets plain text, not escape codes.
+    use std::io::IsTerminal;
     tracing_subscriber::fmt()
         .with_writer(std::io::stderr)
+        .with_ansi(std::io::stderr().is_terminal() && std::env::var_os("NO_COLOR").is_none())
         .with_env_filter(
             tracing_subscriber::EnvFilter::try_from_default_env()
                 .unwrap_or_else(|_| default_level.into()),
@@ -149,10 +153,23 @@ fn main() -> ExitCode {
             }
             Err(e) => config_failed(&e),
         },
-        Command::Run { config, record } => match Config::load(&config) {
-            Ok(c) => report(runtime().and_then(|rt| rt.block_on(run(c, record)))),
-            Err(e) => config_failed(&e),
-        },
+        Command::Run { config, record } => {
+            let rt = match runtime() {
+                Ok(rt) => rt,
+                Err(e) => return report(Err(e)),
+            };
+            rt.block_on(async move {
+                // SIGHUP's default action ends the process, and an operator
+                // or a config-management run may send one at any moment:
+                // catch it before reading the config or binding anything.
+                // One that arrives before serving starts is a reload then.
+                let hup = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup());
+                match Config::load(&config) {
+                    Ok(c) => report(run(c, record, hup).await),
+                    Err(e) => config_failed(&e),
+                }
+            })
+        }
         Command::Diagnose {
             config,
             listener,
@@ -289,7 +306,11 @@ fn runtime() -> anyhow::Result<tokio::runtime::Runtime> {
         .context("cannot start the async runtime")
 }
 
-async fn run(config: Config, record: Option<PathBuf>) -> anyhow::Result<()> {
+async fn run(
+    config: Config,
+    record: Option<PathBuf>,
+    hup: std::io::Result<tokio::signal::unix::Signal>,
+) -> anyhow::Result<()> {
     let proxy = Proxy::bind(&config)?;
     if let Some(path) = record {
         let writer = portshift::sim::trace::TraceWriter::create(&path)
@@ -298,11 +319,8 @@ async fn run(config: Config, record: Option<PathBuf>) -> anyhow::Result<()> {
         tracing::info!(path = %path.display(), "recording a trace of every connection");
     }
     let handle = proxy.handle();
+    let mut hup = hup.context("cannot install the SIGHUP handler")?;
     tokio::spawn(async move {
-        use tokio::signal::unix::{SignalKind, signal};
-        let Ok(mut hup) = signal(SignalKind::hangup()) else {
-            return;
-        };
         while hup.recv().await.is_some() {
             tracing::info!("SIGHUP: reloading the config");
             // The outcome is logged, counted and shown in /status.

@@ -126,6 +126,19 @@ fn bad_configs_name_line_problem_and_fix() {
         &["policy `failvoer` not found", "did you mean `failover`?"],
     );
     check_case(
+        "policy path outside the policy folder",
+        &GOOD.replace("\"failover\"", "\"/etc/shadow\""),
+        &[
+            "portshift.toml:15:10: error: listener `social`: policy `/etc/shadow` is neither a policy name nor a .toml file",
+            "a file ending in .toml",
+        ],
+    );
+    check_case(
+        "policy name with a relative path",
+        &GOOD.replace("\"failover\"", "\"../../etc/passwd\""),
+        &["policy `../../etc/passwd` is neither a policy name nor a .toml file"],
+    );
+    check_case(
         "backup equal to primary",
         &GOOD.replace(
             "backups = [\"social-backup\"]",
@@ -537,4 +550,149 @@ fn sighup_reloads_the_config_file() {
     assert_eq!(&buf, b"hello", "the listener added by SIGHUP serves");
     let _ = child.kill();
     let _ = child.wait();
+}
+
+/// `check` reads the admin token as `run` would: a missing or empty token
+/// file, or an unset variable, is an error at its key.
+#[test]
+fn check_reads_the_admin_token() {
+    let admin = |key: &str| format!("[admin]\nlisten = \"127.0.0.1:9900\"\n{key}\n{GOOD}");
+    check_case(
+        "missing token file",
+        &admin("token_file = \"no-such-token\""),
+        &[
+            "portshift.toml:3:14: error: admin: cannot read token file",
+            "no-such-token",
+            "write the token into that file",
+        ],
+    );
+    check_case(
+        "unset token variable",
+        &admin("token_env = \"PORTSHIFT_TEST_TOKEN_SURELY_UNSET\""),
+        &["admin: environment variable PORTSHIFT_TEST_TOKEN_SURELY_UNSET is not set"],
+    );
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::write(dir.path().join("empty"), "  \n").unwrap();
+    let path = write_config(
+        dir.path(),
+        &admin("token_file = \"empty\"").replace("policy = \"failover\"\n", ""),
+    );
+    let out = Command::new(bin())
+        .args(["check", "-c"])
+        .arg(&path)
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(2));
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        stderr.contains("admin: token file") && stderr.contains("is empty"),
+        "{stderr}"
+    );
+    std::fs::write(dir.path().join("empty"), "s3cret\n").unwrap();
+    let out = Command::new(bin())
+        .args(["check", "-c"])
+        .arg(&path)
+        .output()
+        .unwrap();
+    assert_eq!(
+        out.status.code(),
+        Some(0),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(
+        !String::from_utf8_lossy(&out.stdout).contains("s3cret"),
+        "the token is never printed"
+    );
+}
+
+/// The process's caught signals, from /proc: bit n-1 for signal n.
+fn caught_signals(pid: u32) -> u64 {
+    std::fs::read_to_string(format!("/proc/{pid}/status"))
+        .unwrap_or_default()
+        .lines()
+        .find_map(|l| l.strip_prefix("SigCgt:"))
+        .and_then(|v| u64::from_str_radix(v.trim(), 16).ok())
+        .unwrap_or(0)
+}
+
+/// A SIGHUP that arrives while portshift is still starting (reading the
+/// config, binding 500 sockets) neither kills it nor is lost: it serves,
+/// and the early signal becomes a reload.
+#[test]
+fn sighup_during_start_up_is_not_fatal() {
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    let echo = rt.block_on(echo_backend());
+    let dir = tempfile::tempdir().unwrap();
+    let many = vec!["\"127.0.0.1:0\""; 500].join(", ");
+    let text = echo_config(echo.addr(), "")
+        .replace("listen = [\"127.0.0.1:0\"]", &format!("listen = [{many}]"));
+    let path = write_config(dir.path(), &text);
+    let (mut child, mut lines) = spawn_logging(Command::new(bin()).args(["run", "-c"]).arg(&path));
+    let pid = child.id();
+    // Signal as soon as the handler is in place or binding has begun,
+    // whichever is seen first.
+    let deadline = Instant::now() + PATIENCE;
+    loop {
+        assert!(Instant::now() < deadline, "the proxy starts");
+        let fds = std::fs::read_dir(format!("/proc/{pid}/fd")).map_or(0, |d| d.count());
+        if caught_signals(pid) & 1 != 0 || fds > 30 {
+            break;
+        }
+        std::thread::yield_now();
+    }
+    let pid_t = rustix::process::Pid::from_raw(pid as i32).unwrap();
+    rustix::process::kill_process(pid_t, rustix::process::Signal::HUP).unwrap();
+    let mut listening = 0;
+    let mut reloaded = false;
+    for line in lines.by_ref() {
+        let line = line.unwrap();
+        listening += usize::from(line.contains(" listening"));
+        if line.contains("config reloaded") {
+            reloaded = true;
+            break;
+        }
+    }
+    assert!(
+        child.try_wait().unwrap().is_none(),
+        "SIGHUP did not kill it"
+    );
+    assert_eq!(listening, 500, "it started serving");
+    assert!(reloaded, "the early SIGHUP became a reload");
+    let _ = child.kill();
+    let _ = child.wait();
+}
+
+/// Logs written to a pipe carry no colour codes.
+#[test]
+fn piped_logs_are_plain_text() {
+    let out = Command::new(bin())
+        .args(["run", "-c", "/nonexistent/portshift.toml"])
+        .env("RUST_LOG", "info")
+        .env_remove("NO_COLOR")
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(2));
+    let text = String::from_utf8_lossy(&out.stderr);
+    assert!(!text.contains('\u{1b}'), "no ANSI escapes: {text:?}");
+
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    let echo = rt.block_on(echo_backend());
+    let dir = tempfile::tempdir().unwrap();
+    let path = write_config(dir.path(), &echo_config(echo.addr(), ""));
+    let mut child = Command::new(bin())
+        .args(["run", "-c"])
+        .arg(&path)
+        .env("RUST_LOG", "info")
+        .env_remove("NO_COLOR")
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut lines = BufReader::new(child.stderr.take().unwrap()).lines();
+    let line = lines
+        .find_map(|l| l.ok().filter(|l| l.contains("listening")))
+        .expect("a log line");
+    let _ = child.kill();
+    let _ = child.wait();
+    assert!(!line.contains('\u{1b}'), "no ANSI escapes: {line:?}");
 }

@@ -656,3 +656,78 @@ async fn max_connections_holds_under_a_burst() {
     assert_eq!(c.accepted, 20, "{c:?}");
     drop(held);
 }
+
+/// One `GET /metrics` on a fresh connection; the body, or None when the
+/// admin plane refused or failed.
+async fn admin_metrics(admin: SocketAddr) -> Option<String> {
+    let mut s = TcpStream::connect(admin).await.ok()?;
+    s.write_all(b"GET /metrics HTTP/1.0\r\n\r\n").await.ok()?;
+    let mut body = String::new();
+    timeout(PATIENCE, s.read_to_string(&mut body))
+        .await
+        .ok()?
+        .ok()?;
+    body.starts_with("HTTP/1.0 200").then_some(body)
+}
+
+fn rejected(body: &str, reason: &str) -> f64 {
+    let series = format!("portshift_admin_rejected_total{{reason=\"{reason}\"}} ");
+    body.lines()
+        .find_map(|l| l.strip_prefix(series.as_str()))
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(0.0)
+}
+
+/// 300 idle admin sockets that never send a byte, against a proxy with
+/// `ulimit -n 256`: the admin cap (`max_connections`, 64 by default) holds
+/// them off and the data path keeps answering; with the cap raised past
+/// the fd limit, the descriptors held back for the data path still do.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn idle_admin_sockets_cannot_starve_the_data_path() {
+    let echo = echo_backend().await;
+    for (admin_extra, reason) in [
+        ("", "max_connections"),
+        ("max_connections = 10000\n", "descriptors"),
+    ] {
+        let dir = tempfile::tempdir().unwrap();
+        let text = format!(
+            "[admin]\nlisten = \"127.0.0.1:0\"\n{admin_extra}{}",
+            echo_config(echo.addr(), "")
+        );
+        let path = write_config(dir.path(), &text);
+        let (child, addr, admin) = spawn_proxy(&path, Some(256), true);
+        let admin = admin.expect("admin address logged");
+        let mut idle = Vec::new();
+        for _ in 0..300 {
+            if let Ok(Ok(s)) = timeout(Duration::from_secs(2), TcpStream::connect(admin)).await {
+                idle.push(s);
+            }
+        }
+        // Let the proxy accept (and refuse) what it will.
+        tokio::time::sleep(Duration::from_millis(500)).await;
+        let fds = fd_count(child.0.id());
+        assert!(
+            fds < 256 - 8,
+            "descriptors are left for the data path ({fds} open)"
+        );
+        for i in 0..5 {
+            echo_roundtrip(addr, 1000, i)
+                .await
+                .unwrap_or_else(|e| panic!("{reason}: the data path answers: {e}"));
+        }
+        drop(idle);
+        let deadline = Instant::now() + PATIENCE;
+        let body = loop {
+            if let Some(b) = admin_metrics(admin).await {
+                break b;
+            }
+            assert!(Instant::now() < deadline, "the admin plane comes back");
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        };
+        assert!(
+            rejected(&body, reason) > 0.0,
+            "refusals counted as {reason}:\n{body}"
+        );
+        drop(child);
+    }
+}

@@ -536,7 +536,18 @@ impl Validator<'_, '_> {
     fn policy(&mut self, listener: &str, raw: &S<String>) -> Option<PolicyRef> {
         let name = raw.get_ref();
         let dir = self.path.parent().unwrap_or(Path::new("."));
-        let is_path = name.contains('/') || name.ends_with(".toml");
+        // Only a `.toml` file is read as a path, and a relative one only
+        // from the config's folder: a value like `/etc/shadow` must not
+        // make portshift read (and quote in its error) an arbitrary file.
+        let is_path = name.ends_with(".toml");
+        if !is_path && (name.contains('/') || name.contains('\\')) {
+            self.rep.error(
+                raw.span(),
+                format!("listener `{listener}`: policy `{name}` is neither a policy name nor a .toml file"),
+                Some("name a policy in the policies/ folder next to the config (e.g. \"failover\"), or a file ending in .toml (relative paths are read from the config's folder)".into()),
+            );
+            return None;
+        }
         let path = if is_path {
             dir.join(name)
         } else {
