@@ -23,3 +23,4 @@ pub mod load;
 pub mod proxy;
 pub mod sim;
 pub mod telemetry;
+pub mod trace;

@@ -313,7 +313,7 @@ async fn run(
 ) -> anyhow::Result<()> {
     let proxy = Proxy::bind(&config)?;
     if let Some(path) = record {
-        let writer = portshift::sim::trace::TraceWriter::create(&path)
+        let writer = portshift::trace::TraceWriter::create(&path)
             .with_context(|| format!("cannot create trace file {}", path.display()))?;
         proxy.handle().set_trace(std::sync::Arc::new(writer));
         tracing::info!(path = %path.display(), "recording a trace of every connection");

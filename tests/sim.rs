@@ -248,7 +248,7 @@ async fn recorded_trace_replays_in_the_simulator() {
     let b = named_backend("b").await;
     let dir = tempfile::tempdir().unwrap();
     let trace = dir.path().join("trace.csv");
-    let writer = std::sync::Arc::new(portshift::sim::trace::TraceWriter::create(&trace).unwrap());
+    let writer = std::sync::Arc::new(portshift::trace::TraceWriter::create(&trace).unwrap());
     let config =
         portshift::config::Config::parse(Path::new("t.toml"), &two_group_config(&[b], &[b], ""))
             .unwrap();

@@ -9,6 +9,7 @@ mod raw;
 pub mod shipped;
 mod validate;
 
+pub use crate::core::backend::{Backend, Balance};
 pub use diagnostic::{ConfigError, Diagnostic};
 pub use listen::{addrs_collide, parse_listen};
 
@@ -187,33 +188,6 @@ pub struct Probe {
     pub expect: Option<Vec<u8>>,
     pub rise: u32,
     pub fall: u32,
-}
-
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct Backend {
-    pub addr: SocketAddr,
-    pub weight: u32,
-}
-
-/// How a group spreads connections across its backends.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
-pub enum Balance {
-    /// Smooth weighted round-robin (nginx's interleaving).
-    #[default]
-    RoundRobin,
-    /// Fewest active connections relative to weight.
-    LeastConnections,
-}
-
-impl Balance {
-    pub const NAMES: [&'static str; 2] = ["round_robin", "least_connections"];
-
-    pub fn name(self) -> &'static str {
-        match self {
-            Balance::RoundRobin => "round_robin",
-            Balance::LeastConnections => "least_connections",
-        }
-    }
 }
 
 #[derive(Debug, Clone, PartialEq)]

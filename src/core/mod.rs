@@ -2,6 +2,7 @@
 //! its inputs (tickets, counts, `now`) as arguments, so the simulator and the
 //! unit tests can drive it exactly.
 
+pub mod backend;
 pub mod blame;
 pub mod policy;
 pub mod probe;

@@ -5,7 +5,7 @@
 //! change applies to the very next connection. Established connections never
 //! look at it again, so a weight change cuts nobody.
 
-use crate::config::{Backend, Balance};
+use crate::core::backend::{Backend, Balance};
 use arc_swap::ArcSwap;
 use std::net::SocketAddr;
 use std::sync::Arc;

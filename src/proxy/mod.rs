@@ -6,20 +6,23 @@
 
 mod admin;
 mod audit;
+mod clock;
 mod connection;
 mod control;
 mod copy;
+mod decisions;
 mod outcome;
 mod probe;
 mod runtime;
 mod state;
 mod throttle;
 
-pub use control::RecentDecisions;
+pub use clock::Clock;
 pub use copy::{BUFFER_BYTES, Copied};
+pub use decisions::RecentDecisions;
 pub use outcome::{ConnectFailure, End, OutcomeCounts, Outcomes};
 pub use runtime::{ReloadOutcome, ReloadReport};
-pub use state::{Clock, GroupView, ListenerState};
+pub use state::{GroupView, ListenerState};
 
 use crate::config::Config;
 use runtime::Shared;
@@ -228,7 +231,7 @@ impl ProxyHandle {
     }
 
     /// Records every connection that ends from now on to `trace`.
-    pub fn set_trace(&self, trace: Arc<crate::sim::trace::TraceWriter>) {
+    pub fn set_trace(&self, trace: Arc<crate::trace::TraceWriter>) {
         self.shared.trace.store(Some(trace));
     }
 

@@ -6,7 +6,8 @@
 //! connections finish.
 
 use super::audit::AuditLog;
-use super::state::{Clock, ListenerState, TraceSlot};
+use super::clock::Clock;
+use super::state::{ListenerState, TraceSlot};
 use super::{BindError, StartError, bind_one, connection, control, probe};
 use crate::config::{Config, Group, Listener};
 use crate::core::stats::WindowConfig;

@@ -1,7 +1,8 @@
 //! One listener's run-time state, shared by its accept loops, connection
 //! tasks, probes, policy loop and the admin API.
 
-use super::control::RecentDecisions;
+use super::clock::Clock;
+use super::decisions::RecentDecisions;
 use super::outcome::Outcomes;
 use super::throttle::OncePerSecond;
 use crate::config::{Acl, Config, Limits, Listener, Probe, SocketOptions};
@@ -13,29 +14,10 @@ use std::collections::HashMap;
 use std::net::{IpAddr, SocketAddr};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering::Relaxed};
 use std::sync::{Arc, Mutex};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 /// The optional trace file, settable while running.
-pub type TraceSlot = Arc<arc_swap::ArcSwapOption<crate::sim::trace::TraceWriter>>;
-
-/// The shell's one clock: time since the proxy started, the `now` that the
-/// pure core takes as an argument.
-#[derive(Debug, Clone, Copy)]
-pub struct Clock {
-    base: Instant,
-}
-
-impl Clock {
-    pub fn start() -> Self {
-        Clock {
-            base: Instant::now(),
-        }
-    }
-
-    pub fn now(&self) -> Duration {
-        self.base.elapsed()
-    }
-}
+pub type TraceSlot = Arc<arc_swap::ArcSwapOption<crate::trace::TraceWriter>>;
 
 #[derive(Debug)]
 pub struct ListenerState {

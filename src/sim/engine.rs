@@ -7,7 +7,7 @@
 
 use super::model::{Arrivals, Sampler};
 use super::scenario::Scenario;
-use crate::config::{Backend, Balance};
+use crate::core::backend::{Backend, Balance};
 use crate::core::policy::{Action, Decision, Engine, GroupInput, Policy, PolicyState, Reason};
 use crate::core::routes::{Attempt, GroupRoutes, Router};
 use crate::core::stats::{GroupStats, Signal, WindowConfig, new_histogram};

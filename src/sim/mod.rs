@@ -14,7 +14,6 @@ pub mod engine;
 pub mod model;
 pub mod report;
 pub mod scenario;
-pub mod trace;
 
 pub use engine::{Headline, SimRun};
 pub use scenario::Scenario;

@@ -568,7 +568,7 @@ impl Validator<'_, '_> {
                     };
                 };
                 let file = self.dir.join(f.get_ref());
-                match super::trace::read_arrivals(&file) {
+                match crate::trace::read_arrivals(&file) {
                     Ok(arrivals) => Load::Trace { file, arrivals },
                     Err(e) => {
                         self.rep.error(

@@ -1,5 +1,6 @@
 //! Traces: `portshift run --record FILE` writes one CSV line per proxied
-//! connection; `portshift sim` replays their arrival times.
+//! connection; `portshift sim` replays their arrival times. The format is a
+//! contract between the proxy and the simulator, so it belongs to neither.
 //!
 //! Format (header included):
 //! `t_s,listener,group,backend,connect_ms,first_byte_ms,outcome,bytes_to_backend,bytes_to_client,ended_by`
