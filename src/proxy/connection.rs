@@ -144,17 +144,12 @@ async fn proxy_one(
             metrics.latency(Signal::FirstByte, turn.latency);
         }
     };
-    let keep_replay = state.retry_on_early_reset;
-    let copied = copy::bidirectional(
-        client,
-        upstream,
-        state.idle_timeout,
-        state.clock,
-        &on_turn,
-        keep_replay,
-        state.splice,
-    )
-    .await;
+    let options = copy::CopyOptions {
+        idle: state.idle_timeout,
+        keep_replay: state.retry_on_early_reset,
+        splice: state.splice,
+    };
+    let copied = copy::bidirectional(client, upstream, state.clock, &on_turn, options).await;
     metrics.active.decrement(1.0);
     metrics.to_backend.increment(copied.up);
     metrics.to_client.increment(copied.down);

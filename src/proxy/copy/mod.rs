@@ -17,6 +17,13 @@ use std::task::{Context, Poll, ready};
 use std::time::Duration;
 use tokio::net::TcpStream;
 
+mod pool;
+mod replay;
+mod splice;
+
+use replay::ReplayLog;
+pub use replay::{Replay, resend};
+
 /// Bytes per direction buffer: large enough for bulk flows to move in few
 /// syscalls, small enough that 10k idle connections stay cheap.
 pub const BUFFER_BYTES: usize = 16 * 1024;
@@ -33,69 +40,22 @@ pub struct Copied {
     pub replay: Option<Replay>,
 }
 
-/// The client's bytes so far (at most one buffer), and whether it had
-/// already closed its side.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct Replay {
-    pub bytes: Vec<u8>,
-    pub client_eof: bool,
-}
-
-/// Gives a fresh backend what the client had sent the one that failed.
-pub async fn resend(upstream: &TcpStream, r: &Replay) -> io::Result<()> {
-    write_all(upstream, &r.bytes).await?;
-    if r.client_eof {
-        socket2::SockRef::from(upstream).shutdown(std::net::Shutdown::Write)?;
-    }
-    Ok(())
-}
-
-/// Client bytes kept until the backend first answers (retry on early
-/// reset only).
-#[derive(Debug, Default)]
-struct ReplayLog {
-    enabled: bool,
-    bytes: std::sync::Mutex<Vec<u8>>,
-    client_eof: std::sync::atomic::AtomicBool,
-    /// The backend answered, or the client sent more than one buffer:
-    /// nothing may be replayed any more.
-    done: std::sync::atomic::AtomicBool,
-}
-
-impl ReplayLog {
-    fn client_sent(&self, chunk: &[u8]) {
-        if !self.enabled || self.done.load(Relaxed) {
-            return;
-        }
-        let mut b = self.bytes.lock().unwrap_or_else(|p| p.into_inner());
-        if b.len() + chunk.len() > BUFFER_BYTES {
-            self.done.store(true, Relaxed);
-            b.clear();
-        } else {
-            b.extend_from_slice(chunk);
-        }
-    }
-
-    fn upstream_spoke(&self) {
-        if self.enabled && !self.done.swap(true, Relaxed) {
-            self.bytes.lock().unwrap_or_else(|p| p.into_inner()).clear();
-        }
-    }
-
-    fn take(&self) -> Option<Replay> {
-        if !self.enabled || self.done.load(Relaxed) {
-            return None;
-        }
-        let bytes = std::mem::take(&mut *self.bytes.lock().unwrap_or_else(|p| p.into_inner()));
-        Some(Replay {
-            bytes,
-            client_eof: self.client_eof.load(Relaxed),
-        })
-    }
+/// How a copy runs, from the listener's settings.
+#[derive(Debug, Clone, Copy)]
+pub struct CopyOptions {
+    /// Close both sides when no byte moves either way for this long.
+    pub idle: Duration,
+    /// Keep the client's first bytes until the backend answers, so an
+    /// early reset can be replayed to the next backend (`retry_on_early_reset`).
+    pub keep_replay: bool,
+    /// Move bulk flows with splice(2) (`splice`); ruled out by `keep_replay`,
+    /// which needs the bytes in hand.
+    pub splice: bool,
 }
 
 /// Runs until both directions reach EOF, either side fails, or nothing moves
-/// for `idle`. `on_turn` receives every finished request/response turn.
+/// for `options.idle`. `on_turn` receives every finished request/response
+/// turn.
 ///
 /// Both directions and the idle timer are driven by one hand-written poll
 /// function rather than `join!`/`select!` over `readable()` futures: a wake
@@ -106,16 +66,16 @@ impl ReplayLog {
 pub async fn bidirectional(
     client: &TcpStream,
     upstream: &TcpStream,
-    idle: Duration,
     clock: Clock,
     on_turn: &(dyn Fn(Turn, Duration) + Sync),
-    keep_replay: bool,
-    splice: bool,
+    options: CopyOptions,
 ) -> Copied {
-    let log = ReplayLog {
-        enabled: keep_replay,
-        ..ReplayLog::default()
-    };
+    let CopyOptions {
+        idle,
+        keep_replay,
+        splice,
+    } = options;
+    let log = ReplayLog::new(keep_replay);
     let watch = Watch {
         clock,
         last_us: AtomicU64::new(clock.now().as_micros() as u64),
@@ -473,142 +433,4 @@ fn read_chunk(from: &TcpStream, buf: &mut [u8]) -> io::Result<(usize, bool)> {
         (Ok(n), None) => Ok((n, false)),
         (Err(e), None) => Err(e),
     }
-}
-
-/// Pipes for splice(2), reused per thread like the copy buffers: a pipe is
-/// two fds and up to 64 KiB of kernel pages while it holds data, so a
-/// connection borrows one only while its flow is bulk.
-#[cfg(target_os = "linux")]
-mod splice {
-    use rustix::pipe::{PipeFlags, SpliceFlags};
-    use std::cell::RefCell;
-    use std::io;
-    use std::os::fd::OwnedFd;
-    use tokio::io::Interest;
-    use tokio::net::TcpStream;
-
-    pub const SUPPORTED: bool = true;
-    pub const EINVAL: i32 = rustix::io::Errno::INVAL.raw_os_error();
-
-    /// Bytes asked of one splice into the pipe: its default capacity.
-    const CHUNK: usize = 64 * 1024;
-    /// Idle pipes kept per thread; beyond, they are closed.
-    const KEEP: usize = 16;
-
-    pub struct Pipe {
-        read: OwnedFd,
-        write: OwnedFd,
-    }
-
-    thread_local! {
-        static FREE: RefCell<Vec<Pipe>> = const { RefCell::new(Vec::new()) };
-    }
-
-    /// A pipe from the pool, or a new one; `None` if none can be made
-    /// (fd limit): the caller copies through its buffer instead.
-    pub fn take() -> Option<Pipe> {
-        FREE.with(|f| f.borrow_mut().pop()).or_else(|| {
-            let (read, write) =
-                rustix::pipe::pipe_with(PipeFlags::CLOEXEC | PipeFlags::NONBLOCK).ok()?;
-            Some(Pipe { read, write })
-        })
-    }
-
-    /// Returns an empty pipe to the pool.
-    pub fn give(p: Pipe) {
-        FREE.with(|f| {
-            let mut f = f.borrow_mut();
-            if f.len() < KEEP {
-                f.push(p);
-            }
-        });
-    }
-
-    const FLAGS: SpliceFlags = SpliceFlags::MOVE.union(SpliceFlags::NONBLOCK);
-
-    /// Socket → empty pipe. `WouldBlock` clears the socket's read readiness.
-    /// A short count says nothing here (the pipe may have run out of
-    /// slots), so there is no drained shortcut as for plain reads.
-    pub fn fill(from: &TcpStream, p: &Pipe) -> io::Result<usize> {
-        from.try_io(Interest::READABLE, || {
-            rustix::pipe::splice(from, None, &p.write, None, CHUNK, FLAGS).map_err(io::Error::from)
-        })
-    }
-
-    /// Pipe → socket, at most `len` bytes. `WouldBlock` clears the socket's
-    /// write readiness.
-    pub fn drain(p: &Pipe, to: &TcpStream, len: usize) -> io::Result<usize> {
-        to.try_io(Interest::WRITABLE, || {
-            rustix::pipe::splice(&p.read, None, to, None, len, FLAGS).map_err(io::Error::from)
-        })
-    }
-}
-
-/// Elsewhere there is no splice: every flow is copied through a buffer.
-#[cfg(not(target_os = "linux"))]
-mod splice {
-    use std::io;
-    use tokio::net::TcpStream;
-
-    pub const SUPPORTED: bool = false;
-    pub const EINVAL: i32 = 22;
-
-    pub enum Pipe {}
-
-    pub fn take() -> Option<Pipe> {
-        None
-    }
-
-    pub fn give(p: Pipe) {
-        match p {}
-    }
-
-    pub fn fill(_: &TcpStream, p: &Pipe) -> io::Result<usize> {
-        match *p {}
-    }
-
-    pub fn drain(p: &Pipe, _: &TcpStream, _: usize) -> io::Result<usize> {
-        match *p {}
-    }
-}
-
-/// Copy buffers, reused per thread: taking and giving back is a push or
-/// pop on a thread-local list, never an allocation in steady state.
-mod pool {
-    use super::BUFFER_BYTES;
-    use std::cell::RefCell;
-
-    /// Buffers kept per thread when idle; beyond, they are freed (1 MiB).
-    const KEEP: usize = 64;
-
-    thread_local! {
-        static FREE: RefCell<Vec<Vec<u8>>> = const { RefCell::new(Vec::new()) };
-    }
-
-    pub fn take() -> Vec<u8> {
-        FREE.with(|f| f.borrow_mut().pop())
-            .unwrap_or_else(|| vec![0u8; BUFFER_BYTES])
-    }
-
-    pub fn give(buf: Vec<u8>) {
-        debug_assert_eq!(buf.len(), BUFFER_BYTES, "only copy buffers come back");
-        FREE.with(|f| {
-            let mut f = f.borrow_mut();
-            if f.len() < KEEP {
-                f.push(buf);
-            }
-        });
-    }
-}
-
-async fn write_all(to: &TcpStream, mut data: &[u8]) -> io::Result<()> {
-    while !data.is_empty() {
-        to.writable().await?;
-        match to.try_write(data) {
-            Ok(n) => data = &data[n..],
-            Err(e) if e.kind() == io::ErrorKind::WouldBlock => continue,
-            Err(e) => return Err(e),
-        }
-    }
-    Ok(())
 }
