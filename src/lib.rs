@@ -21,6 +21,7 @@ pub mod demo;
 pub mod diagnose;
 pub mod load;
 pub mod proxy;
+pub mod signals;
 pub mod sim;
 pub mod telemetry;
 pub mod trace;

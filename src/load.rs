@@ -148,3 +148,37 @@ async fn one_request(
     stats.record(r, begun.elapsed());
     drop(permit);
 }
+
+/// `portshift load`: runs the load for `duration`, printing a line of
+/// counts every second and a total at the end.
+pub async fn report_each_second(
+    target: SocketAddr,
+    rate: f64,
+    duration: Duration,
+) -> std::io::Result<()> {
+    let stats = Arc::new(LoadStats::default());
+    let stop = CancellationToken::new();
+    let task = tokio::spawn(run(target, rate, stats.clone(), stop.clone()));
+    let mut tick = tokio::time::interval(Duration::from_secs(1));
+    tick.tick().await;
+    for second in 1..=duration.as_secs().max(1) {
+        tick.tick().await;
+        println!(
+            "{second:>4}s sent {:>8} ok {:>8} errors {:>6} mean {:?} served by {:?}",
+            stats.sent.load(Relaxed),
+            stats.ok.load(Relaxed),
+            stats.errors.load(Relaxed),
+            stats.mean_latency(),
+            stats.served_by()
+        );
+    }
+    stop.cancel();
+    task.await.map_err(std::io::Error::other)?;
+    println!(
+        "done: {} sent, {} ok, {} errors",
+        stats.sent.load(Relaxed),
+        stats.ok.load(Relaxed),
+        stats.errors.load(Relaxed)
+    );
+    Ok(())
+}

@@ -3,9 +3,9 @@
 //! 2 bad config or usage.
 
 use anyhow::Context;
-use clap::{Parser, Subcommand};
+use clap::{Parser, Subcommand, ValueEnum};
 use portshift::config::Config;
-use portshift::proxy::Proxy;
+use std::io::IsTerminal;
 use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -25,8 +25,18 @@ static ALLOC: mimalloc::MiMalloc = mimalloc::MiMalloc;
     about = "Latency-aware adaptive L4 traffic shifter"
 )]
 struct Cli {
+    /// Log format on stderr: text, or one JSON object per line for log
+    /// shippers.
+    #[arg(long, value_enum, global = true, default_value = "text")]
+    log_format: LogFormat,
     #[command(subcommand)]
     command: Command,
+}
+
+#[derive(Clone, Copy, ValueEnum)]
+enum LogFormat {
+    Text,
+    Json,
 }
 
 #[derive(Subcommand)]
@@ -129,71 +139,20 @@ enum Command {
 fn main() -> ExitCode {
     let cli = Cli::parse();
     // The demo prints its own report; proxy logs would only interleave with it.
-    let default_level = if matches!(cli.command, Command::Demo { .. }) {
+    let level = if matches!(cli.command, Command::Demo { .. }) {
         "warn"
     } else {
         "info"
     };
-    // Colour only on a terminal: a file or a pipe (journald, a log
-    // shipper) gets plain text, not escape codes.
-    use std::io::IsTerminal;
-    tracing_subscriber::fmt()
-        .with_writer(std::io::stderr)
-        .with_ansi(std::io::stderr().is_terminal() && std::env::var_os("NO_COLOR").is_none())
-        .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_default_env()
-                .unwrap_or_else(|_| default_level.into()),
-        )
-        .init();
+    init_logging(cli.log_format, level);
     match cli.command {
-        Command::Check { config } => match Config::load(&config) {
-            Ok(c) => {
-                println!("{}: ok\n{}", config.display(), c.describe());
-                ExitCode::SUCCESS
-            }
-            Err(e) => config_failed(&e),
-        },
-        Command::Run { config, record } => {
-            let rt = match runtime() {
-                Ok(rt) => rt,
-                Err(e) => return report(Err(e)),
-            };
-            rt.block_on(async move {
-                // SIGHUP's default action ends the process, and an operator
-                // or a config-management run may send one at any moment:
-                // catch it before reading the config or binding anything.
-                // One that arrives before serving starts is a reload then.
-                let hup = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup());
-                match Config::load(&config) {
-                    Ok(c) => report(run(c, record, hup).await),
-                    Err(e) => config_failed(&e),
-                }
-            })
-        }
+        Command::Check { config } => check(&config),
+        Command::Run { config, record } => on_runtime(|| run(config, record)),
         Command::Diagnose {
             config,
             listener,
             source,
-        } => match Config::load(&config) {
-            Err(e) => config_failed(&e),
-            Ok(c) => match portshift::diagnose::run(&c, listener.as_deref(), source) {
-                Err(e) => {
-                    eprintln!("error: {e}");
-                    ExitCode::from(2)
-                }
-                Ok(checks) => {
-                    print!("{}", portshift::diagnose::render(&checks));
-                    let failed = checks
-                        .iter()
-                        .any(|c| c.verdict == portshift::diagnose::Verdict::Fail);
-                    if failed {
-                        ExitCode::from(1)
-                    } else {
-                        ExitCode::SUCCESS
-                    }
-                }
-            },
-        },
+        } => diagnose(&config, listener.as_deref(), source),
         Command::Sim {
             scenario,
             policies,
@@ -201,38 +160,17 @@ fn main() -> ExitCode {
             out,
             json,
             sweep,
-        } => {
-            use std::io::IsTerminal;
-            let opts = portshift::sim::SimOptions {
+        } => sim(
+            portshift::sim::SimOptions {
                 scenario,
                 policies,
                 seed,
                 out,
                 sweep,
                 progress: !json && std::io::stderr().is_terminal(),
-            };
-            match portshift::sim::run(&opts) {
-                Ok(r) if json => {
-                    println!(
-                        "{}",
-                        serde_json::to_string_pretty(&r.doc).expect("values serialize")
-                    );
-                    ExitCode::SUCCESS
-                }
-                Ok(r) => {
-                    print!("{}", r.text);
-                    ExitCode::SUCCESS
-                }
-                Err(e @ portshift::sim::SimError::Write { .. }) => {
-                    eprintln!("error: {e}");
-                    ExitCode::from(1)
-                }
-                Err(e) => {
-                    eprintln!("{e}");
-                    ExitCode::from(2)
-                }
-            }
-        }
+            },
+            json,
+        ),
         Command::Demo {
             duration,
             policy,
@@ -240,7 +178,6 @@ fn main() -> ExitCode {
             rate,
             no_tui,
         } => {
-            use std::io::IsTerminal;
             let opts = portshift::demo::DemoOptions {
                 duration,
                 policy,
@@ -248,15 +185,15 @@ fn main() -> ExitCode {
                 rate,
                 tui: !no_tui && std::io::stdout().is_terminal(),
             };
-            report(
-                runtime().and_then(|rt| Ok(rt.block_on(portshift::demo::run(opts)).map(|_| ())?)),
-            )
+            on_runtime(|| async { Ok(portshift::demo::run(opts).await.map(|_| ())?) })
         }
         Command::Load {
             target,
             rate,
             duration,
-        } => report(runtime().and_then(|rt| Ok(rt.block_on(load(target, rate, duration))?))),
+        } => on_runtime(|| async move {
+            Ok(portshift::load::report_each_second(target, rate, duration).await?)
+        }),
         Command::Backend {
             listen,
             mode,
@@ -270,7 +207,128 @@ fn main() -> ExitCode {
                 delay,
                 greeting,
             };
-            report(runtime().and_then(|rt| rt.block_on(backend(listen, opts))))
+            on_runtime(|| backend(listen, opts))
+        }
+    }
+}
+
+/// Logs go to stderr, coloured only on a terminal with `NO_COLOR` unset: a
+/// file or a pipe (journald, a log shipper) gets plain text, or JSON lines
+/// with `--log-format json`.
+fn init_logging(format: LogFormat, default_level: &str) {
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| default_level.into());
+    let builder = tracing_subscriber::fmt()
+        .with_writer(std::io::stderr)
+        .with_env_filter(filter);
+    match format {
+        LogFormat::Text => builder
+            .with_ansi(std::io::stderr().is_terminal() && std::env::var_os("NO_COLOR").is_none())
+            .init(),
+        LogFormat::Json => builder.json().with_ansi(false).init(),
+    }
+}
+
+fn check(path: &std::path::Path) -> ExitCode {
+    match Config::load(path) {
+        Ok(c) => {
+            println!("{}: ok\n{}", path.display(), c.describe());
+            ExitCode::SUCCESS
+        }
+        Err(e) => config_failed(&e),
+    }
+}
+
+/// `run`: SIGHUP is caught before the config is read or anything binds (its
+/// default action would end the process); one that arrives while starting
+/// becomes a reload once serving.
+async fn run(config: PathBuf, record: Option<PathBuf>) -> Result<(), Failure> {
+    let hup = portshift::signals::hangup().context("cannot install the SIGHUP handler")?;
+    let config = Config::load(&config).map_err(Failure::Config)?;
+    portshift::proxy::run(config, record, hup).await?;
+    Ok(())
+}
+
+fn diagnose(path: &std::path::Path, listener: Option<&str>, source: std::net::IpAddr) -> ExitCode {
+    use portshift::diagnose;
+    let c = match Config::load(path) {
+        Ok(c) => c,
+        Err(e) => return config_failed(&e),
+    };
+    match diagnose::run(&c, listener, source) {
+        Err(e) => {
+            eprintln!("error: {e}");
+            ExitCode::from(2)
+        }
+        Ok(checks) => {
+            print!("{}", diagnose::render(&checks));
+            let failed = checks.iter().any(|c| c.verdict == diagnose::Verdict::Fail);
+            ExitCode::from(u8::from(failed))
+        }
+    }
+}
+
+fn sim(opts: portshift::sim::SimOptions, json: bool) -> ExitCode {
+    match portshift::sim::run(&opts) {
+        Ok(r) if json => {
+            let doc = serde_json::to_string_pretty(&r.doc).expect("values serialize");
+            println!("{doc}");
+            ExitCode::SUCCESS
+        }
+        Ok(r) => {
+            print!("{}", r.text);
+            ExitCode::SUCCESS
+        }
+        Err(e @ portshift::sim::SimError::Write { .. }) => {
+            eprintln!("error: {e}");
+            ExitCode::from(1)
+        }
+        Err(e) => {
+            eprintln!("{e}");
+            ExitCode::from(2)
+        }
+    }
+}
+
+async fn backend(listen: SocketAddr, opts: portshift::backend::BackendOpts) -> Result<(), Failure> {
+    let b = portshift::backend::spawn(listen, opts)
+        .await
+        .with_context(|| format!("cannot bind backend on {listen}"))?;
+    tracing::info!(addr = %b.addr(), "backend listening");
+    portshift::signals::shutdown().await;
+    b.stop().await;
+    Ok(())
+}
+
+/// How a command failed: a bad config (exit 2, already explained with file,
+/// line and column) or at run time (exit 1).
+enum Failure {
+    Config(portshift::config::ConfigError),
+    Runtime(anyhow::Error),
+}
+
+impl<E: Into<anyhow::Error>> From<E> for Failure {
+    fn from(e: E) -> Self {
+        Failure::Runtime(e.into())
+    }
+}
+
+/// Runs `f` on the runtime and maps its outcome to an exit code.
+fn on_runtime<F, Fut>(f: F) -> ExitCode
+where
+    F: FnOnce() -> Fut,
+    Fut: std::future::Future<Output = Result<(), Failure>>,
+{
+    let result = match runtime() {
+        Ok(rt) => rt.block_on(f()),
+        Err(e) => Err(Failure::Runtime(e)),
+    };
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(Failure::Config(e)) => config_failed(&e),
+        Err(Failure::Runtime(e)) => {
+            eprintln!("error: {e:#}");
+            ExitCode::from(1)
         }
     }
 }
@@ -278,16 +336,6 @@ fn main() -> ExitCode {
 fn config_failed(e: &portshift::config::ConfigError) -> ExitCode {
     eprintln!("{e}");
     ExitCode::from(2)
-}
-
-fn report(r: anyhow::Result<()>) -> ExitCode {
-    match r {
-        Ok(()) => ExitCode::SUCCESS,
-        Err(e) => {
-            eprintln!("error: {e:#}");
-            ExitCode::from(1)
-        }
-    }
 }
 
 /// The async runtime: one thread per CPU this process may use. On a single
@@ -304,110 +352,4 @@ fn runtime() -> anyhow::Result<tokio::runtime::Runtime> {
         .enable_all()
         .build()
         .context("cannot start the async runtime")
-}
-
-async fn run(
-    config: Config,
-    record: Option<PathBuf>,
-    hup: std::io::Result<tokio::signal::unix::Signal>,
-) -> anyhow::Result<()> {
-    let proxy = Proxy::bind(&config)?;
-    if let Some(path) = record {
-        let writer = portshift::trace::TraceWriter::create(&path)
-            .with_context(|| format!("cannot create trace file {}", path.display()))?;
-        proxy.handle().set_trace(std::sync::Arc::new(writer));
-        tracing::info!(path = %path.display(), "recording a trace of every connection");
-    }
-    let handle = proxy.handle();
-    let mut hup = hup.context("cannot install the SIGHUP handler")?;
-    tokio::spawn(async move {
-        while hup.recv().await.is_some() {
-            tracing::info!("SIGHUP: reloading the config");
-            // The outcome is logged, counted and shown in /status.
-            let _ = handle.reload().await;
-        }
-    });
-    let states: Vec<_> = config
-        .listeners
-        .iter()
-        .filter_map(|l| proxy.listener(&l.name))
-        .collect();
-    let report = proxy.serve(shutdown_signal()).await;
-    for s in states {
-        let c = s.outcomes.snapshot();
-        tracing::info!(
-            listener = %s.name,
-            accepted = c.accepted,
-            denied = c.denied,
-            connected = c.connected,
-            connect_refused = c.connect_refused,
-            connect_timeout = c.connect_timeout,
-            no_backend = c.no_backend,
-            local_error = c.local_error,
-            idle_timeout = c.idle_timeout,
-            reset = c.reset,
-            client_reset = c.client_reset,
-            bytes_up = c.bytes_up,
-            bytes_down = c.bytes_down,
-            "listener totals"
-        );
-    }
-    tracing::info!(cut = report.cut, "stopped");
-    Ok(())
-}
-
-async fn backend(listen: SocketAddr, opts: portshift::backend::BackendOpts) -> anyhow::Result<()> {
-    let b = portshift::backend::spawn(listen, opts)
-        .await
-        .with_context(|| format!("cannot bind backend on {listen}"))?;
-    tracing::info!(addr = %b.addr(), "backend listening");
-    shutdown_signal().await;
-    b.stop().await;
-    Ok(())
-}
-
-async fn load(target: SocketAddr, rate: f64, duration: Duration) -> std::io::Result<()> {
-    use std::sync::atomic::Ordering::Relaxed;
-    let stats = std::sync::Arc::new(portshift::load::LoadStats::default());
-    let stop = tokio_util::sync::CancellationToken::new();
-    let task = tokio::spawn(portshift::load::run(
-        target,
-        rate,
-        stats.clone(),
-        stop.clone(),
-    ));
-    let mut tick = tokio::time::interval(Duration::from_secs(1));
-    tick.tick().await;
-    for second in 1..=duration.as_secs().max(1) {
-        tick.tick().await;
-        println!(
-            "{second:>4}s sent {:>8} ok {:>8} errors {:>6} mean {:?} served by {:?}",
-            stats.sent.load(Relaxed),
-            stats.ok.load(Relaxed),
-            stats.errors.load(Relaxed),
-            stats.mean_latency(),
-            stats.served_by()
-        );
-    }
-    stop.cancel();
-    task.await.map_err(std::io::Error::other)?;
-    println!(
-        "done: {} sent, {} ok, {} errors",
-        stats.sent.load(Relaxed),
-        stats.ok.load(Relaxed),
-        stats.errors.load(Relaxed)
-    );
-    Ok(())
-}
-
-/// Completes on SIGINT or SIGTERM.
-async fn shutdown_signal() {
-    use tokio::signal::unix::{SignalKind, signal};
-    let mut term =
-        signal(SignalKind::terminate()).expect("installing a SIGTERM handler cannot fail on unix");
-    tokio::select! {
-        _ = tokio::signal::ctrl_c() => {}
-        _ = term.recv() => {}
-    }
-    tracing::info!("shutdown requested");
 }

@@ -696,3 +696,29 @@ fn piped_logs_are_plain_text() {
     let _ = child.wait();
     assert!(!line.contains('\u{1b}'), "no ANSI escapes: {line:?}");
 }
+
+/// `--log-format json`: one JSON object per line, for log shippers.
+#[test]
+fn json_logs_are_one_object_per_line() {
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    let echo = rt.block_on(echo_backend());
+    let dir = tempfile::tempdir().unwrap();
+    let path = write_config(dir.path(), &echo_config(echo.addr(), ""));
+    let mut child = Command::new(bin())
+        .args(["--log-format", "json", "run", "-c"])
+        .arg(&path)
+        .env("RUST_LOG", "info")
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut lines = BufReader::new(child.stderr.take().unwrap()).lines();
+    let line = lines
+        .find_map(|l| l.ok().filter(|l| l.contains("listening")))
+        .expect("a log line");
+    let _ = child.kill();
+    let _ = child.wait();
+    let v: serde_json::Value = serde_json::from_str(&line).expect("the line is JSON");
+    assert_eq!(v["level"], "INFO", "{v}");
+    assert_eq!(v["fields"]["message"], "listening", "{v}");
+    assert!(v["fields"]["addr"].as_str().is_some(), "{v}");
+}

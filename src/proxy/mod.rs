@@ -13,6 +13,7 @@ mod copy;
 mod decisions;
 mod outcome;
 mod probe;
+mod process;
 mod runtime;
 mod state;
 mod throttle;
@@ -21,6 +22,7 @@ pub use clock::Clock;
 pub use copy::{BUFFER_BYTES, Copied};
 pub use decisions::RecentDecisions;
 pub use outcome::{ConnectFailure, End, OutcomeCounts, Outcomes};
+pub use process::{RunError, run};
 pub use runtime::{ReloadOutcome, ReloadReport};
 pub use state::{GroupView, ListenerState};
 
