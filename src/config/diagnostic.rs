@@ -198,7 +198,7 @@ fn type_hint(message: &str) -> Option<String> {
     if message.contains("expected a sequence") {
         Some(r#"write a list, e.g. ["127.0.0.1:8080"]"#.into())
     } else if message.contains("missing field") {
-        Some("add the missing key (see the reference in README.md)".into())
+        Some("add the missing key (every key is in docs/config.md)".into())
     } else {
         None
     }
