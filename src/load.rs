@@ -28,6 +28,8 @@ pub struct LoadStats {
     pub skipped: AtomicU64,
     /// Replies by body (the backend's name).
     served_by: Mutex<BTreeMap<String, u64>>,
+    /// Failed requests by what the client saw (the error, or `timeout`).
+    failed_by: Mutex<BTreeMap<String, u64>>,
     latency_us_total: AtomicU64,
 }
 
@@ -45,7 +47,15 @@ impl LoadStats {
         Duration::from_micros(self.latency_us_total.load(Relaxed) / ok)
     }
 
-    fn record(&self, r: Result<String, ()>, took: Duration) {
+    /// Failed requests by what the client saw.
+    pub fn failed_by(&self) -> BTreeMap<String, u64> {
+        self.failed_by
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone()
+    }
+
+    fn record(&self, r: Result<String, String>, took: Duration) {
         match r {
             Ok(body) => {
                 self.ok.fetch_add(1, Relaxed);
@@ -54,8 +64,10 @@ impl LoadStats {
                 let mut m = self.served_by.lock().unwrap_or_else(|p| p.into_inner());
                 *m.entry(body.trim().to_owned()).or_default() += 1;
             }
-            Err(()) => {
+            Err(why) => {
                 self.errors.fetch_add(1, Relaxed);
+                let mut m = self.failed_by.lock().unwrap_or_else(|p| p.into_inner());
+                *m.entry(why).or_default() += 1;
             }
         }
     }
@@ -143,7 +155,8 @@ async fn one_request(
     let begun = tokio::time::Instant::now();
     let r = match tokio::time::timeout(REQUEST_TIMEOUT, http_get(target)).await {
         Ok(Ok(body)) => Ok(body),
-        _ => Err(()),
+        Ok(Err(e)) => Err(e.to_string()),
+        Err(_) => Err("timeout".to_owned()),
     };
     stats.record(r, begun.elapsed());
     drop(permit);

@@ -317,7 +317,7 @@ impl<E: Into<anyhow::Error>> From<E> for Failure {
 fn on_runtime<F, Fut>(f: F) -> ExitCode
 where
     F: FnOnce() -> Fut,
-    Fut: std::future::Future<Output = Result<(), Failure>>,
+    Fut: Future<Output = Result<(), Failure>>,
 {
     let result = match runtime() {
         Ok(rt) => rt.block_on(f()),

@@ -554,7 +554,7 @@ impl Validator<'_, '_> {
             dir.join("policies").join(format!("{name}.toml"))
         };
         if path.is_file() {
-            let policy = super::policy::load(name, &path, &mut self.rep.diagnostics)?;
+            let policy = policy::load(name, &path, &mut self.rep.diagnostics)?;
             return Some(PolicyRef {
                 name: name.clone(),
                 path,

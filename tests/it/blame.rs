@@ -3,13 +3,9 @@
 //! never move traffic off a healthy primary; a backend that resets still
 //! counts against it, and the policy moves traffic away.
 
-mod common;
-
-use common::*;
-use portshift::backend::{self, BackendOpts, Mode};
-use portshift::config::Config;
+use crate::common::*;
 use portshift::core::stats::Signal;
-use portshift::proxy::{ListenerState, Proxy};
+use portshift::proxy::ListenerState;
 use std::net::SocketAddr;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
@@ -54,32 +50,13 @@ struct Setup {
 
 async fn setup(primary: SocketAddr, backup: SocketAddr) -> Setup {
     let dir = tempfile::tempdir().unwrap();
-    std::fs::create_dir(dir.path().join("policies")).unwrap();
-    std::fs::write(dir.path().join("policies/fast.toml"), POLICY).unwrap();
     let text = two_group_config(&[primary], &[backup], "policy = \"fast\"");
-    let path = write_config(dir.path(), &text);
-    let config = Config::load(&path).unwrap_or_else(|e| panic!("{e}"));
-    let proxy = Proxy::bind(&config).unwrap();
-    let addr = proxy.local_addrs()[0].1;
-    let state = proxy.listener("l").unwrap();
-    tokio::spawn(proxy.serve(std::future::pending()));
+    let (addr, state) = serve_config_in(dir.path(), &text, Some(POLICY)).await;
     Setup {
         _dir: dir,
         addr,
         state,
     }
-}
-
-async fn http_backend(name: &str) -> backend::BackendHandle {
-    let opts = BackendOpts {
-        name: name.into(),
-        mode: Mode::Http,
-        delay: Duration::from_millis(5),
-        greeting: None,
-    };
-    backend::spawn("127.0.0.1:0".parse().unwrap(), opts)
-        .await
-        .unwrap()
 }
 
 /// How a test client ends its request.
@@ -172,8 +149,8 @@ fn weights(state: &ListenerState) -> Vec<u16> {
 /// client's.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn aborting_clients_do_not_move_traffic() {
-    let primary = http_backend("primary").await;
-    let backup = http_backend("backup").await;
+    let primary = http_backend("primary", 5).await;
+    let backup = http_backend("backup", 5).await;
     let s = setup(primary.addr(), backup.addr()).await;
     let before = (primary_error_rate(&s.state), weights(&s.state));
     let failed = abortive_load(s.addr, 200).await;
@@ -235,7 +212,7 @@ async fn a_resetting_backend_still_loses_traffic() {
             });
         }
     });
-    let backup = http_backend("backup").await;
+    let backup = http_backend("backup", 5).await;
     let s = setup(flaky_addr, backup.addr()).await;
     let deadline = Instant::now() + PATIENCE;
     while weights(&s.state)[1] == 0 {

@@ -1,12 +1,9 @@
 //! Latency signals measured on real loopback connections: exchange,
 //! first_byte, connect, probe, and their exposure on /metrics.
 
-mod common;
-
-use common::*;
+use crate::common::*;
 use portshift::backend::{BackendOpts, Mode};
 use portshift::core::stats::Signal;
-use std::net::SocketAddr;
 use std::time::Duration;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
@@ -204,7 +201,7 @@ async fn metrics_endpoint_exposes_histogram_and_counters() {
         let mut s = TcpStream::connect(addr).await.unwrap();
         talk(&mut s, 2).await;
     }
-    let body = http_get(admin, "/metrics").await;
+    let body = admin_get(admin, "/metrics").await;
     let backend = b.addr().to_string();
     for want in [
         "# HELP portshift_latency_seconds",
@@ -225,18 +222,4 @@ async fn metrics_endpoint_exposes_histogram_and_counters() {
     ] {
         assert!(body.contains(want), "missing {want:?} in /metrics:\n{body}");
     }
-}
-
-async fn http_get(addr: SocketAddr, path: &str) -> String {
-    let mut s = TcpStream::connect(addr).await.unwrap();
-    s.write_all(format!("GET {path} HTTP/1.1\r\nhost: x\r\nconnection: close\r\n\r\n").as_bytes())
-        .await
-        .unwrap();
-    let mut out = String::new();
-    timeout(PATIENCE, s.read_to_string(&mut out))
-        .await
-        .unwrap()
-        .unwrap();
-    assert!(out.starts_with("HTTP/1.1 200"), "{out}");
-    out
 }

@@ -1,23 +1,17 @@
 //! The simulator: shipped scenarios meet their expected outcomes, runs are
 //! byte-identical for a seed, comparisons, sweeps, JSON, traces, limits.
 
-mod common;
-
-use common::*;
+use crate::common::*;
 use portshift::sim::{self, SimOptions};
 use serde_json::Value;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::process::Command;
-
-fn shipped(name: &str) -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join("sim").join(name)
-}
 
 /// Every shipped scenario, under its own policy, meets its `[expect]`.
 #[test]
 fn shipped_scenarios_meet_their_expected_outcomes() {
     let mut seen = 0;
-    for entry in std::fs::read_dir(shipped("")).unwrap() {
+    for entry in std::fs::read_dir(repo_path("sim/")).unwrap() {
         let path = entry.unwrap().path();
         if path.extension().is_none_or(|e| e != "toml") {
             continue;
@@ -57,7 +51,7 @@ fn sim_cli(args: &[&str]) -> (i32, String, String) {
 /// its wall-clock time) are identical across two runs.
 #[test]
 fn same_seed_gives_byte_identical_outputs() {
-    let scenario = shipped("latency-spike.toml");
+    let scenario = repo_path("sim/latency-spike.toml");
     let dirs = [tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap()];
     let mut docs = Vec::new();
     for d in &dirs {
@@ -106,7 +100,7 @@ fn same_seed_gives_byte_identical_outputs() {
 /// A different seed gives a different run (the seed is really used).
 #[test]
 fn different_seed_changes_the_run() {
-    let scenario = shipped("latency-spike.toml");
+    let scenario = repo_path("sim/latency-spike.toml");
     let doc = |seed: &str| -> Value {
         let (_, stdout, _) = sim_cli(&[scenario.to_str().unwrap(), "--json", "--seed", seed]);
         serde_json::from_str(&stdout).unwrap()
@@ -122,7 +116,7 @@ fn different_seed_changes_the_run() {
 /// Several policies side by side, and the JSON fields scripts rely on.
 #[test]
 fn compares_policies_and_reports_the_json_contract() {
-    let scenario = shipped("latency-spike.toml");
+    let scenario = repo_path("sim/latency-spike.toml");
     let (code, stdout, stderr) = sim_cli(&[
         scenario.to_str().unwrap(),
         "--policy",
@@ -175,7 +169,7 @@ fn compares_policies_and_reports_the_json_contract() {
 /// --sweep runs one variant per value of a policy key.
 #[test]
 fn sweep_over_a_policy_key() {
-    let scenario = shipped("latency-spike.toml");
+    let scenario = repo_path("sim/latency-spike.toml");
     let (code, stdout, stderr) = sim_cli(&[
         scenario.to_str().unwrap(),
         "--sweep",
@@ -209,7 +203,7 @@ fn sweep_over_a_policy_key() {
 fn bad_scenario_is_reported_with_its_line() {
     let dir = tempfile::tempdir().unwrap();
     let path = dir.path().join("bad.toml");
-    let text = std::fs::read_to_string(shipped("latency-spike.toml"))
+    let text = std::fs::read_to_string(repo_path("sim/latency-spike.toml"))
         .unwrap()
         .replace("target = \"primary\"", "target = \"primery\"");
     std::fs::write(&path, text).unwrap();
@@ -227,7 +221,7 @@ fn bad_scenario_is_reported_with_its_line() {
 fn event_cap_bounds_a_run() {
     let dir = tempfile::tempdir().unwrap();
     let path = dir.path().join("capped.toml");
-    let text = std::fs::read_to_string(shipped("latency-spike.toml"))
+    let text = std::fs::read_to_string(repo_path("sim/latency-spike.toml"))
         .unwrap()
         .replace("latency_factor = 10.0", "black_hole = true")
         .replace("seed = 42", "seed = 42\nmax_events = 20000");
@@ -273,7 +267,7 @@ async fn recorded_trace_replays_in_the_simulator() {
     );
 
     let scenario = dir.path().join("replay.toml");
-    let sc = std::fs::read_to_string(shipped("latency-spike.toml"))
+    let sc = std::fs::read_to_string(repo_path("sim/latency-spike.toml"))
         .unwrap()
         .replace(
             "model = \"poisson\"\nrate = 300",

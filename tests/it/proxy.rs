@@ -1,9 +1,7 @@
 //! The proxy over real loopback sockets: bytes, half-close, routing,
 //! retries, timeouts, ACLs.
 
-mod common;
-
-use common::*;
+use crate::common::*;
 use portshift::core::routes::Weights;
 use std::collections::HashMap;
 use std::time::Duration;

@@ -1,6 +1,5 @@
 //! Helpers shared by the black-box tests: real sockets on loopback only,
 //! ports chosen by the OS, every wait bounded.
-#![allow(dead_code)]
 
 use portshift::config::Config;
 use portshift::proxy::{ListenerState, Proxy};
@@ -57,6 +56,7 @@ pub fn logged_addr(line: &str) -> Option<SocketAddr> {
 /// A proxy running in this process.
 pub struct TestProxy {
     pub addrs: Vec<(String, SocketAddr)>,
+    pub handle: portshift::proxy::ProxyHandle,
     pub stop: Option<oneshot::Sender<()>>,
     pub task: JoinHandle<portshift::proxy::DrainReport>,
     proxy_states: Vec<Arc<ListenerState>>,
@@ -90,6 +90,7 @@ pub async fn start_proxy(text: &str) -> TestProxy {
         .unwrap_or_else(|e| panic!("test config is valid: {e}"));
     let proxy = Proxy::bind(&config).expect("binding 127.0.0.1:0 works");
     let addrs = proxy.local_addrs();
+    let handle = proxy.handle();
     let proxy_states = config
         .listeners
         .iter()
@@ -101,6 +102,7 @@ pub async fn start_proxy(text: &str) -> TestProxy {
     }));
     TestProxy {
         addrs,
+        handle,
         stop: Some(tx),
         task,
         proxy_states,
@@ -181,4 +183,103 @@ pub fn two_group_config(primary: &[SocketAddr], backup: &[SocketAddr], extra: &s
         list(primary),
         list(backup)
     )
+}
+
+/// A file of the repository (`policies/failover.toml`, `sim/…`).
+pub fn repo_path(rel: &str) -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join(rel)
+}
+
+/// An HTTP keep-alive backend answering with its `name` after `delay_ms`.
+pub async fn http_backend(name: &str, delay_ms: u64) -> portshift::backend::BackendHandle {
+    let opts = portshift::backend::BackendOpts {
+        name: name.into(),
+        mode: portshift::backend::Mode::Http,
+        delay: Duration::from_millis(delay_ms),
+        greeting: None,
+    };
+    portshift::backend::spawn("127.0.0.1:0".parse().expect("literal address"), opts)
+        .await
+        .expect("bind loopback")
+}
+
+/// Waits (bounded by `limit`) until `cond` holds; returns how long it took.
+pub async fn wait_until(what: &str, limit: Duration, cond: impl Fn() -> bool) -> Duration {
+    let start = std::time::Instant::now();
+    while !cond() {
+        assert!(start.elapsed() < limit, "{what}: not within {limit:?}");
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    start.elapsed()
+}
+
+/// One admin call over a fresh connection (`connection: close`), with an
+/// optional bearer token; returns the status and the body.
+pub async fn admin_request(
+    admin: SocketAddr,
+    method: &str,
+    path: &str,
+    body: &str,
+    token: Option<&str>,
+) -> std::io::Result<(u16, String)> {
+    let mut s = TcpStream::connect(admin).await?;
+    let auth = token.map_or(String::new(), |t| format!("authorization: Bearer {t}\r\n"));
+    let req = format!(
+        "{method} {path} HTTP/1.1\r\nhost: admin\r\n{auth}content-type: application/json\r\ncontent-length: {}\r\nconnection: close\r\n\r\n{body}",
+        body.len()
+    );
+    s.write_all(req.as_bytes()).await?;
+    let mut out = Vec::new();
+    tokio::time::timeout(PATIENCE, s.read_to_end(&mut out))
+        .await
+        .map_err(|_| std::io::Error::other("timed out"))??;
+    let text = String::from_utf8_lossy(&out).into_owned();
+    let status = text
+        .split_whitespace()
+        .nth(1)
+        .and_then(|s| s.parse().ok())
+        .ok_or_else(|| std::io::Error::other(format!("not an HTTP reply: {text:?}")))?;
+    let body = text
+        .split_once("\r\n\r\n")
+        .map_or("", |(_, b)| b)
+        .to_owned();
+    Ok((status, body))
+}
+
+/// `GET path` on the admin address, which must answer 200; the body.
+pub async fn admin_get(admin: SocketAddr, path: &str) -> String {
+    let (status, body) = admin_request(admin, "GET", path, "", None)
+        .await
+        .expect("the admin API answers");
+    assert_eq!(status, 200, "GET {path}: {body}");
+    body
+}
+
+/// Two `named_backend`s, answering `primary` and `backup`.
+pub async fn named_pair() -> (SocketAddr, SocketAddr) {
+    (
+        named_backend("primary").await,
+        named_backend("backup").await,
+    )
+}
+
+/// Writes `config` (and `policy` as `policies/fast.toml`) into `dir`,
+/// loads it as `portshift run` would and serves it until the test ends;
+/// returns listener `l`'s address and state.
+pub async fn serve_config_in(
+    dir: &Path,
+    config: &str,
+    policy: Option<&str>,
+) -> (SocketAddr, Arc<ListenerState>) {
+    if let Some(policy) = policy {
+        std::fs::create_dir_all(dir.join("policies")).expect("temp dir is writable");
+        std::fs::write(dir.join("policies/fast.toml"), policy).expect("temp dir is writable");
+    }
+    let path = write_config(dir, config);
+    let config = Config::load(&path).unwrap_or_else(|e| panic!("{e}"));
+    let proxy = Proxy::bind(&config).expect("binding 127.0.0.1:0 works");
+    let addr = proxy.local_addrs()[0].1;
+    let state = proxy.listener("l").expect("listener `l` is configured");
+    tokio::spawn(proxy.serve(std::future::pending()));
+    (addr, state)
 }

@@ -2,9 +2,7 @@
 //! with shifts and reloads, soak and churn (bounded, loopback only), and
 //! parsers that never panic.
 
-mod common;
-
-use common::*;
+use crate::common::*;
 use portshift::backend::{self, BackendOpts, Mode};
 use std::net::SocketAddr;
 use std::process::{Child, Command};
@@ -371,10 +369,7 @@ async fn accept_loop_survives_fd_exhaustion() {
     echo_roundtrip(addr, 1000, 9)
         .await
         .expect("serves again once fds are free");
-    let mut s = TcpStream::connect(admin).await.unwrap();
-    s.write_all(b"GET /metrics HTTP/1.0\r\n\r\n").await.unwrap();
-    let mut body = String::new();
-    s.read_to_string(&mut body).await.unwrap();
+    let body = admin_get(admin, "/metrics").await;
     let accept_errors: f64 = body
         .lines()
         .find(|l| l.starts_with("portshift_errors_total{") && l.contains("kind=\"accept_error\""))
@@ -515,6 +510,11 @@ async fn backend_churn_causes_no_client_errors() {
         "retry_on_early_reset = true",
     ))
     .await;
+    // Every connection's outcome, to say what happened if a client failed.
+    let trace_dir = tempfile::tempdir().unwrap();
+    let trace_path = trace_dir.path().join("trace.csv");
+    let trace = Arc::new(portshift::trace::TraceWriter::create(&trace_path).unwrap());
+    proxy.handle.set_trace(trace.clone());
     let stats = Arc::new(portshift::load::LoadStats::default());
     let stop = tokio_util::sync::CancellationToken::new();
     let load = tokio::spawn(portshift::load::run(
@@ -546,9 +546,20 @@ async fn backend_churn_causes_no_client_errors() {
         "churn: {secs}s, {cycles} stop/start cycles, {sent} requests, {ok} ok, {errors} errors, {} refused upstream connects retried; {c:?}",
         c.connect_refused
     );
+    trace.flush();
+    let unusual: Vec<String> = std::fs::read_to_string(&trace_path)
+        .unwrap()
+        .lines()
+        .skip(1)
+        .filter(|l| !l.contains(",closed,"))
+        .map(str::to_owned)
+        .collect();
     assert_eq!(
-        errors, 0,
-        "no client-visible error while a healthy backend remained"
+        errors,
+        0,
+        "no client-visible error while a healthy backend remained; clients saw {:?}; connections that did not close cleanly:\n{}",
+        stats.failed_by(),
+        unusual.join("\n")
     );
     assert!(
         c.connect_refused > 0,
@@ -561,9 +572,9 @@ mod parsers_never_panic {
     use proptest::prelude::*;
     use std::path::Path;
 
-    const CONFIG: &str = include_str!("../examples/portshift.toml");
-    const SCENARIO: &str = include_str!("../sim/latency-spike.toml");
-    const POLICY: &str = include_str!("../policies/conservative.toml");
+    const CONFIG: &str = include_str!("../../examples/portshift.toml");
+    const SCENARIO: &str = include_str!("../../sim/latency-spike.toml");
+    const POLICY: &str = include_str!("../../policies/conservative.toml");
 
     /// Deletes, duplicates or replaces a slice of `base`.
     fn mutate(base: &str, at: usize, len: usize, junk: &str, how: u8) -> String {
@@ -657,17 +668,12 @@ async fn max_connections_holds_under_a_burst() {
     drop(held);
 }
 
-/// One `GET /metrics` on a fresh connection; the body, or None when the
-/// admin plane refused or failed.
+/// `GET /metrics`, or None while the admin plane refuses.
 async fn admin_metrics(admin: SocketAddr) -> Option<String> {
-    let mut s = TcpStream::connect(admin).await.ok()?;
-    s.write_all(b"GET /metrics HTTP/1.0\r\n\r\n").await.ok()?;
-    let mut body = String::new();
-    timeout(PATIENCE, s.read_to_string(&mut body))
-        .await
-        .ok()?
-        .ok()?;
-    body.starts_with("HTTP/1.0 200").then_some(body)
+    match admin_request(admin, "GET", "/metrics", "", None).await {
+        Ok((200, body)) => Some(body),
+        _ => None,
+    }
 }
 
 fn rejected(body: &str, reason: &str) -> f64 {

@@ -1,17 +1,11 @@
 //! The `portshift` binary as a user runs it: `check` on good and bad
 //! configs, `run` failing to bind, and SIGTERM draining.
 
-mod common;
-
-use common::*;
+use crate::common::*;
 use std::io::{BufRead, BufReader, Read, Write};
 use std::net::{SocketAddr, TcpStream};
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
-
-fn shipped(path: &str) -> std::path::PathBuf {
-    std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join(path)
-}
 
 struct Outcome {
     code: i32,
@@ -23,7 +17,7 @@ fn portshift(args: &[&str], config_text: &str) -> Outcome {
     let dir = tempfile::tempdir().unwrap();
     std::fs::create_dir(dir.path().join("policies")).unwrap();
     std::fs::copy(
-        shipped("policies/failover.toml"),
+        repo_path("policies/failover.toml"),
         dir.path().join("policies/failover.toml"),
     )
     .unwrap();
@@ -433,7 +427,7 @@ fn shipped_example_config_checks_clean() {
 #[test]
 fn shipped_policies_are_valid() {
     let mut seen = 0;
-    for entry in std::fs::read_dir(shipped("policies")).unwrap() {
+    for entry in std::fs::read_dir(repo_path("policies")).unwrap() {
         let path = entry.unwrap().path();
         let name = path.file_stem().unwrap().to_str().unwrap().to_owned();
         let text = GOOD.replace(

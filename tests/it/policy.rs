@@ -2,12 +2,8 @@
 //! under steady load loses traffic to the backup, gets it back once it
 //! heals, and no client connection fails on the way.
 
-mod common;
-
-use common::*;
-use portshift::backend::{self, BackendOpts, Mode};
-use portshift::config::Config;
-use portshift::proxy::Proxy;
+use crate::common::*;
+use portshift::backend;
 use std::net::SocketAddr;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -46,18 +42,6 @@ step = 10
 cooldown = "100ms"
 "#;
 
-async fn http_backend(name: &str) -> backend::BackendHandle {
-    let opts = BackendOpts {
-        name: name.into(),
-        mode: Mode::Http,
-        delay: Duration::from_millis(5),
-        greeting: None,
-    };
-    backend::spawn("127.0.0.1:0".parse().unwrap(), opts)
-        .await
-        .unwrap()
-}
-
 struct Setup {
     _dir: tempfile::TempDir,
     audit: std::path::PathBuf,
@@ -67,25 +51,15 @@ struct Setup {
 }
 
 async fn setup(dry_run: bool) -> Setup {
-    let primary = http_backend("primary").await;
-    let backup = http_backend("backup").await;
+    let primary = http_backend("primary", 5).await;
+    let backup = http_backend("backup", 5).await;
     let dir = tempfile::tempdir().unwrap();
-    std::fs::create_dir(dir.path().join("policies")).unwrap();
-    std::fs::write(
-        dir.path().join("policies/fast.toml"),
-        POLICY.replace("DRY_RUN", &dry_run.to_string()),
-    )
-    .unwrap();
+    let policy = POLICY.replace("DRY_RUN", &dry_run.to_string());
     let text = format!(
         "audit_log = \"audit.jsonl\"\n{}",
         two_group_config(&[primary.addr()], &[backup.addr()], "policy = \"fast\"")
     );
-    let path = write_config(dir.path(), &text);
-    let config = Config::load(&path).unwrap_or_else(|e| panic!("{e}"));
-    let proxy = Proxy::bind(&config).unwrap();
-    let addr = proxy.local_addrs()[0].1;
-    let state = proxy.listener("l").unwrap();
-    tokio::spawn(proxy.serve(std::future::pending()));
+    let (addr, state) = serve_config_in(dir.path(), &text, Some(&policy)).await;
     Setup {
         audit: dir.path().join("audit.jsonl"),
         _dir: dir,
@@ -125,15 +99,6 @@ fn backup_bp(state: &portshift::proxy::ListenerState) -> u16 {
     state.router.weights().as_slice()[1]
 }
 
-async fn wait_for(what: &str, limit: Duration, cond: impl Fn() -> bool) -> Duration {
-    let start = Instant::now();
-    while !cond() {
-        assert!(start.elapsed() < limit, "{what}: not within {limit:?}");
-        tokio::time::sleep(Duration::from_millis(10)).await;
-    }
-    start.elapsed()
-}
-
 /// A keep-alive HTTP request on an existing connection; returns the body.
 async fn keepalive_get(s: &mut TcpStream) -> String {
     s.write_all(b"GET / HTTP/1.1\r\nhost: x\r\n\r\n")
@@ -165,7 +130,7 @@ async fn slow_primary_sheds_traffic_and_gets_it_back_without_errors() {
     // The primary turns slow: 5 ms -> 300 ms.
     s.primary.set_delay(Duration::from_millis(300));
     let fault = Instant::now();
-    let detect = wait_for("10% on the backup", WINDOW + 3 * INTERVAL + GRACE, || {
+    let detect = wait_until("10% on the backup", WINDOW + 3 * INTERVAL + GRACE, || {
         backup_bp(&s.state) >= 1000
     })
     .await;
@@ -182,7 +147,7 @@ async fn slow_primary_sheds_traffic_and_gets_it_back_without_errors() {
     let healed = Instant::now();
     let steps = u32::from(peak / 1000);
     let limit = WINDOW + RECOVER_FOR + INTERVAL * (steps + 2) + GRACE;
-    let back = wait_for("all traffic back on the primary", limit, || {
+    let back = wait_until("all traffic back on the primary", limit, || {
         backup_bp(&s.state) == 0
     })
     .await;
@@ -246,7 +211,7 @@ async fn dry_run_reports_but_changes_nothing() {
     tokio::time::sleep(Duration::from_millis(500)).await;
     s.primary.set_delay(Duration::from_millis(300));
     let audit = s.audit.clone();
-    wait_for(
+    wait_until(
         "a would-shift decision",
         WINDOW + 3 * INTERVAL + GRACE,
         || std::fs::read_to_string(&audit).is_ok_and(|t| t.contains("\"action\":\"shift\"")),

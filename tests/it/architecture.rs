@@ -16,7 +16,10 @@ const ALLOWED: &[(&str, &[&str])] = &[
     ("telemetry", &["core"]),
     ("trace", &[]),
     ("signals", &[]),
-    ("proxy", &["core", "config", "telemetry", "trace", "signals"]),
+    (
+        "proxy",
+        &["core", "config", "telemetry", "trace", "signals"],
+    ),
     ("sim", &["core", "config", "trace"]),
     ("backend", &[]),
     ("load", &["backend"]),

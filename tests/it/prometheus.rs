@@ -6,10 +6,7 @@
 //! probed backend, a listener with no reachable backend, a failed reload,
 //! and a policy that keeps shifting.
 
-mod common;
-
-use common::*;
-use portshift::backend::{self, BackendOpts, Mode};
+use crate::common::*;
 use portshift::config::Config;
 use portshift::proxy::Proxy;
 use serde_json::Value;
@@ -162,18 +159,6 @@ fn free_port() -> u16 {
         .local_addr()
         .unwrap()
         .port()
-}
-
-async fn http_backend(name: &str, delay_ms: u64) -> backend::BackendHandle {
-    let opts = BackendOpts {
-        name: name.into(),
-        mode: Mode::Http,
-        delay: Duration::from_millis(delay_ms),
-        greeting: None,
-    };
-    backend::spawn("127.0.0.1:0".parse().unwrap(), opts)
-        .await
-        .unwrap()
 }
 
 #[test]

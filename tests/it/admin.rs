@@ -1,9 +1,7 @@
 //! The admin API and hot reload against a running proxy over loopback:
 //! pins, pause/resume, status, errors, tokens, and reloads good and bad.
 
-mod common;
-
-use common::*;
+use crate::common::*;
 use portshift::config::Config;
 use portshift::proxy::{Proxy, ProxyHandle};
 use serde_json::Value;
@@ -13,8 +11,8 @@ use std::time::Duration;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 
-/// One HTTP call to the admin API; returns status and parsed JSON body (or
-/// the raw text as a JSON string).
+/// One admin call; returns status and parsed JSON body (or the raw text as
+/// a JSON string).
 async fn call(
     admin: SocketAddr,
     method: &str,
@@ -22,25 +20,11 @@ async fn call(
     body: &str,
     token: Option<&str>,
 ) -> (u16, Value) {
-    let mut s = TcpStream::connect(admin).await.unwrap();
-    let auth = token.map_or(String::new(), |t| format!("authorization: Bearer {t}\r\n"));
-    let req = format!(
-        "{method} {path} HTTP/1.1\r\nhost: admin\r\n{auth}content-type: application/json\r\ncontent-length: {}\r\nconnection: close\r\n\r\n{body}",
-        body.len()
-    );
-    s.write_all(req.as_bytes()).await.unwrap();
-    let mut out = Vec::new();
-    tokio::time::timeout(PATIENCE, s.read_to_end(&mut out))
+    let (status, body) = admin_request(admin, method, path, body, token)
         .await
-        .unwrap()
         .unwrap();
-    let text = String::from_utf8_lossy(&out);
-    let status: u16 = text.split_whitespace().nth(1).unwrap().parse().unwrap();
-    let body = text.split_once("\r\n\r\n").map(|(_, b)| b).unwrap_or("");
-    (
-        status,
-        serde_json::from_str(body).unwrap_or(Value::String(body.to_owned())),
-    )
+    let parsed = serde_json::from_str(&body).unwrap_or(Value::String(body));
+    (status, parsed)
 }
 
 struct Running {
@@ -94,10 +78,7 @@ fn config(listener: &str, primary: SocketAddr, backup: SocketAddr, extra: &str) 
 /// releasing it resumes the policy.
 #[tokio::test]
 async fn pin_steers_traffic_and_release_resumes_policy() {
-    let (p, b) = (
-        named_backend("primary").await,
-        named_backend("backup").await,
-    );
+    let (p, b) = named_pair().await;
     let r = run(&config("pin", p, b, "policy = \"failover\"")).await;
     let (status, body) = call(
         r.admin,
@@ -147,10 +128,7 @@ async fn pin_steers_traffic_and_release_resumes_policy() {
 /// Without a policy, releasing a pin returns all traffic to the primary.
 #[tokio::test]
 async fn release_without_policy_returns_to_primary() {
-    let (p, b) = (
-        named_backend("primary").await,
-        named_backend("backup").await,
-    );
+    let (p, b) = named_pair().await;
     let r = run(&config("nopolicy", p, b, "")).await;
     assert_eq!(
         call(
@@ -180,10 +158,7 @@ async fn release_without_policy_returns_to_primary() {
 /// Pause and resume the policy; the state says so.
 #[tokio::test]
 async fn pause_and_resume_policy() {
-    let (p, b) = (
-        named_backend("primary").await,
-        named_backend("backup").await,
-    );
+    let (p, b) = named_pair().await;
     let r = run(&config("pause", p, b, "policy = \"failover\"")).await;
     assert_eq!(
         call(r.admin, "POST", "/routes/pause/policy/pause", "", None)
@@ -209,10 +184,7 @@ async fn pause_and_resume_policy() {
 /// Bad requests get a 4xx with a JSON error saying what was wrong.
 #[tokio::test]
 async fn bad_requests_get_clear_json_errors() {
-    let (p, b) = (
-        named_backend("primary").await,
-        named_backend("backup").await,
-    );
+    let (p, b) = named_pair().await;
     let r = run(&config("errs", p, b, "")).await;
     let cases: &[(&str, &str, &str, u16, &str)] = &[
         (
@@ -279,10 +251,7 @@ async fn bad_requests_get_clear_json_errors() {
 /// With a token, every call needs it.
 #[tokio::test]
 async fn token_guards_every_call() {
-    let (p, b) = (
-        named_backend("primary").await,
-        named_backend("backup").await,
-    );
+    let (p, b) = named_pair().await;
     let dir = tempfile::tempdir().unwrap();
     std::fs::write(dir.path().join("token"), "s3cret\n").unwrap();
     let text = config("tok", p, b, "").replace(
@@ -353,10 +322,7 @@ async fn raw_status(admin: SocketAddr, headers: &str) -> u16 {
 /// old; a reload with an unusable token changes nothing and says why.
 #[tokio::test]
 async fn reload_rotates_the_token() {
-    let (p, b) = (
-        named_backend("primary").await,
-        named_backend("backup").await,
-    );
+    let (p, b) = named_pair().await;
     let dir = tempfile::tempdir().unwrap();
     let token = dir.path().join("token");
     std::fs::write(&token, "old-token\n").unwrap();
@@ -426,10 +392,7 @@ async fn reload_rotates_the_token() {
 /// new file, and records go there, not to the rotated one.
 #[tokio::test]
 async fn reload_reopens_the_audit_log() {
-    let (p, b) = (
-        named_backend("primary").await,
-        named_backend("backup").await,
-    );
+    let (p, b) = named_pair().await;
     let r = run(&config("rotate", p, b, "")).await;
     let log = r.dir.path().join("audit.jsonl");
     let rotated = r.dir.path().join("audit.jsonl.1");
@@ -463,10 +426,7 @@ async fn reload_reopens_the_audit_log() {
 /// descriptor for long.
 #[tokio::test]
 async fn slow_admin_clients_are_closed() {
-    let (p, b) = (
-        named_backend("primary").await,
-        named_backend("backup").await,
-    );
+    let (p, b) = named_pair().await;
     let text = config("slow", p, b, "").replace(
         "listen = \"127.0.0.1:0\"\n[[group]]",
         "listen = \"127.0.0.1:0\"\nheader_timeout = \"1s\"\nidle_timeout = \"1s\"\n[[group]]",
@@ -520,10 +480,7 @@ async fn slow_admin_clients_are_closed() {
 /// reported by the API, in /status and in metrics.
 #[tokio::test]
 async fn bad_reload_keeps_old_config_and_says_why() {
-    let (p, b) = (
-        named_backend("primary").await,
-        named_backend("backup").await,
-    );
+    let (p, b) = named_pair().await;
     let r = run(&config("keep", p, b, "")).await;
     std::fs::write(
         &r.path,
@@ -560,10 +517,7 @@ async fn bad_reload_keeps_old_config_and_says_why() {
 /// refused while an established connection finishes.
 #[tokio::test]
 async fn reload_adds_and_removes_listeners_without_cutting_connections() {
-    let (p, b) = (
-        named_backend("primary").await,
-        named_backend("backup").await,
-    );
+    let (p, b) = named_pair().await;
     let echo = echo_backend().await;
     let r = run(&config("old", echo.addr(), b, "")).await;
     let old_addr = r.addr("old");
@@ -604,10 +558,7 @@ async fn reload_adds_and_removes_listeners_without_cutting_connections() {
 /// state, same pin, same socket.
 #[tokio::test]
 async fn reload_keeps_unchanged_listeners_untouched() {
-    let (p, b) = (
-        named_backend("primary").await,
-        named_backend("backup").await,
-    );
+    let (p, b) = named_pair().await;
     let r = run(&config("same", p, b, "")).await;
     assert_eq!(
         call(

@@ -4,9 +4,7 @@
 //! same rule fires first, and the first shift comes within two policy
 //! intervals of each other.
 
-mod common;
-
-use common::*;
+use crate::common::*;
 use portshift::backend::{self, BackendOpts, Mode};
 use portshift::config::Config;
 use portshift::proxy::Proxy;

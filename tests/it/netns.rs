@@ -4,9 +4,7 @@
 //! and `ip` (iproute2), which CI has; skipped, saying so, where a namespace
 //! cannot be made.
 
-mod common;
-
-use common::*;
+use crate::common::*;
 use std::io::{Read, Write};
 use std::net::{SocketAddr, TcpStream};
 use std::process::{Child, Command, Stdio};

@@ -1,0 +1,20 @@
+//! The black-box tests, one crate with a module per area: real sockets on
+//! loopback (or in network namespaces the tests make), real Prometheus,
+//! the real binary. One link step for all of them, and one copy of each
+//! helper (`common`).
+
+mod common;
+
+mod admin;
+mod architecture;
+mod blame;
+mod cli;
+mod docs;
+mod fidelity;
+mod hardening;
+mod netns;
+mod policy;
+mod prometheus;
+mod proxy;
+mod sim;
+mod telemetry;
