@@ -353,7 +353,7 @@ fn print_summary(s: &Summary) {
 /// A shipped name, a name in ./policies, or a path.
 fn resolve_policy(arg: Option<&str>) -> io::Result<(String, PathBuf, Policy)> {
     let r = crate::config::shipped::resolve(arg.unwrap_or("failover"))
-        .map_err(|e| io::Error::new(io::ErrorKind::InvalidInput, e))?;
+        .map_err(|e| io::Error::new(io::ErrorKind::InvalidInput, e.to_string()))?;
     Ok((r.name, r.path, r.policy))
 }
 

@@ -30,17 +30,33 @@ pub struct Check {
     pub detail: String,
 }
 
+/// Why `diagnose` could not run.
+#[derive(Debug, thiserror::Error)]
+pub enum DiagnoseError {
+    #[error("no listener `{name}` in {}; known: {}", path.display(), known.join(", "))]
+    NoListener {
+        name: String,
+        path: std::path::PathBuf,
+        known: Vec<String>,
+    },
+}
+
 /// Runs every step for `listener` (or all listeners) as seen from `source`.
-pub fn run(config: &Config, listener: Option<&str>, source: IpAddr) -> Result<Vec<Check>, String> {
+pub fn run(
+    config: &Config,
+    listener: Option<&str>,
+    source: IpAddr,
+) -> Result<Vec<Check>, DiagnoseError> {
     let listeners: Vec<&Listener> = match listener {
-        Some(name) => vec![config.listener(name).ok_or_else(|| {
-            let known: Vec<&str> = config.listeners.iter().map(|l| l.name.as_str()).collect();
-            format!(
-                "no listener `{name}` in {}; known: {}",
-                config.path.display(),
-                known.join(", ")
-            )
-        })?],
+        Some(name) => vec![
+            config
+                .listener(name)
+                .ok_or_else(|| DiagnoseError::NoListener {
+                    name: name.to_owned(),
+                    path: config.path.clone(),
+                    known: config.listeners.iter().map(|l| l.name.clone()).collect(),
+                })?,
+        ],
         None => config.listeners.iter().collect(),
     };
     let sockets = listening_sockets();

@@ -23,7 +23,7 @@ pub use copy::{BUFFER_BYTES, Copied};
 pub use decisions::RecentDecisions;
 pub use outcome::{ConnectFailure, End, OutcomeCounts, Outcomes};
 pub use process::{RunError, run};
-pub use runtime::{ReloadOutcome, ReloadReport};
+pub use runtime::{ReloadError, ReloadOutcome, ReloadReport};
 pub use state::{GroupView, ListenerState};
 
 use crate::config::Config;
@@ -211,7 +211,7 @@ async fn anchor_timers(stop: tokio_util::sync::CancellationToken) {
 
 impl ProxyHandle {
     /// Re-reads the config file and applies it; a bad file changes nothing.
-    pub async fn reload(&self) -> Result<ReloadReport, String> {
+    pub async fn reload(&self) -> Result<ReloadReport, ReloadError> {
         self.shared.reload().await
     }
 

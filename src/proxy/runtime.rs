@@ -70,7 +70,24 @@ struct Running {
     sockets: Vec<BoundSocket>,
 }
 
-/// The last reload's time and result.
+/// Why a reload changed nothing; the running config stays as it was.
+#[derive(Debug, thiserror::Error)]
+pub enum ReloadError {
+    /// The file (or a policy or token it names) is not valid.
+    #[error("{0}")]
+    Config(#[from] crate::config::ConfigError),
+    /// A new address could not be bound.
+    #[error(transparent)]
+    Bind(#[from] BindError),
+    #[error("cannot open audit log {}: {source}", path.display())]
+    AuditLog {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+}
+
+/// The last reload's time and result (the error as its message).
 #[derive(Debug, Clone)]
 pub struct ReloadOutcome {
     pub at: SystemTime,
@@ -255,7 +272,7 @@ impl Shared {
 
     /// Re-reads the config file and applies the difference; a bad file
     /// changes nothing. Serialized: one reload at a time.
-    pub async fn reload(self: &Arc<Self>) -> Result<ReloadReport, String> {
+    pub async fn reload(self: &Arc<Self>) -> Result<ReloadReport, ReloadError> {
         let _one = self.reload_lock.lock().await;
         let result = self.reload_inner().await;
         crate::telemetry::reload(result.is_ok());
@@ -267,35 +284,62 @@ impl Shared {
         }
         *lock(&self.last_reload) = Some(ReloadOutcome {
             at: SystemTime::now(),
-            result: result.clone(),
+            result: result
+                .as_ref()
+                .map(Clone::clone)
+                .map_err(ToString::to_string),
         });
         result
     }
 
-    async fn reload_inner(self: &Arc<Self>) -> Result<ReloadReport, String> {
+    async fn reload_inner(self: &Arc<Self>) -> Result<ReloadReport, ReloadError> {
         let path: PathBuf = lock(&self.config).path.clone();
-        let new = Config::load(&path).map_err(|e| e.to_string())?;
-        let restart_required =
-            restart_required(lock(&self.config).admin.as_ref(), new.admin.as_ref());
-        // Plan without touching anything: which listeners stay as they are,
-        // which sockets can be handed over, what must be bound fresh.
+        let new = Config::load(&path)?;
+        // Plan and bind without touching anything running; then commit.
+        let mut plan = self.plan_reload(&new)?;
+        self.audit
+            .reopen(new.audit_log.as_deref())
+            .map_err(|source| ReloadError::AuditLog {
+                path: new.audit_log.clone().unwrap_or_default(),
+                source,
+            })?;
+        self.commit_reload(&new, &plan.keep, &mut plan.fresh).await;
+        // The new token (read and checked when the file was loaded) takes
+        // over at once: the old one is refused from the next call on.
+        self.admin_token.store(
+            new.admin
+                .as_ref()
+                .and_then(|a| a.token.clone())
+                .map(Arc::new),
+        );
+        if !plan.report.restart_required.is_empty() {
+            warn!(keys = ?plan.report.restart_required, "these admin settings take effect on restart only");
+        }
+        *lock(&self.config) = new;
+        Ok(plan.report)
+    }
+
+    /// What a reload to `new` would do, and the sockets it must bind fresh
+    /// (bound here, so a port that cannot be had fails the reload before
+    /// anything changes). Running listeners are not touched.
+    fn plan_reload(&self, new: &Config) -> Result<ReloadPlan, ReloadError> {
         let old: Vec<(String, ListenerSpec, Vec<SocketAddr>)> = lock(&self.listeners)
             .iter()
             .map(|r| {
-                (
-                    r.state.name.clone(),
-                    r.spec.clone(),
-                    r.sockets.iter().map(|s| s.configured).collect(),
-                )
+                let addrs = r.sockets.iter().map(|s| s.configured).collect();
+                (r.state.name.clone(), r.spec.clone(), addrs)
             })
             .collect();
         let mut report = ReloadReport {
-            restart_required,
+            restart_required: restart_required(
+                lock(&self.config).admin.as_ref(),
+                new.admin.as_ref(),
+            ),
             ..ReloadReport::default()
         };
         let mut keep = Vec::new();
         for l in &new.listeners {
-            let spec = ListenerSpec::of(&new, l);
+            let spec = ListenerSpec::of(new, l);
             match old.iter().find(|(n, _, _)| *n == l.name) {
                 Some((_, s, _)) if *s == spec => {
                     keep.push(l.name.clone());
@@ -310,56 +354,30 @@ impl Shared {
             .filter(|(n, _, _)| !new.listeners.iter().any(|l| l.name == *n))
             .map(|(n, _, _)| n.clone())
             .collect();
-        let mut handed_over: HashMap<SocketAddr, usize> = HashMap::new();
-        for (name, _, addrs) in &old {
-            if !keep.contains(name) {
-                // Port 0 means "any free port": never handed over, always fresh.
-                addrs
-                    .iter()
-                    .filter(|a| a.port() != 0)
-                    .for_each(|a| *handed_over.entry(*a).or_default() += 1);
-            }
-        }
-        let mut fresh: HashMap<SocketAddr, Vec<TcpListener>> = HashMap::new();
-        for l in new.listeners.iter().filter(|l| !keep.contains(&l.name)) {
-            for &addr in &l.addrs {
-                match handed_over.get_mut(&addr) {
-                    Some(n) if *n > 0 => *n -= 1,
-                    _ => {
-                        let socket = bind_one(addr, l.socket.backlog).map_err(|source| {
-                            BindError {
-                                listener: l.name.clone(),
-                                addr,
-                                port: addr.port(),
-                                source,
-                            }
-                            .to_string()
-                        })?;
-                        fresh.entry(addr).or_default().push(socket);
-                    }
-                }
-            }
-        }
-        self.audit.reopen(new.audit_log.as_deref()).map_err(|e| {
-            format!(
-                "cannot open audit log {}: {e}",
-                new.audit_log
-                    .as_deref()
-                    .unwrap_or(std::path::Path::new(""))
-                    .display()
-            )
-        })?;
+        let fresh = bind_fresh(new, &keep, &old)?;
+        Ok(ReloadPlan {
+            report,
+            keep,
+            fresh,
+        })
+    }
 
-        // Commit: stop what changes, hand its sockets over, start the new.
+    /// Stops what changes, hands its sockets over, starts the new. Cannot
+    /// fail: everything it needs was bound or opened before.
+    async fn commit_reload(
+        &self,
+        new: &Config,
+        keep: &[String],
+        fresh: &mut HashMap<SocketAddr, Vec<TcpListener>>,
+    ) {
         let current = std::mem::take(&mut *lock(&self.listeners));
         let (mut kept, gone): (Vec<Running>, Vec<Running>) = current
             .into_iter()
             .partition(|r| keep.contains(&r.state.name));
         for r in gone {
             for (addr, socket) in stop_running(r).await {
-                if addr.port() == 0 {
-                    drop(socket);
-                } else {
+                // Port 0 means "any free port": never handed over.
+                if addr.port() != 0 {
                     fresh.entry(addr).or_default().push(socket);
                 }
             }
@@ -371,39 +389,61 @@ impl Shared {
                 next.push(kept.remove(i));
                 continue;
             }
-            let mut r = new_running(
-                &new,
-                l,
-                self.clock,
-                &self.trace,
-                self.stop.child_token(),
-                &mut fresh,
-            );
+            let token = self.stop.child_token();
+            let mut r = new_running(new, l, self.clock, &self.trace, token, fresh);
             if serving {
                 self.start_running(&mut r);
             }
             next.push(r);
         }
-        for (addr, sockets) in fresh {
+        for (addr, sockets) in fresh.drain() {
             if !sockets.is_empty() {
                 info!(%addr, "stopped listening");
             }
         }
         *lock(&self.listeners) = next;
-        // The new token (read and checked when the file was loaded) takes
-        // over at once: the old one is refused from the next call on.
-        self.admin_token.store(
-            new.admin
-                .as_ref()
-                .and_then(|a| a.token.clone())
-                .map(Arc::new),
-        );
-        if !report.restart_required.is_empty() {
-            warn!(keys = ?report.restart_required, "these admin settings take effect on restart only");
-        }
-        *lock(&self.config) = new;
-        Ok(report)
     }
+}
+
+/// A reload's plan: what it reports, the listeners it keeps untouched, and
+/// the sockets bound for the ones it starts.
+struct ReloadPlan {
+    report: ReloadReport,
+    keep: Vec<String>,
+    fresh: HashMap<SocketAddr, Vec<TcpListener>>,
+}
+
+/// Binds every address of the listeners `new` starts that no stopping
+/// listener hands over (the same configured address, not port 0).
+fn bind_fresh(
+    new: &Config,
+    keep: &[String],
+    old: &[(String, ListenerSpec, Vec<SocketAddr>)],
+) -> Result<HashMap<SocketAddr, Vec<TcpListener>>, BindError> {
+    let mut handed_over: HashMap<SocketAddr, usize> = HashMap::new();
+    for (_, _, addrs) in old.iter().filter(|(n, _, _)| !keep.contains(n)) {
+        for a in addrs.iter().filter(|a| a.port() != 0) {
+            *handed_over.entry(*a).or_default() += 1;
+        }
+    }
+    let mut fresh: HashMap<SocketAddr, Vec<TcpListener>> = HashMap::new();
+    for l in new.listeners.iter().filter(|l| !keep.contains(&l.name)) {
+        for &addr in &l.addrs {
+            match handed_over.get_mut(&addr) {
+                Some(n) if *n > 0 => *n -= 1,
+                _ => {
+                    let socket = bind_one(addr, l.socket.backlog).map_err(|source| BindError {
+                        listener: l.name.clone(),
+                        addr,
+                        port: addr.port(),
+                        source,
+                    })?;
+                    fresh.entry(addr).or_default().push(socket);
+                }
+            }
+        }
+    }
+    Ok(fresh)
 }
 
 /// A listener's running parts, taking its sockets from `bound`.

@@ -57,7 +57,7 @@ pub enum SimError {
     #[error("{0}")]
     Scenario(#[from] crate::config::ConfigError),
     #[error("{0}")]
-    Policy(String),
+    Policy(#[from] crate::config::shipped::ResolveError),
     #[error("--sweep: {0}")]
     Sweep(String),
     #[error("cannot write {path}: {source}")]
