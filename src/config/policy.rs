@@ -189,7 +189,7 @@ impl PolicyValidator<'_, '_> {
                     w.span(),
                     format!(
                         "`window` / `sub_windows` gives sub-windows of {}",
-                        fmt(slot)
+                        super::describe::duration(slot)
                     ),
                     Some("each sub-window must be at least 10ms".into()),
                 );
@@ -384,7 +384,7 @@ impl PolicyValidator<'_, '_> {
             {
                 self.rep.error(
                     v.span(),
-                    format!("recovery bar {} is not below the trip threshold {}", fmt(d), fmt(above)),
+                    format!("recovery bar {} is not below the trip threshold {}", super::describe::duration(d), super::describe::duration(above)),
                     Some("recover below a lower bar than the one that trips (hysteresis), or the policy flaps".into()),
                 );
             }
@@ -549,96 +549,8 @@ impl PolicyValidator<'_, '_> {
     }
 }
 
-/// What a policy will do, in a few lines, for `portshift check`.
-pub fn describe(p: &Policy) -> Vec<String> {
-    let pct = |bp: u32| format!("{}%", f64::from(bp) / 100.0);
-    let bars = |v: &[(Quantile, Duration)], op: &str| {
-        v.iter()
-            .map(|(q, d)| format!("{} {op} {}", q.name(), fmt(*d)))
-            .collect::<Vec<_>>()
-    };
-    let mut trip = bars(&p.trip.above, ">");
-    if let Some(e) = p.trip.error_rate_above {
-        trip.push(format!("error rate > {e}"));
-    }
-    if let Some(k) = p.trip.worse_than_backup {
-        let q = p.trip.relative_quantile.unwrap_or(Quantile::P99).name();
-        trip.push(format!("{q} > {k} x backup's"));
-    }
-    if let Some(n) = p.trip.active_connections_above {
-        trip.push(format!("active connections > {n}"));
-    }
-    if let Some(n) = p.trip.new_connections_per_second_above {
-        trip.push(format!("new connections/s > {n}"));
-    }
-    let counting = match p.counting {
-        Counting::Consecutive(n) => format!("{n} bad evaluations in a row"),
-        Counting::BadOfLast { bad, of } => format!("{bad} bad of the last {of} evaluations"),
-    };
-    let window = p
-        .window
-        .map_or("the [stats] window".to_string(), |w| fmt(w.span()));
-    let mut out = vec![format!(
-        "every {} on `{}` over {window}, at least {} samples{}",
-        fmt(p.interval),
-        p.signal.name(),
-        p.min_samples,
-        if p.dry_run {
-            "; DRY RUN: decisions are reported, weights untouched"
-        } else {
-            ""
-        }
-    )];
-    let trip = if trip.is_empty() {
-        "none".to_string()
-    } else {
-        trip.join(" or ")
-    };
-    match &p.mode {
-        Mode::Failover { shift, recover } => {
-            out.push(format!("trip     {trip}, {counting}"));
-            out.push(format!(
-                "shift    {} per step to the first healthy backup, every {} at most, up to {}",
-                pct(shift.step_bp),
-                fmt(shift.cooldown),
-                pct(shift.max_bp)
-            ));
-            let mut bar = bars(&recover.below, "<");
-            if let Some(e) = recover.error_rate_below {
-                bar.push(format!("error rate < {e}"));
-            }
-            out.push(format!(
-                "recover  {} held {}, then {} per step every {}",
-                bar.join(" and "),
-                fmt(recover.hold),
-                pct(recover.step_bp),
-                fmt(recover.cooldown)
-            ));
-        }
-        Mode::Canary(c) => {
-            let steps: Vec<String> = c.steps_bp.iter().map(|&s| pct(s)).collect();
-            out.push(format!(
-                "canary   steps {} each held {}",
-                steps.join(" -> "),
-                fmt(c.hold)
-            ));
-            out.push(format!(
-                "rollback when {} > {} x baseline or errors > baseline + {}, or {trip}; {counting}",
-                c.quantile.name(),
-                c.max_ratio,
-                c.max_error_rate_increase
-            ));
-        }
-    }
-    out
-}
-
 fn pct_bp(pct: f64) -> u32 {
     ((pct * 100.0).round() as u32).min(TOTAL_BP)
-}
-
-fn fmt(d: Duration) -> String {
-    humantime::format_duration(d).to_string()
 }
 
 #[cfg(test)]

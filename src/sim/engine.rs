@@ -6,6 +6,8 @@
 //! Single-threaded and seeded: the same seed gives the same run.
 
 use super::model::{Arrivals, Sampler};
+pub use super::outcome::{DecisionRow, Headline, PhaseStats, TickRow};
+use super::outcome::{Observed, headline};
 use super::scenario::Scenario;
 use crate::core::backend::{Backend, Balance};
 use crate::core::policy::{Action, Decision, Engine, GroupInput, Policy, PolicyState, Reason};
@@ -51,66 +53,6 @@ struct Req {
 struct BackendRt {
     busy: u32,
     queue: VecDeque<u32>,
-}
-
-/// One row of the per-tick timeline.
-#[derive(Debug, Clone, PartialEq)]
-pub struct TickRow {
-    pub t: f64,
-    pub weights_pct: Vec<f64>,
-    /// The policy's signal per group over the stats window.
-    pub group_p50_ms: Vec<f64>,
-    pub group_p99_ms: Vec<f64>,
-    pub requests: u64,
-    pub errors: u64,
-    /// Client-seen p99 of the requests that finished in this tick.
-    pub client_p99_ms: f64,
-    /// The latest evaluation's conditions: rule, value, threshold, fired.
-    pub conditions: Vec<Reason>,
-    pub phase: String,
-}
-
-/// A decision that moved (or in dry-run would move) traffic.
-#[derive(Debug, Clone, PartialEq)]
-pub struct DecisionRow {
-    pub t: f64,
-    pub action: String,
-    pub rule: String,
-    pub weights_pct: Vec<f64>,
-    pub reasons: Vec<Reason>,
-}
-
-/// Client-seen outcome of one phase (before, during each fault, after).
-#[derive(Debug, Clone, PartialEq)]
-pub struct PhaseStats {
-    pub name: String,
-    pub requests: u64,
-    pub errors: u64,
-    pub slo_violations: u64,
-    pub p50_ms: f64,
-    pub p99_ms: f64,
-    pub p999_ms: f64,
-}
-
-#[derive(Debug, Clone, PartialEq)]
-pub struct Headline {
-    pub first_shift_at_s: Option<f64>,
-    pub first_rule: Option<String>,
-    pub time_to_detect_s: Option<f64>,
-    pub time_to_mitigate_s: Option<f64>,
-    pub time_to_fail_back_s: Option<f64>,
-    /// Largest share off the primary at any moment, 0 to 1.
-    pub max_backup_share: f64,
-    pub weight_changes: u64,
-    /// Times traffic went back toward the primary and then away again.
-    pub flaps: u64,
-    pub served_by_degraded: u64,
-    pub slo_violations: u64,
-    pub client_errors: u64,
-    pub client_p50_ms: f64,
-    pub client_p99_ms: f64,
-    pub client_p999_ms: f64,
-    pub phases: Vec<PhaseStats>,
 }
 
 /// Everything one run of one policy produced.
@@ -627,103 +569,16 @@ impl<'a> Sim<'a> {
     }
 
     fn headline(&self) -> Headline {
-        let first_fault = self.sc.faults.iter().map(|f| f.at).min();
-        let last_fault_end = self.sc.faults.iter().map(|f| f.until).max();
-        let first_shift = self
-            .decisions
-            .iter()
-            .find(|d| d.action == "shift" && first_fault.is_none_or(|f| d.t >= f.as_secs_f64()));
-        let first_shift_at = first_shift.map(|d| d.t);
-        let time_to_mitigate = first_shift_at.and_then(|s| {
-            let start = first_fault.map_or(0.0, |f| f.as_secs_f64());
-            self.timeline
-                .iter()
-                .find(|r| {
-                    r.t >= s
-                        && r.requests > 0
-                        && r.client_p99_ms <= self.sc.slo.as_secs_f64() * 1000.0
-                })
-                .map(|r| r.t - start)
-        });
-        let primary = |r: &TickRow| r.weights_pct.first().copied().unwrap_or(100.0);
-        let moved_at_all = self.timeline.iter().any(|r| primary(r) < 100.0);
-        let time_to_fail_back = match (last_fault_end, moved_at_all) {
-            (Some(end), true) => {
-                let end = end.as_secs_f64();
-                let last_off = self
-                    .timeline
-                    .iter()
-                    .rev()
-                    .find(|r| primary(r) < 100.0)
-                    .map(|r| r.t);
-                match last_off {
-                    Some(t) if t < self.timeline.last().map_or(0.0, |r| r.t) => self
-                        .timeline
-                        .iter()
-                        .find(|r| r.t > t && primary(r) >= 100.0)
-                        .map(|r| (r.t - end).max(0.0)),
-                    _ => None,
-                }
-            }
-            _ => None,
-        };
-        let mut flaps = 0;
-        let mut returned = false;
-        for d in &self.decisions {
-            match d.action.as_str() {
-                "recover" | "canary_rollback" => returned = true,
-                "shift" | "canary_advance" if returned => {
-                    flaps += 1;
-                    returned = false;
-                }
-                _ => {}
-            }
-        }
-        let q = |h: &Histogram<u32>, q: f64| {
-            if h.is_empty() {
-                0.0
-            } else {
-                h.value_at_quantile(q) as f64 / 1000.0
-            }
-        };
-        Headline {
-            first_shift_at_s: first_shift_at,
-            first_rule: first_shift.map(|d| d.rule.clone()),
-            time_to_detect_s: first_shift_at
-                .map(|s| s - first_fault.map_or(0.0, |f| f.as_secs_f64())),
-            time_to_mitigate_s: time_to_mitigate,
-            time_to_fail_back_s: time_to_fail_back,
-            max_backup_share: self
-                .timeline
-                .iter()
-                .map(|r| (100.0 - primary(r)) / 100.0)
-                .fold(0.0, f64::max),
-            weight_changes: self
-                .decisions
-                .iter()
-                .filter(|d| !d.action.starts_with("would"))
-                .count() as u64,
-            flaps,
+        headline(&Observed {
+            sc: self.sc,
+            decisions: &self.decisions,
+            timeline: &self.timeline,
+            client: &self.client,
+            phases: &self.phases,
             served_by_degraded: self.served_by_degraded,
             slo_violations: self.slo_violations,
             client_errors: self.client_errors,
-            client_p50_ms: q(&self.client, 0.5),
-            client_p99_ms: q(&self.client, 0.99),
-            client_p999_ms: q(&self.client, 0.999),
-            phases: self
-                .phases
-                .iter()
-                .map(|(name, h, n, over)| PhaseStats {
-                    name: name.clone(),
-                    requests: *n,
-                    errors: n - h.len().min(*n),
-                    slo_violations: *over,
-                    p50_ms: q(h, 0.5),
-                    p99_ms: q(h, 0.99),
-                    p999_ms: q(h, 0.999),
-                })
-                .collect(),
-        }
+        })
     }
 }
 

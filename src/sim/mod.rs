@@ -12,6 +12,7 @@
 pub mod chart;
 pub mod engine;
 pub mod model;
+mod outcome;
 pub mod report;
 pub mod scenario;
 
