@@ -220,8 +220,8 @@ async fn watch(
         }
         for (n, d) in state.decisions.since(seen) {
             seen = n;
-            let at = d["uptime_s"].as_f64().unwrap_or(now);
-            if d["action"] == "shift" && s.first_shift_at.is_none() && faulted {
+            let at = d.uptime_s;
+            if d.action == "shift" && s.first_shift_at.is_none() && faulted {
                 s.first_shift_at = Some(at);
             }
             lines.push(format!("{at:6.1}s  {}", describe_decision(&d)));
@@ -300,29 +300,27 @@ fn ms(d: Duration) -> String {
 }
 
 /// One decision as a line: action, weights, and the reason that fired.
-fn describe_decision(d: &serde_json::Value) -> String {
-    let reason = d["reasons"]
-        .as_array()
-        .and_then(|rs| rs.iter().find(|r| r["fired"] == true))
+fn describe_decision(d: &crate::decision_record::DecisionRecord) -> String {
+    let reason = d
+        .fired()
         .map(|r| {
-            let rule = r["rule"].as_str().unwrap_or("?");
-            // Latency rules (p99_above, recover.p99_below) read best in ms.
-            let latency =
-                rule.trim_start_matches("recover.").starts_with('p') && !rule.contains("ratio");
+            // Latencies (p99_above, recover.p99_below) read best in ms.
+            let latency = r.unit == "seconds";
             let num = |v: &serde_json::Value| match v.as_f64() {
                 Some(x) if latency => format!("{:.1}ms", x * 1000.0),
                 Some(x) => format!("{x:.3}"),
                 None => v.as_str().unwrap_or("?").to_owned(),
             };
-            format!(": {rule} {} vs {}", num(&r["value"]), num(&r["threshold"]))
+            let threshold = serde_json::Value::from(r.threshold);
+            format!(": {} {} vs {}", r.rule, num(&r.value), num(&threshold))
         })
         .unwrap_or_default();
     format!(
         "{}{:<8} -> primary {:>5}% / backup {:>5}%{reason}",
-        if d["dry_run"] == true { "would " } else { "" },
-        d["action"].as_str().unwrap_or("?"),
-        d["to"]["primary"],
-        d["to"]["backup"],
+        if d.dry_run { "would " } else { "" },
+        d.action,
+        d.to["primary"],
+        d.to["backup"],
     )
 }
 

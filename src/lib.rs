@@ -17,6 +17,7 @@
 pub mod backend;
 pub mod config;
 pub mod core;
+pub mod decision_record;
 pub mod demo;
 pub mod diagnose;
 pub mod load;

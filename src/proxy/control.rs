@@ -6,7 +6,7 @@
 use super::audit::AuditLog;
 use super::state::ListenerState;
 use crate::core::policy::{Action, Decision, Engine, Phase, Policy, PolicyState};
-use serde_json::{Map, Value, json};
+use crate::decision_record::DecisionRecord;
 use std::sync::Arc;
 use std::time::SystemTime;
 use tokio::time::MissedTickBehavior;
@@ -36,7 +36,7 @@ pub async fn run(
     let mut pstate = PolicyState::new(&engine.policy, state.stats.len());
     state
         .route_metrics
-        .register_decisions(&possible_decisions(&engine.policy), engine.policy.dry_run);
+        .register_decisions(&engine.policy.rules(), engine.policy.dry_run);
     let mut steering = state.steering_generation();
     let mut tick = tokio::time::interval(engine.policy.interval);
     tick.set_missed_tick_behavior(MissedTickBehavior::Delay);
@@ -87,114 +87,26 @@ pub async fn run(
 
 fn report(state: &ListenerState, policy: &Policy, d: &Decision, audit: &AuditLog) {
     let names: Vec<&str> = state.stats.iter().map(|g| g.name.as_str()).collect();
-    let shares = |w: &[u16]| -> Value {
-        let m: Map<String, Value> = names
-            .iter()
-            .zip(w)
-            .map(|(n, &bp)| ((*n).to_owned(), json!(f64::from(bp) / 100.0)))
-            .collect();
-        Value::Object(m)
-    };
-    let reasons: Vec<Value> = d
-        .reasons
-        .iter()
-        .map(|r| {
-            json!({
-                "rule": r.rule,
-                "group": names.get(r.group).copied().unwrap_or("?"),
-                "value": if r.value.is_finite() { json!(r.value) } else { json!("failing") },
-                "threshold": r.threshold,
-                "fired": r.fired,
-            })
-        })
-        .collect();
-    let record = json!({
-        "time": humantime::format_rfc3339_millis(SystemTime::now()).to_string(),
-        "uptime_s": d.at.as_secs_f64(),
-        "listener": state.name,
-        "policy": policy.name,
-        "action": d.action.name(),
-        "rule": d.rule,
-        "dry_run": d.dry_run,
-        "phase": d.phase.name(),
-        "from": shares(d.previous.as_slice()),
-        "to": shares(d.weights.as_slice()),
-        "bad": d.bad,
-        "needed": d.bad_needed,
-        "reasons": reasons,
-    });
+    let time = humantime::format_rfc3339_millis(SystemTime::now()).to_string();
+    let record = DecisionRecord::of(d, &state.name, &policy.name, &names, time);
     state
         .route_metrics
-        .decision(d.action.name(), &d.rule, d.dry_run);
+        .decision(record.action, &record.rule, d.dry_run);
     let verb = if d.dry_run {
         "policy would move traffic (dry-run)"
     } else {
         "policy moved traffic"
     };
+    let reasons = serde_json::to_string(&record.reasons).unwrap_or_default();
     info!(
         listener = %state.name,
-        action = d.action.name(),
-        rule = %d.rule,
-        from = %record["from"],
-        to = %record["to"],
-        reasons = %record["reasons"],
+        action = record.action,
+        rule = %record.rule,
+        from = %record.from,
+        to = %record.to,
+        reasons = %reasons,
         "{verb}"
     );
-    audit.append(&record);
+    audit.append(&serde_json::to_value(&record).expect("a decision record serializes"));
     state.decisions.push(record);
-}
-
-/// Every (action, rule) pair `policy` can report: a short, fixed list per
-/// policy, registered up front so dashboards see the first decision.
-fn possible_decisions(policy: &Policy) -> Vec<(&'static str, String)> {
-    let t = &policy.trip;
-    let mut trip_rules: Vec<String> = t
-        .above
-        .iter()
-        .map(|(q, _)| format!("{}_above", q.name()))
-        .collect();
-    let optional = [
-        (t.error_rate_above.is_some(), "error_rate_above"),
-        (t.worse_than_backup.is_some(), "worse_than_backup"),
-        (
-            t.active_connections_above.is_some(),
-            "active_connections_above",
-        ),
-        (
-            t.new_connections_per_second_above.is_some(),
-            "new_connections_per_second_above",
-        ),
-    ];
-    trip_rules.extend(
-        optional
-            .iter()
-            .filter(|(on, _)| *on)
-            .map(|(_, r)| (*r).to_owned()),
-    );
-    match &policy.mode {
-        crate::core::policy::Mode::Failover { .. } => {
-            let mut out: Vec<(&'static str, String)> =
-                trip_rules.iter().map(|r| ("shift", r.clone())).collect();
-            out.extend(trip_rules.iter().map(|r| ("shift", format!("cascade.{r}"))));
-            out.push(("recover", "recover".into()));
-            out
-        }
-        crate::core::policy::Mode::Canary(c) => {
-            let mut out = vec![
-                ("canary_advance", "canary.step".to_string()),
-                ("canary_promote", "canary.promote".to_string()),
-            ];
-            out.push((
-                "canary_rollback",
-                format!("canary.{}_ratio_above", c.quantile.name()),
-            ));
-            out.push(("canary_rollback", "canary.error_rate_increase_above".into()));
-            out.extend(
-                trip_rules
-                    .iter()
-                    .map(|r| ("canary_rollback", format!("canary.{r}"))),
-            );
-            out
-        }
-    }
 }

@@ -2,7 +2,7 @@
 //! memory for `/status` and the demo's live view. Written by the control
 //! loop, read by anyone holding the listener's state.
 
-use serde_json::Value;
+use crate::decision_record::DecisionRecord;
 use std::collections::VecDeque;
 use std::sync::Mutex;
 
@@ -18,13 +18,13 @@ pub struct RecentDecisions {
 
 #[derive(Debug, Default)]
 struct Recent {
-    entries: VecDeque<(u64, Value)>,
+    entries: VecDeque<(u64, DecisionRecord)>,
     next: u64,
     phase: Option<&'static str>,
 }
 
 impl RecentDecisions {
-    pub(super) fn push(&self, record: Value) {
+    pub(super) fn push(&self, record: DecisionRecord) {
         let mut r = self.inner.lock().unwrap_or_else(|p| p.into_inner());
         r.next += 1;
         let n = r.next;
@@ -39,7 +39,7 @@ impl RecentDecisions {
     }
 
     /// Decisions numbered above `seen`, oldest first.
-    pub fn since(&self, seen: u64) -> Vec<(u64, Value)> {
+    pub fn since(&self, seen: u64) -> Vec<(u64, DecisionRecord)> {
         let r = self.inner.lock().unwrap_or_else(|p| p.into_inner());
         r.entries
             .iter()

@@ -585,12 +585,9 @@ impl<'a> Sim<'a> {
 fn decision_row(t: f64, d: &Decision) -> DecisionRow {
     DecisionRow {
         t,
-        action: if d.dry_run {
-            format!("would_{}", d.action.name())
-        } else {
-            d.action.name().to_owned()
-        },
-        rule: d.rule.clone(),
+        action: d.action,
+        dry_run: d.dry_run,
+        rule: d.rule,
         weights_pct: d
             .weights
             .as_slice()

@@ -212,7 +212,10 @@ fn text_report(
             let _ = writeln!(
                 out,
                 "  {:>7.1}s {:<16} {:<24} -> {:?}",
-                d.t, d.action, d.rule, d.weights_pct
+                d.t,
+                d.action_label(),
+                d.rule.label(),
+                d.weights_pct
             );
         }
         if r.decisions.len() > 6 {

@@ -3,7 +3,7 @@
 //! per phase, computed from what the event loop observed.
 
 use super::scenario::Scenario;
-use crate::core::policy::Reason;
+use crate::core::policy::{Action, Reason, Rule};
 use hdrhistogram::Histogram;
 
 /// One row of the per-tick timeline.
@@ -27,10 +27,27 @@ pub struct TickRow {
 #[derive(Debug, Clone, PartialEq)]
 pub struct DecisionRow {
     pub t: f64,
-    pub action: String,
-    pub rule: String,
+    pub action: Action,
+    pub dry_run: bool,
+    pub rule: Rule,
     pub weights_pct: Vec<f64>,
     pub reasons: Vec<Reason>,
+}
+
+impl DecisionRow {
+    /// The action as reports and metrics name it (`would_` in dry-run).
+    pub fn action_label(&self) -> String {
+        if self.dry_run {
+            format!("would_{}", self.action.name())
+        } else {
+            self.action.name().to_owned()
+        }
+    }
+
+    /// A real (not dry-run) decision that moved traffic off a group.
+    fn is_shift(&self) -> bool {
+        !self.dry_run && matches!(self.action, Action::Shift { .. })
+    }
 }
 
 /// Client-seen outcome of one phase (before, during each fault, after).
@@ -88,12 +105,12 @@ pub(super) fn headline(o: &Observed<'_>) -> Headline {
     let first_shift = o
         .decisions
         .iter()
-        .find(|d| d.action == "shift" && first_fault.is_none_or(|f| d.t >= f));
+        .find(|d| d.is_shift() && first_fault.is_none_or(|f| d.t >= f));
     let first_shift_at = first_shift.map(|d| d.t);
     let start = first_fault.unwrap_or(0.0);
     Headline {
         first_shift_at_s: first_shift_at,
-        first_rule: first_shift.map(|d| d.rule.clone()),
+        first_rule: first_shift.map(|d| d.rule.label()),
         time_to_detect_s: first_shift_at.map(|s| s - start),
         time_to_mitigate_s: first_shift_at.and_then(|s| time_to_mitigate(o, s, start)),
         time_to_fail_back_s: time_to_fail_back(o),
@@ -102,11 +119,7 @@ pub(super) fn headline(o: &Observed<'_>) -> Headline {
             .iter()
             .map(|r| (100.0 - primary_pct(r)) / 100.0)
             .fold(0.0, f64::max),
-        weight_changes: o
-            .decisions
-            .iter()
-            .filter(|d| !d.action.starts_with("would"))
-            .count() as u64,
+        weight_changes: o.decisions.iter().filter(|d| !d.dry_run).count() as u64,
         flaps: flaps(o.decisions),
         served_by_degraded: o.served_by_degraded,
         slo_violations: o.slo_violations,
@@ -170,10 +183,10 @@ fn time_to_fail_back(o: &Observed<'_>) -> Option<f64> {
 fn flaps(decisions: &[DecisionRow]) -> u64 {
     let mut flaps = 0;
     let mut returned = false;
-    for d in decisions {
-        match d.action.as_str() {
-            "recover" | "canary_rollback" => returned = true,
-            "shift" | "canary_advance" if returned => {
+    for d in decisions.iter().filter(|d| !d.dry_run) {
+        match d.action {
+            Action::Recover { .. } | Action::CanaryRollback => returned = true,
+            Action::Shift { .. } | Action::CanaryAdvance { .. } if returned => {
                 flaps += 1;
                 returned = false;
             }

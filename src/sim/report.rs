@@ -6,6 +6,7 @@
 use super::engine::{DecisionRow, Headline, SimRun, TickRow};
 use super::scenario::Scenario;
 use crate::core::policy::Reason;
+use crate::decision_record::ReasonRecord;
 use serde_json::{Value, json};
 use std::fmt::Write;
 
@@ -116,14 +117,10 @@ fn num(x: f64) -> String {
     }
 }
 
+/// A reason in the same shape as the audit log's and `/status`'s.
 fn reason_json(r: &Reason, sc: &Scenario) -> Value {
-    json!({
-        "rule": r.rule,
-        "group": sc.groups.get(r.group).map_or("?", |g| g.name.as_str()),
-        "value": if r.value.is_finite() { json!(r.value) } else { json!("failing") },
-        "threshold": r.threshold,
-        "fired": r.fired,
-    })
+    let names: Vec<&str> = sc.groups.iter().map(|g| g.name.as_str()).collect();
+    serde_json::to_value(ReasonRecord::of(r, &names)).expect("a reason serializes")
 }
 
 fn weights_json(sc: &Scenario, w: &[f64]) -> Value {
@@ -158,8 +155,8 @@ pub fn timeline_json(sc: &Scenario, rows: &[TickRow], decisions: &[DecisionRow])
         .map(|d| {
             json!({
                 "t_s": d.t,
-                "action": d.action,
-                "rule": d.rule,
+                "action": d.action_label(),
+                "rule": d.rule.label(),
                 "weights_pct": weights_json(sc, &d.weights_pct),
                 "reasons": d.reasons.iter().map(|c| reason_json(c, sc)).collect::<Vec<_>>(),
             })

@@ -276,14 +276,14 @@ impl RouteMetrics {
 
     /// Registers, at zero, every decision series a policy can produce, so
     /// the first real decision shows up in increase() and in annotations.
-    pub fn register_decisions(&self, pairs: &[(&str, String)], dry_run: bool) {
-        for (action, rule) in pairs {
+    pub fn register_decisions(&self, rules: &[(&str, crate::core::policy::Rule)], dry_run: bool) {
+        for (action, rule) in rules {
             let action = if dry_run {
                 format!("would_{action}")
             } else {
                 (*action).to_owned()
             };
-            metrics::counter!(DECISIONS, "listener" => self.listener.clone(), "action" => action, "rule" => rule.clone())
+            metrics::counter!(DECISIONS, "listener" => self.listener.clone(), "action" => action, "rule" => rule.label())
                 .increment(0);
         }
     }

@@ -16,17 +16,33 @@ const ALLOWED: &[(&str, &[&str])] = &[
     ("telemetry", &["core"]),
     ("trace", &[]),
     ("signals", &[]),
+    ("decision_record", &["core"]),
     (
         "proxy",
-        &["core", "config", "telemetry", "trace", "signals"],
+        &[
+            "core",
+            "config",
+            "telemetry",
+            "trace",
+            "signals",
+            "decision_record",
+        ],
     ),
-    ("sim", &["core", "config", "trace"]),
+    ("sim", &["core", "config", "trace", "decision_record"]),
     ("backend", &[]),
     ("load", &["backend"]),
     ("diagnose", &["config", "core", "telemetry"]),
     (
         "demo",
-        &["backend", "config", "core", "load", "proxy", "telemetry"],
+        &[
+            "backend",
+            "config",
+            "core",
+            "load",
+            "proxy",
+            "telemetry",
+            "decision_record",
+        ],
     ),
 ];
 

@@ -137,7 +137,7 @@ async fn simulator_and_live_proxy_agree_on_the_first_shift() {
             .decisions
             .since(0)
             .into_iter()
-            .find(|(_, d)| d["action"] == "shift")
+            .find(|(_, d)| d.action == "shift")
         {
             break d;
         }
@@ -149,8 +149,8 @@ async fn simulator_and_live_proxy_agree_on_the_first_shift() {
     };
     stop.cancel();
     let _ = load.await;
-    let live_detect = shift["uptime_s"].as_f64().unwrap() - fault_at;
-    let live_rule = shift["rule"].as_str().unwrap();
+    let live_detect = shift.uptime_s - fault_at;
+    let live_rule = shift.rule.as_str();
     eprintln!(
         "first shift: simulated {sim_detect:.2}s after the fault ({sim_rule}), live {live_detect:.2}s ({live_rule}); load started at {:.2}s",
         start.as_secs_f64()

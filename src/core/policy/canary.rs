@@ -4,7 +4,10 @@
 //! the ramp stops. The last step held means promoted.
 
 use super::verdict::{self, Verdict};
-use super::{Action, Canary, Decision, GroupInput, Phase, Policy, PolicyState, Reason, decision};
+use super::{
+    Action, Canary, Condition, Decision, GroupInput, Phase, Policy, PolicyState, Reason, Rule,
+    decision,
+};
 use crate::core::routes::{TOTAL_BP, Weights};
 use std::time::Duration;
 
@@ -23,7 +26,7 @@ pub fn evaluate(
     );
     let mut reasons = Vec::new();
     if matches!(state.phase, Phase::CanaryRolledBack | Phase::CanaryPromoted) {
-        return decision(Action::Hold, "hold", reasons, 0, 0);
+        return decision(Action::Hold, Rule::Hold, reasons, 0, 0);
     }
     let Some(since) = state.stage_since else {
         // First evaluation: open the first step.
@@ -33,7 +36,7 @@ pub fn evaluate(
         state.phase = Phase::CanaryStage(0);
         return decision(
             Action::CanaryAdvance { stage: 0 },
-            "canary.step",
+            Rule::CanaryStep,
             reasons,
             0,
             0,
@@ -46,12 +49,7 @@ pub fn evaluate(
     if state.bad[CANARY].tripped() {
         set_canary(state, 0, inputs.len());
         state.phase = Phase::CanaryRolledBack;
-        let rule = reasons
-            .iter()
-            .find(|r| r.fired)
-            .map_or("canary.rollback".to_string(), |r| {
-                format!("canary.{}", r.rule)
-            });
+        let rule = Rule::CanaryRollback(reasons.iter().find(|r| r.fired).map(|r| r.rule));
         return decision(Action::CanaryRollback, rule, reasons, bad, needed);
     }
     // Advance only on evidence: a held step with enough canary samples.
@@ -61,7 +59,7 @@ pub fn evaluate(
             state.phase = Phase::CanaryPromoted;
             return decision(
                 Action::CanaryPromote,
-                "canary.promote",
+                Rule::CanaryPromote,
                 reasons,
                 bad,
                 needed,
@@ -73,14 +71,14 @@ pub fn evaluate(
         state.phase = Phase::CanaryStage(state.stage);
         return decision(
             Action::CanaryAdvance { stage: state.stage },
-            "canary.step",
+            Rule::CanaryStep,
             reasons,
             bad,
             needed,
         );
     }
     state.phase = Phase::CanaryStage(state.stage);
-    decision(Action::Hold, "hold", reasons, bad, needed)
+    decision(Action::Hold, Rule::Hold, reasons, bad, needed)
 }
 
 /// The canary against the baseline, plus the policy's absolute trip
@@ -97,7 +95,7 @@ fn judge(p: &Policy, c: &Canary, inputs: &[GroupInput], reasons: &mut Vec<Reason
             let ratio = cq / bq.max(1e-6);
             let fired = ratio > c.max_ratio;
             reasons.push(Reason {
-                rule: format!("{}_ratio_above", c.quantile.name()),
+                rule: Condition::RatioAbove(c.quantile),
                 group: CANARY,
                 value: ratio,
                 threshold: c.max_ratio,
@@ -114,7 +112,7 @@ fn judge(p: &Policy, c: &Canary, inputs: &[GroupInput], reasons: &mut Vec<Reason
         let increase = canary.error_rate().unwrap_or(0.0) - base.error_rate().unwrap_or(0.0);
         let fired = increase > c.max_error_rate_increase;
         reasons.push(Reason {
-            rule: "error_rate_increase_above".into(),
+            rule: Condition::ErrorRateIncreaseAbove,
             group: CANARY,
             value: increase,
             threshold: c.max_error_rate_increase,

@@ -4,8 +4,8 @@
 
 use super::verdict::{self, Verdict};
 use super::{
-    Action, Decision, GroupInput, Phase, Policy, PolicyState, Reason, Recover, Shift, decision,
-    move_weight,
+    Action, Condition, Decision, GroupInput, Phase, Policy, PolicyState, Reason, Recover, Rule,
+    Shift, decision, move_weight,
 };
 use crate::core::routes::TOTAL_BP;
 use std::time::Duration;
@@ -37,11 +37,11 @@ pub fn evaluate(
     let tripped = state.bad[0].tripped();
     let last_change = state.last_change;
     let cooled = |cooldown: Duration| last_change.is_none_or(|t| now.saturating_sub(t) >= cooldown);
-    let fired_rule = |reasons: &[Reason], group: usize| {
+    let fired = |reasons: &[Reason], group: usize| {
         reasons
             .iter()
             .find(|r| r.fired && r.group == group)
-            .map_or_else(|| "tripped".to_string(), |r| r.rule.clone())
+            .map(|r| r.rule)
     };
 
     // 1. Shift off a tripped primary.
@@ -55,7 +55,10 @@ pub fn evaluate(
                 shift.step_bp.min(shift.max_bp - moved),
             );
             state.phase = Phase::Tripped;
-            let rule = fired_rule(&reasons, 0);
+            let rule = Rule::Shift {
+                cascade: false,
+                condition: fired(&reasons, 0),
+            };
             return decision(
                 Action::Shift { from: 0, to, bp },
                 rule,
@@ -65,7 +68,7 @@ pub fn evaluate(
             );
         }
         reasons.push(Reason {
-            rule: "no_eligible_backup".into(),
+            rule: Condition::NoEligibleBackup,
             group: 0,
             value: 0.0,
             threshold: 0.0,
@@ -88,7 +91,10 @@ pub fn evaluate(
                 } else {
                     Phase::Shifted
                 };
-                let rule = format!("cascade.{}", fired_rule(&backup_reasons, from));
+                let rule = Rule::Shift {
+                    cascade: true,
+                    condition: fired(&backup_reasons, from),
+                };
                 reasons.extend(backup_reasons);
                 return decision(Action::Shift { from, to, bp }, rule, reasons, bad, needed);
             }
@@ -113,7 +119,7 @@ pub fn evaluate(
         };
         return decision(
             Action::Recover { from, to: 0, bp },
-            "recover",
+            Rule::Recover,
             reasons,
             bad,
             needed,
@@ -126,7 +132,7 @@ pub fn evaluate(
         (false, true, true) => Phase::Recovering,
         (false, true, false) => Phase::Shifted,
     };
-    decision(Action::Hold, "hold", reasons, bad, needed)
+    decision(Action::Hold, Rule::Hold, reasons, bad, needed)
 }
 
 /// Starts, keeps or resets the recovery clock of the primary. Meeting the

@@ -15,9 +15,11 @@
 mod canary;
 mod failover;
 mod input;
+mod rule;
 mod verdict;
 
 pub use input::GroupInput;
+pub use rule::{Condition, Rule, Unit};
 pub use verdict::BadCounter;
 
 use crate::core::routes::{TOTAL_BP, Weights};
@@ -25,7 +27,7 @@ use crate::core::stats::Signal;
 use std::time::Duration;
 
 /// A quantile a condition reads.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub enum Quantile {
     P50,
     P90,
@@ -221,8 +223,9 @@ impl Action {
 /// Why: one measured value against its threshold.
 #[derive(Debug, Clone, PartialEq)]
 pub struct Reason {
-    /// The config key, e.g. `p99_above`, `error_rate_above`, `recover.p99_below`.
-    pub rule: String,
+    /// The condition checked (its label is the config key, e.g.
+    /// `p99_above`, `error_rate_above`, `recover.p99_below`).
+    pub rule: Condition,
     /// Index of the group measured.
     pub group: usize,
     /// Measured value (seconds for latency, ratio for rates; +inf when the
@@ -242,8 +245,8 @@ pub struct Decision {
     pub previous: Weights,
     pub weights: Weights,
     pub phase: Phase,
-    /// The rule that drove the action (`hold` when nothing moved).
-    pub rule: String,
+    /// The rule that drove the action (`Rule::Hold` when nothing moved).
+    pub rule: Rule,
     pub reasons: Vec<Reason>,
     /// Bad evaluations counted toward the trip of the primary, and the
     /// count that trips it.
@@ -350,7 +353,7 @@ pub(crate) fn move_weight(weights: &mut Weights, from: usize, to: usize, bp: u32
 /// A decision shell the modes fill in; `Engine::evaluate` completes it.
 pub(crate) fn decision(
     action: Action,
-    rule: impl Into<String>,
+    rule: Rule,
     reasons: Vec<Reason>,
     bad: u32,
     bad_needed: u32,
@@ -361,7 +364,7 @@ pub(crate) fn decision(
         previous: Weights::all_on_first(1),
         weights: Weights::all_on_first(1),
         phase: Phase::Healthy,
-        rule: rule.into(),
+        rule,
         reasons,
         bad,
         bad_needed,

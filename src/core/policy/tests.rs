@@ -186,7 +186,7 @@ fn cascades_to_second_backup_when_first_trips() {
     let last = ds.last().unwrap().weights.as_slice().to_vec();
     assert_eq!(last[1], 0, "the first backup passed its share on: {last:?}");
     assert!(last[2] > 0, "{last:?}");
-    assert!(ds.iter().any(|d| d.rule.starts_with("cascade.")
+    assert!(ds.iter().any(|d| d.rule.label().starts_with("cascade.")
         && d.action
             == Action::Shift {
                 from: 1,

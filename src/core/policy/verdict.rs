@@ -1,6 +1,6 @@
 //! Judging one group at one evaluation, and adding judgements up over time.
 
-use super::{Counting, GroupInput, NoData, Policy, Quantile, Reason, Recover};
+use super::{Condition, Counting, GroupInput, NoData, Policy, Quantile, Reason, Recover};
 
 /// One evaluation of one group.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -94,7 +94,7 @@ pub fn trip(
     let t = &p.trip;
     let enough = input.latency.total() >= p.min_samples;
     let mut verdict = Verdict::Good;
-    let mut check = |rule: String, value: Option<f64>, threshold: f64, verdict: &mut Verdict| {
+    let mut check = |rule: Condition, value: Option<f64>, threshold: f64, verdict: &mut Verdict| {
         let v = match value {
             None => Verdict::NoData,
             Some(x) if x > threshold => Verdict::Bad,
@@ -117,14 +117,14 @@ pub fn trip(
         let value = (input.attempts >= p.min_samples)
             .then(|| input.error_rate())
             .flatten();
-        check("error_rate_above".into(), value, limit, &mut verdict);
+        check(Condition::ErrorRateAbove, value, limit, &mut verdict);
     }
     for &(q, limit) in &t.above {
         let value = enough
             .then(|| input.latency.quantile_secs(q.fraction()))
             .flatten();
         check(
-            format!("{}_above", q.name()),
+            Condition::QuantileAbove(q),
             value,
             limit.as_secs_f64(),
             &mut verdict,
@@ -138,11 +138,11 @@ pub fn trip(
                 Some(input.latency.quantile_secs(q)? / other.latency.quantile_secs(q)?.max(1e-6))
             })
             .flatten();
-        check("worse_than_backup".into(), value, k, &mut verdict);
+        check(Condition::WorseThanBackup, value, k, &mut verdict);
     }
     if let Some(limit) = t.active_connections_above {
         check(
-            "active_connections_above".into(),
+            Condition::ActiveConnectionsAbove,
             Some(input.active_connections as f64),
             limit as f64,
             &mut verdict,
@@ -150,7 +150,7 @@ pub fn trip(
     }
     if let Some(limit) = t.new_connections_per_second_above {
         check(
-            "new_connections_per_second_above".into(),
+            Condition::NewConnectionsPerSecondAbove,
             Some(input.new_connections_per_second),
             limit,
             &mut verdict,
@@ -176,7 +176,7 @@ pub fn recovered(
         return Verdict::NoData;
     };
     let mut verdict = Verdict::Good;
-    let mut check = |rule: String, value: Option<f64>, threshold: f64| {
+    let mut check = |rule: Condition, value: Option<f64>, threshold: f64| {
         let v = match value {
             None => Verdict::NoData,
             Some(x) if x < threshold => Verdict::Good,
@@ -195,13 +195,13 @@ pub fn recovered(
     };
     for &(q, limit) in &r.below {
         check(
-            format!("recover.{}_below", q.name()),
+            Condition::QuantileBelow(q),
             dist.quantile_secs(q.fraction()),
             limit.as_secs_f64(),
         );
     }
     if let Some(limit) = r.error_rate_below {
-        check("recover.error_rate_below".into(), errors, limit);
+        check(Condition::ErrorRateBelow, errors, limit);
     }
     verdict
 }

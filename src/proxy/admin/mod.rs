@@ -447,7 +447,7 @@ fn listener_status(s: &ListenerState, addrs: &[SocketAddr]) -> Value {
         .rev()
         .take(STATUS_DECISIONS)
         .rev()
-        .map(|(_, d)| d.clone())
+        .map(|(_, d)| serde_json::to_value(d).expect("a decision record serializes"))
         .collect();
     let c = s.outcomes.snapshot();
     json!({
