@@ -58,88 +58,103 @@ enum Command {
     },
     /// The whole product on an embedded default: backends, the proxy with
     /// the failover policy, load, a latency spike and its healing, live.
-    Demo {
-        /// How long the demo runs; the policy's timings are compressed to fit.
-        #[arg(long, value_parser = humantime::parse_duration, default_value = "60s")]
-        duration: Duration,
-        /// Policy to try: a shipped name (failover, conservative, canary) or a file.
-        #[arg(long)]
-        policy: Option<String>,
-        /// Compress the policy's timings this many times (default: 300s / duration).
-        #[arg(long)]
-        speedup: Option<f64>,
-        /// New connections per second.
-        #[arg(long, default_value_t = 200.0)]
-        rate: f64,
-        /// Print plain lines instead of redrawing the screen (automatic when
-        /// stdout is not a terminal).
-        #[arg(long)]
-        no_tui: bool,
-    },
+    Demo(DemoArgs),
     /// Check why a port does not answer: bound by whom, ACL, backends
     /// reachable, backends answering. Exit 1 when a check fails.
-    Diagnose {
-        #[arg(short, long, default_value = "portshift.toml")]
-        config: PathBuf,
-        /// Only this listener.
-        #[arg(long)]
-        listener: Option<String>,
-        /// The client address to test the ACL with.
-        #[arg(long, default_value = "127.0.0.1")]
-        source: std::net::IpAddr,
-    },
+    Diagnose(DiagnoseArgs),
     /// Replay a scenario offline through the policy engine, deterministically.
-    Sim {
-        /// Scenario file (see sim/).
-        scenario: PathBuf,
-        /// Policy to judge: shipped name or file; repeat to compare several.
-        #[arg(long = "policy")]
-        policies: Vec<String>,
-        /// Seed (default: the scenario's).
-        #[arg(long)]
-        seed: Option<u64>,
-        /// Write timelines (CSV, JSON) and charts (SVG) here.
-        #[arg(long)]
-        out: Option<PathBuf>,
-        /// Print one JSON document instead of tables.
-        #[arg(long)]
-        json: bool,
-        /// Sweep a policy key: KEY=FROM..TO:STEP, e.g. trip.p99_above=100ms..400ms:50ms.
-        #[arg(long)]
-        sweep: Option<String>,
-    },
+    Sim(SimArgs),
     /// Open-loop HTTP load: new connections at a fixed rate.
-    Load {
-        /// Where to send requests.
-        #[arg(long)]
-        target: SocketAddr,
-        #[arg(long, default_value_t = 100.0)]
-        rate: f64,
-        #[arg(long, value_parser = humantime::parse_duration, default_value = "10s")]
-        duration: Duration,
-    },
+    Load(LoadArgs),
     /// A test backend: echo or HTTP, with a reply delay.
-    Backend {
-        #[arg(short, long, default_value = "127.0.0.1:9001")]
-        listen: SocketAddr,
-        #[arg(long, value_enum, default_value = "http")]
-        mode: portshift::backend::Mode,
-        /// Delay before each reply, e.g. 5ms.
-        #[arg(long, value_parser = humantime::parse_duration, default_value = "0s")]
-        delay: Duration,
-        /// Sent on connect, before anything is read.
-        #[arg(long)]
-        greeting: Option<String>,
-        /// Name in HTTP replies.
-        #[arg(long)]
-        name: Option<String>,
-    },
+    Backend(BackendArgs),
+}
+
+#[derive(clap::Args)]
+struct DemoArgs {
+    /// How long the demo runs; the policy's timings are compressed to fit.
+    #[arg(long, value_parser = humantime::parse_duration, default_value = "60s")]
+    duration: Duration,
+    /// Policy to try: a shipped name (failover, conservative, canary) or a file.
+    #[arg(long)]
+    policy: Option<String>,
+    /// Compress the policy's timings this many times (default: 300s / duration).
+    #[arg(long)]
+    speedup: Option<f64>,
+    /// New connections per second.
+    #[arg(long, default_value_t = 200.0)]
+    rate: f64,
+    /// Print plain lines instead of redrawing the screen (automatic when
+    /// stdout is not a terminal).
+    #[arg(long)]
+    no_tui: bool,
+}
+
+#[derive(clap::Args)]
+struct DiagnoseArgs {
+    #[arg(short, long, default_value = "portshift.toml")]
+    config: PathBuf,
+    /// Only this listener.
+    #[arg(long)]
+    listener: Option<String>,
+    /// The client address to test the ACL with.
+    #[arg(long, default_value = "127.0.0.1")]
+    source: std::net::IpAddr,
+}
+
+#[derive(clap::Args)]
+struct SimArgs {
+    /// Scenario file (see sim/).
+    scenario: PathBuf,
+    /// Policy to judge: shipped name or file; repeat to compare several.
+    #[arg(long = "policy")]
+    policies: Vec<String>,
+    /// Seed (default: the scenario's).
+    #[arg(long)]
+    seed: Option<u64>,
+    /// Write timelines (CSV, JSON) and charts (SVG) here.
+    #[arg(long)]
+    out: Option<PathBuf>,
+    /// Print one JSON document instead of tables.
+    #[arg(long)]
+    json: bool,
+    /// Sweep a policy key: KEY=FROM..TO:STEP, e.g. trip.p99_above=100ms..400ms:50ms.
+    #[arg(long)]
+    sweep: Option<String>,
+}
+
+#[derive(clap::Args)]
+struct LoadArgs {
+    /// Where to send requests.
+    #[arg(long)]
+    target: SocketAddr,
+    #[arg(long, default_value_t = 100.0)]
+    rate: f64,
+    #[arg(long, value_parser = humantime::parse_duration, default_value = "10s")]
+    duration: Duration,
+}
+
+#[derive(clap::Args)]
+struct BackendArgs {
+    #[arg(short, long, default_value = "127.0.0.1:9001")]
+    listen: SocketAddr,
+    #[arg(long, value_enum, default_value = "http")]
+    mode: portshift::backend::Mode,
+    /// Delay before each reply, e.g. 5ms.
+    #[arg(long, value_parser = humantime::parse_duration, default_value = "0s")]
+    delay: Duration,
+    /// Sent on connect, before anything is read.
+    #[arg(long)]
+    greeting: Option<String>,
+    /// Name in HTTP replies.
+    #[arg(long)]
+    name: Option<String>,
 }
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
     // The demo prints its own report; proxy logs would only interleave with it.
-    let level = if matches!(cli.command, Command::Demo { .. }) {
+    let level = if matches!(cli.command, Command::Demo(_)) {
         "warn"
     } else {
         "info"
@@ -148,67 +163,22 @@ fn main() -> ExitCode {
     match cli.command {
         Command::Check { config } => check(&config),
         Command::Run { config, record } => on_runtime(|| run(config, record)),
-        Command::Diagnose {
-            config,
-            listener,
-            source,
-        } => diagnose(&config, listener.as_deref(), source),
-        Command::Sim {
-            scenario,
-            policies,
-            seed,
-            out,
-            json,
-            sweep,
-        } => sim(
-            portshift::sim::SimOptions {
-                scenario,
-                policies,
-                seed,
-                out,
-                sweep,
-                progress: !json && std::io::stderr().is_terminal(),
-            },
-            json,
-        ),
-        Command::Demo {
-            duration,
-            policy,
-            speedup,
-            rate,
-            no_tui,
-        } => {
+        Command::Diagnose(a) => diagnose(&a.config, a.listener.as_deref(), a.source),
+        Command::Sim(a) => sim(a),
+        Command::Demo(a) => {
             let opts = portshift::demo::DemoOptions {
-                duration,
-                policy,
-                speedup,
-                rate,
-                tui: !no_tui && std::io::stdout().is_terminal(),
+                duration: a.duration,
+                policy: a.policy,
+                speedup: a.speedup,
+                rate: a.rate,
+                tui: !a.no_tui && std::io::stdout().is_terminal(),
             };
             on_runtime(|| async { Ok(portshift::demo::run(opts).await.map(|_| ())?) })
         }
-        Command::Load {
-            target,
-            rate,
-            duration,
-        } => on_runtime(|| async move {
-            Ok(portshift::load::report_each_second(target, rate, duration).await?)
+        Command::Load(a) => on_runtime(|| async move {
+            Ok(portshift::load::report_each_second(a.target, a.rate, a.duration).await?)
         }),
-        Command::Backend {
-            listen,
-            mode,
-            delay,
-            greeting,
-            name,
-        } => {
-            let opts = portshift::backend::BackendOpts {
-                name: name.unwrap_or_else(|| listen.to_string()),
-                mode,
-                delay,
-                greeting,
-            };
-            on_runtime(|| backend(listen, opts))
-        }
+        Command::Backend(a) => on_runtime(|| backend(a)),
     }
 }
 
@@ -268,7 +238,16 @@ fn diagnose(path: &std::path::Path, listener: Option<&str>, source: std::net::Ip
     }
 }
 
-fn sim(opts: portshift::sim::SimOptions, json: bool) -> ExitCode {
+fn sim(a: SimArgs) -> ExitCode {
+    let json = a.json;
+    let opts = portshift::sim::SimOptions {
+        scenario: a.scenario,
+        policies: a.policies,
+        seed: a.seed,
+        out: a.out,
+        sweep: a.sweep,
+        progress: !json && std::io::stderr().is_terminal(),
+    };
     match portshift::sim::run(&opts) {
         Ok(r) if json => {
             let doc = serde_json::to_string_pretty(&r.doc).expect("values serialize");
@@ -290,7 +269,14 @@ fn sim(opts: portshift::sim::SimOptions, json: bool) -> ExitCode {
     }
 }
 
-async fn backend(listen: SocketAddr, opts: portshift::backend::BackendOpts) -> Result<(), Failure> {
+async fn backend(a: BackendArgs) -> Result<(), Failure> {
+    let listen = a.listen;
+    let opts = portshift::backend::BackendOpts {
+        name: a.name.unwrap_or_else(|| listen.to_string()),
+        mode: a.mode,
+        delay: a.delay,
+        greeting: a.greeting,
+    };
     let b = portshift::backend::spawn(listen, opts)
         .await
         .with_context(|| format!("cannot bind backend on {listen}"))?;
