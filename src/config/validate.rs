@@ -207,7 +207,35 @@ impl Validator<'_, '_> {
             );
             return None;
         };
-        let token = match (&a.token_file, &a.token_env) {
+        let token = self.admin_token(a);
+        let configured = a.token_file.is_some() || a.token_env.is_some();
+        if !addr.ip().is_loopback() && !configured {
+            self.rep.error(
+                listen.span(),
+                format!("admin: {addr} is not a loopback address and no token is configured; the admin plane would be open to the network"),
+                Some("bind 127.0.0.1 or [::1], or set `token_file` or `token_env` so every call needs a bearer token".into()),
+            );
+        }
+        if let Some(l) = listeners
+            .iter()
+            .find(|l| l.addrs.iter().any(|a| addrs_collide(*a, addr)))
+        {
+            self.rep.error(
+                listen.span(),
+                format!("admin: {addr} is also claimed by listener `{}`", l.name),
+                Some("give the admin plane its own port".into()),
+            );
+        }
+        Some(Admin {
+            listen: addr,
+            token,
+            limits: self.admin_limits(a),
+        })
+    }
+
+    /// The admin token from `token_file` or `token_env` (never both).
+    fn admin_token(&mut self, a: &RawAdmin) -> Option<AdminToken> {
+        match (&a.token_file, &a.token_env) {
             (Some(f), Some(_)) => {
                 self.rep.error(
                     f.span(),
@@ -235,26 +263,11 @@ impl Validator<'_, '_> {
             }
             (None, Some(e)) => self.token(e.span(), TokenSource::Env(e.get_ref().clone())),
             (None, None) => None,
-        };
-        let configured = a.token_file.is_some() || a.token_env.is_some();
-        if !addr.ip().is_loopback() && !configured {
-            self.rep.error(
-                listen.span(),
-                format!("admin: {addr} is not a loopback address and no token is configured; the admin plane would be open to the network"),
-                Some("bind 127.0.0.1 or [::1], or set `token_file` or `token_env` so every call needs a bearer token".into()),
-            );
         }
-        if let Some(l) = listeners
-            .iter()
-            .find(|l| l.addrs.iter().any(|a| addrs_collide(*a, addr)))
-        {
-            self.rep.error(
-                listen.span(),
-                format!("admin: {addr} is also claimed by listener `{}`", l.name),
-                Some("give the admin plane its own port".into()),
-            );
-        }
-        let limits = AdminLimits {
+    }
+
+    fn admin_limits(&mut self, a: &RawAdmin) -> AdminLimits {
+        AdminLimits {
             max_connections: self
                 .count(
                     a.max_connections.as_ref(),
@@ -273,12 +286,7 @@ impl Validator<'_, '_> {
                 "admin.idle_timeout",
                 DEFAULT_ADMIN_IDLE_TIMEOUT,
             ),
-        };
-        Some(Admin {
-            listen: addr,
-            token,
-            limits,
-        })
+        }
     }
 
     /// Reads the admin token now, so a missing or empty one is a config

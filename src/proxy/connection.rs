@@ -153,12 +153,34 @@ async fn proxy_one(
     metrics.active.decrement(1.0);
     metrics.to_backend.increment(copied.up);
     metrics.to_client.increment(copied.down);
-    match copied.end {
+    count_end(state, attempt, copied.end);
+    if copied.replay.is_none() {
+        state.outcomes.ended(copied.end, copied.up, copied.down);
+    }
+    if let Some(trace) = state.trace.load().as_ref() {
+        let fb = first_byte_us.load(Relaxed);
+        let leg = Leg {
+            routes: &groups[attempt.group],
+            backend: attempt.backend,
+            arrived,
+            connect,
+            first_byte: (fb > 0).then(|| Duration::from_micros(fb)),
+        };
+        trace_one(trace, state, &leg, &copied);
+    }
+    copied
+}
+
+/// Counts how a proxied connection ended against the side that ended it:
+/// only the backend's own failure reaches its window (and so its error
+/// rate and the policy).
+fn count_end(state: &ListenerState, attempt: Attempt, end: End) {
+    let metrics = &state.metrics[attempt.group][attempt.backend];
+    match end {
         End::Closed { .. } => {}
         End::IdleTimeout => metrics.error(ErrorKind::IdleTimeout),
         End::Failed(Blame::Upstream) => {
-            // Only the backend's own reset counts against its exchanges,
-            // and so against its error rate and the policy.
+            let stats = &state.stats[attempt.group].backends[attempt.backend];
             stats.record_error(Signal::Exchange, state.clock.now());
             metrics.error(ErrorKind::Reset);
         }
@@ -166,30 +188,40 @@ async fn proxy_one(
         End::Failed(Blame::Client) => metrics.error(ErrorKind::ClientReset),
         End::Failed(Blame::Local) => state.listener_metrics.local_error.increment(1),
     }
-    if copied.replay.is_none() {
-        state.outcomes.ended(copied.end, copied.up, copied.down);
-    }
-    if let Some(trace) = state.trace.load().as_ref() {
-        let fb = first_byte_us.load(Relaxed);
-        let routes = &groups[attempt.group];
-        trace.write(&TraceRecord {
-            t: arrived,
-            listener: &state.name,
-            group: &routes.name,
-            backend: &routes.addr(attempt.backend).to_string(),
-            connect: Some(connect),
-            first_byte: (fb > 0).then(|| Duration::from_micros(fb)),
-            outcome: if copied.replay.is_some() {
-                "reset_retried"
-            } else {
-                copied.end.name()
-            },
-            bytes_to_backend: copied.up,
-            bytes_to_client: copied.down,
-            ended_by: copied.end.ended_by().name(),
-        });
-    }
-    copied
+}
+
+/// Where a connection went and when: what its trace line names.
+struct Leg<'a> {
+    routes: &'a GroupRoutes,
+    backend: usize,
+    arrived: Duration,
+    connect: Duration,
+    first_byte: Option<Duration>,
+}
+
+/// One trace line for a connection that reached a backend.
+fn trace_one(
+    trace: &crate::trace::TraceWriter,
+    state: &ListenerState,
+    leg: &Leg<'_>,
+    copied: &copy::Copied,
+) {
+    trace.write(&TraceRecord {
+        t: leg.arrived,
+        listener: &state.name,
+        group: &leg.routes.name,
+        backend: &leg.routes.addr(leg.backend).to_string(),
+        connect: Some(leg.connect),
+        first_byte: leg.first_byte,
+        outcome: if copied.replay.is_some() {
+            "reset_retried"
+        } else {
+            copied.end.name()
+        },
+        bytes_to_backend: copied.up,
+        bytes_to_client: copied.down,
+        ended_by: copied.end.ended_by().name(),
+    });
 }
 
 /// Tries the plan in order; a refused or timed-out backend is followed by the
