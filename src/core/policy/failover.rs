@@ -13,6 +13,37 @@ use std::time::Duration;
 /// Probe samples that make a backup's probe latency comparable.
 const PROBE_COMPARE_MIN: u64 = 3;
 
+/// What one evaluation knows once the verdicts are in, shared by its steps.
+struct Eval<'a> {
+    p: &'a Policy,
+    inputs: &'a [GroupInput],
+    now: Duration,
+    tripped: bool,
+    bad: u32,
+    needed: u32,
+}
+
+impl Eval<'_> {
+    /// No weight change for at least `cooldown`.
+    fn cooled(&self, state: &PolicyState, cooldown: Duration) -> bool {
+        state
+            .last_change
+            .is_none_or(|t| self.now.saturating_sub(t) >= cooldown)
+    }
+
+    fn decide(&self, action: Action, rule: Rule, reasons: Vec<Reason>) -> Decision {
+        decision(action, rule, reasons, self.bad, self.needed)
+    }
+}
+
+/// The condition that fired for `group`, if one did.
+fn fired(reasons: &[Reason], group: usize) -> Option<Condition> {
+    reasons
+        .iter()
+        .find(|r| r.fired && r.group == group)
+        .map(|r| r.rule)
+}
+
 pub fn evaluate(
     p: &Policy,
     shift: &Shift,
@@ -33,40 +64,49 @@ pub fn evaluate(
     // with no traffic can only show that it healed through its probes, and
     // doing so clears its trip.
     track_recovery(p, recover, primary, now, inputs, state, &mut reasons);
-    let (bad, needed) = (state.bad[0].count(), state.bad[0].needed());
-    let tripped = state.bad[0].tripped();
-    let last_change = state.last_change;
-    let cooled = |cooldown: Duration| last_change.is_none_or(|t| now.saturating_sub(t) >= cooldown);
-    let fired = |reasons: &[Reason], group: usize| {
-        reasons
-            .iter()
-            .find(|r| r.fired && r.group == group)
-            .map(|r| r.rule)
+    let e = Eval {
+        p,
+        inputs,
+        now,
+        tripped: state.bad[0].tripped(),
+        bad: state.bad[0].count(),
+        needed: state.bad[0].needed(),
     };
+    let reasons = match shift_off_primary(&e, shift, state, reasons) {
+        Ok(d) => return d,
+        Err(reasons) => reasons,
+    };
+    let reasons = match cascade(&e, shift, state, reasons) {
+        Ok(d) => return d,
+        Err(reasons) => reasons,
+    };
+    let reasons = match return_to_primary(&e, recover, state, reasons) {
+        Ok(d) => return d,
+        Err(reasons) => reasons,
+    };
+    let off_primary = state.weights.as_slice()[0] < TOTAL_BP as u16;
+    state.phase = match (e.tripped, off_primary, state.healthy_since.is_some()) {
+        (true, _, _) => Phase::Tripped,
+        (false, false, _) => Phase::Healthy,
+        (false, true, true) => Phase::Recovering,
+        (false, true, false) => Phase::Shifted,
+    };
+    e.decide(Action::Hold, Rule::Hold, reasons)
+}
 
-    // 1. Shift off a tripped primary.
+/// Step one: shift a step off a tripped primary, to the first eligible
+/// backup. `Err` hands the reasons on when nothing moved.
+fn shift_off_primary(
+    e: &Eval<'_>,
+    shift: &Shift,
+    state: &mut PolicyState,
+    mut reasons: Vec<Reason>,
+) -> Result<Decision, Vec<Reason>> {
     let moved = TOTAL_BP - u32::from(state.weights.as_slice()[0]);
-    if tripped && cooled(shift.cooldown) && moved < shift.max_bp {
-        if let Some(to) = target(p, inputs, state, 0) {
-            let bp = move_weight(
-                &mut state.weights,
-                0,
-                to,
-                shift.step_bp.min(shift.max_bp - moved),
-            );
-            state.phase = Phase::Tripped;
-            let rule = Rule::Shift {
-                cascade: false,
-                condition: fired(&reasons, 0),
-            };
-            return decision(
-                Action::Shift { from: 0, to, bp },
-                rule,
-                reasons,
-                bad,
-                needed,
-            );
-        }
+    if !(e.tripped && e.cooled(state, shift.cooldown) && moved < shift.max_bp) {
+        return Err(reasons);
+    }
+    let Some(to) = target(e.p, e.inputs, state, 0) else {
         reasons.push(Reason {
             rule: Condition::NoEligibleBackup,
             group: 0,
@@ -74,65 +114,79 @@ pub fn evaluate(
             threshold: 0.0,
             fired: true,
         });
-    }
+        return Err(reasons);
+    };
+    let step = shift.step_bp.min(shift.max_bp - moved);
+    let bp = move_weight(&mut state.weights, 0, to, step);
+    state.phase = Phase::Tripped;
+    let rule = Rule::Shift {
+        cascade: false,
+        condition: fired(&reasons, 0),
+    };
+    Ok(e.decide(Action::Shift { from: 0, to, bp }, rule, reasons))
+}
 
-    // 2. Cascade: a backup carrying traffic that trips itself passes it on.
-    if cooled(shift.cooldown) {
-        for from in 1..inputs.len() {
-            if state.weights.as_slice()[from] == 0 || !state.bad[from].tripped() {
-                continue;
-            }
-            let mut backup_reasons = Vec::new();
-            verdict::trip(p, inputs, from, None, &mut backup_reasons);
-            if let Some(to) = target(p, inputs, state, from) {
-                let bp = move_weight(&mut state.weights, from, to, shift.step_bp);
-                state.phase = if tripped {
-                    Phase::Tripped
-                } else {
-                    Phase::Shifted
-                };
-                let rule = Rule::Shift {
-                    cascade: true,
-                    condition: fired(&backup_reasons, from),
-                };
-                reasons.extend(backup_reasons);
-                return decision(Action::Shift { from, to, bp }, rule, reasons, bad, needed);
-            }
+/// Step two, the cascade: a backup carrying traffic that trips itself
+/// passes it on.
+fn cascade(
+    e: &Eval<'_>,
+    shift: &Shift,
+    state: &mut PolicyState,
+    mut reasons: Vec<Reason>,
+) -> Result<Decision, Vec<Reason>> {
+    if !e.cooled(state, shift.cooldown) {
+        return Err(reasons);
+    }
+    for from in 1..e.inputs.len() {
+        if state.weights.as_slice()[from] == 0 || !state.bad[from].tripped() {
+            continue;
+        }
+        let mut backup_reasons = Vec::new();
+        verdict::trip(e.p, e.inputs, from, None, &mut backup_reasons);
+        if let Some(to) = target(e.p, e.inputs, state, from) {
+            let bp = move_weight(&mut state.weights, from, to, shift.step_bp);
+            state.phase = if e.tripped {
+                Phase::Tripped
+            } else {
+                Phase::Shifted
+            };
+            let rule = Rule::Shift {
+                cascade: true,
+                condition: fired(&backup_reasons, from),
+            };
+            reasons.extend(backup_reasons);
+            return Ok(e.decide(Action::Shift { from, to, bp }, rule, reasons));
         }
     }
+    Err(reasons)
+}
 
-    // 3. Return to the primary once it has held the bar long enough.
+/// Step three: return a step to the primary once it has held the bar
+/// long enough.
+fn return_to_primary(
+    e: &Eval<'_>,
+    recover: &Recover,
+    state: &mut PolicyState,
+    reasons: Vec<Reason>,
+) -> Result<Decision, Vec<Reason>> {
     let off_primary = state.weights.as_slice()[0] < TOTAL_BP as u16;
     let held = state
         .healthy_since
-        .is_some_and(|since| now.saturating_sub(since) >= recover.hold);
-    if !tripped && off_primary && held && cooled(recover.cooldown) {
-        let from = (1..inputs.len())
-            .rev()
-            .find(|&g| state.weights.as_slice()[g] > 0)
-            .expect("off the primary means some backup holds weight");
-        let bp = move_weight(&mut state.weights, from, 0, recover.step_bp);
-        state.phase = if state.weights.as_slice()[0] == TOTAL_BP as u16 {
-            Phase::Healthy
-        } else {
-            Phase::Recovering
-        };
-        return decision(
-            Action::Recover { from, to: 0, bp },
-            Rule::Recover,
-            reasons,
-            bad,
-            needed,
-        );
+        .is_some_and(|since| e.now.saturating_sub(since) >= recover.hold);
+    if e.tripped || !off_primary || !held || !e.cooled(state, recover.cooldown) {
+        return Err(reasons);
     }
-
-    state.phase = match (tripped, off_primary, state.healthy_since.is_some()) {
-        (true, _, _) => Phase::Tripped,
-        (false, false, _) => Phase::Healthy,
-        (false, true, true) => Phase::Recovering,
-        (false, true, false) => Phase::Shifted,
+    let from = (1..e.inputs.len())
+        .rev()
+        .find(|&g| state.weights.as_slice()[g] > 0)
+        .expect("off the primary means some backup holds weight");
+    let bp = move_weight(&mut state.weights, from, 0, recover.step_bp);
+    state.phase = if state.weights.as_slice()[0] == TOTAL_BP as u16 {
+        Phase::Healthy
+    } else {
+        Phase::Recovering
     };
-    decision(Action::Hold, Rule::Hold, reasons, bad, needed)
+    Ok(e.decide(Action::Recover { from, to: 0, bp }, Rule::Recover, reasons))
 }
 
 /// Starts, keeps or resets the recovery clock of the primary. Meeting the
