@@ -302,20 +302,8 @@ async fn token_guards_every_call() {
 
 /// A GET /status with `headers` (each ending in CRLF); returns the status.
 async fn raw_status(admin: SocketAddr, headers: &str) -> u16 {
-    let mut s = TcpStream::connect(admin).await.unwrap();
     let req = format!("GET /status HTTP/1.1\r\nhost: admin\r\n{headers}connection: close\r\n\r\n");
-    s.write_all(req.as_bytes()).await.unwrap();
-    let mut out = Vec::new();
-    tokio::time::timeout(PATIENCE, s.read_to_end(&mut out))
-        .await
-        .unwrap()
-        .unwrap();
-    String::from_utf8_lossy(&out)
-        .split_whitespace()
-        .nth(1)
-        .unwrap()
-        .parse()
-        .unwrap()
+    http_exchange(admin, &req).await.unwrap().0
 }
 
 /// Rotating the token: a reload takes the new one at once and refuses the

@@ -213,22 +213,11 @@ pub async fn wait_until(what: &str, limit: Duration, cond: impl Fn() -> bool) ->
     start.elapsed()
 }
 
-/// One admin call over a fresh connection (`connection: close`), with an
-/// optional bearer token; returns the status and the body.
-pub async fn admin_request(
-    admin: SocketAddr,
-    method: &str,
-    path: &str,
-    body: &str,
-    token: Option<&str>,
-) -> std::io::Result<(u16, String)> {
-    let mut s = TcpStream::connect(admin).await?;
-    let auth = token.map_or(String::new(), |t| format!("authorization: Bearer {t}\r\n"));
-    let req = format!(
-        "{method} {path} HTTP/1.1\r\nhost: admin\r\n{auth}content-type: application/json\r\ncontent-length: {}\r\nconnection: close\r\n\r\n{body}",
-        body.len()
-    );
-    s.write_all(req.as_bytes()).await?;
+/// Sends `request` (a whole HTTP/1.x request) on a fresh connection and
+/// reads the reply to EOF; returns the status and the body.
+pub async fn http_exchange(addr: SocketAddr, request: &str) -> std::io::Result<(u16, String)> {
+    let mut s = TcpStream::connect(addr).await?;
+    s.write_all(request.as_bytes()).await?;
     let mut out = Vec::new();
     tokio::time::timeout(PATIENCE, s.read_to_end(&mut out))
         .await
@@ -244,6 +233,23 @@ pub async fn admin_request(
         .map_or("", |(_, b)| b)
         .to_owned();
     Ok((status, body))
+}
+
+/// One admin call (`connection: close`), with an optional bearer token;
+/// returns the status and the body.
+pub async fn admin_request(
+    admin: SocketAddr,
+    method: &str,
+    path: &str,
+    body: &str,
+    token: Option<&str>,
+) -> std::io::Result<(u16, String)> {
+    let auth = token.map_or(String::new(), |t| format!("authorization: Bearer {t}\r\n"));
+    let req = format!(
+        "{method} {path} HTTP/1.1\r\nhost: admin\r\n{auth}content-type: application/json\r\ncontent-length: {}\r\nconnection: close\r\n\r\n{body}",
+        body.len()
+    );
+    http_exchange(admin, &req).await
 }
 
 /// `GET path` on the admin address, which must answer 200; the body.

@@ -196,10 +196,7 @@ async fn connect_errors_are_counted_by_errno() {
     for _ in 0..6 {
         assert_eq!(read_all(addr).await.unwrap(), b"x");
     }
-    let mut s = TcpStream::connect(admin).await.unwrap();
-    s.write_all(b"GET /metrics HTTP/1.0\r\n\r\n").await.unwrap();
-    let mut body = String::new();
-    s.read_to_string(&mut body).await.unwrap();
+    let body = admin_get(admin, "/metrics").await;
     assert!(body.contains("portshift_upstream_connect_errors_total{listener=\"errno-test\",errno=\"ECONNREFUSED\"}"), "{body}");
 }
 

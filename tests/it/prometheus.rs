@@ -15,8 +15,6 @@ use std::path::Path;
 use std::process::{Command, Stdio};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
-use tokio::net::TcpStream;
 use tokio_util::sync::CancellationToken;
 
 const POLICY: &str = r#"
@@ -115,17 +113,9 @@ fn urlencode(s: &str) -> String {
 }
 
 async fn http(addr: SocketAddr, path: &str) -> Option<String> {
-    let mut s = TcpStream::connect(addr).await.ok()?;
     // HTTP/1.0: a plain body, no chunked encoding to undo.
-    s.write_all(format!("GET {path} HTTP/1.0\r\nhost: prom\r\n\r\n").as_bytes())
-        .await
-        .ok()?;
-    let mut out = String::new();
-    tokio::time::timeout(PATIENCE, s.read_to_string(&mut out))
-        .await
-        .ok()?
-        .ok()?;
-    out.split_once("\r\n\r\n").map(|(_, b)| b.to_owned())
+    let req = format!("GET {path} HTTP/1.0\r\nhost: prom\r\n\r\n");
+    http_exchange(addr, &req).await.ok().map(|(_, body)| body)
 }
 
 /// Queries until the expression returns data (bounded); returns how many
