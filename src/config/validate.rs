@@ -355,6 +355,61 @@ impl Validator<'_, '_> {
     fn listener(&mut self, raw: &RawListener, group_names: &[&str], groups: &[Group]) -> Listener {
         let name = raw.name.get_ref().clone();
         let addrs = self.listen_addrs(raw, &name);
+        let members = self.members(raw, &name, group_names);
+        self.loops(&name, &addrs, &members, groups, raw);
+        let policy = raw.policy.as_ref().and_then(|p| self.policy(&name, p));
+        if let (Some(p), Some(raw_policy)) = (&policy, &raw.policy)
+            && members.len() < 2
+        {
+            self.rep.error(
+                raw_policy.span(),
+                format!(
+                    "listener `{name}`: policy `{}` needs a backup group to move traffic to",
+                    p.name
+                ),
+                Some("add backups = [\"...\"] to the listener".into()),
+            );
+        }
+        Listener {
+            policy,
+            acl: Acl {
+                allow: raw.allow.as_ref().map(|a| self.cidrs(&name, a, "allow")),
+                deny: self.cidrs(&name, &raw.deny, "deny"),
+            },
+            connect_timeout: self.duration(
+                raw.connect_timeout.as_ref(),
+                "connect_timeout",
+                DEFAULT_CONNECT_TIMEOUT,
+            ),
+            idle_timeout: self.duration(
+                raw.idle_timeout.as_ref(),
+                "idle_timeout",
+                DEFAULT_IDLE_TIMEOUT,
+            ),
+            connect_attempts: self.attempts(raw.connect_attempts.as_ref()),
+            retry_on_early_reset: raw.retry_on_early_reset.unwrap_or(false),
+            splice: raw.splice.unwrap_or(true),
+            limits: self.limits(raw),
+            first_byte_timeout: raw
+                .first_byte_timeout
+                .as_ref()
+                .map(|d| self.duration(Some(d), "first_byte_timeout", DEFAULT_CONNECT_TIMEOUT)),
+            socket: self.socket_options(raw),
+            name,
+            addrs: addrs.into_iter().map(|(a, _)| a).collect(),
+            listen: raw
+                .listen
+                .get_ref()
+                .iter()
+                .map(|s| s.get_ref().clone())
+                .collect(),
+            groups: members,
+        }
+    }
+
+    /// The listener's groups, primary first, as indices into the groups;
+    /// an unknown or repeated group is reported and left out.
+    fn members(&mut self, raw: &RawListener, name: &str, group_names: &[&str]) -> Vec<usize> {
         let mut members = Vec::new();
         for (i, g) in std::iter::once(&raw.primary)
             .chain(&raw.backups)
@@ -391,67 +446,23 @@ impl Validator<'_, '_> {
             }
             members.push(idx);
         }
-        self.loops(&name, &addrs, &members, groups, raw);
-        let policy = raw.policy.as_ref().and_then(|p| self.policy(&name, p));
-        if let (Some(p), Some(raw_policy)) = (&policy, &raw.policy)
-            && members.len() < 2
-        {
-            self.rep.error(
-                raw_policy.span(),
-                format!(
-                    "listener `{name}`: policy `{}` needs a backup group to move traffic to",
-                    p.name
-                ),
-                Some("add backups = [\"...\"] to the listener".into()),
-            );
-        }
-        Listener {
-            policy,
-            acl: Acl {
-                allow: raw.allow.as_ref().map(|a| self.cidrs(&name, a, "allow")),
-                deny: self.cidrs(&name, &raw.deny, "deny"),
-            },
-            connect_timeout: self.duration(
-                raw.connect_timeout.as_ref(),
-                "connect_timeout",
-                DEFAULT_CONNECT_TIMEOUT,
+        members
+    }
+
+    fn limits(&mut self, raw: &RawListener) -> Limits {
+        Limits {
+            max_connections: self.count(
+                raw.max_connections.as_ref(),
+                "max_connections",
+                1,
+                10_000_000,
             ),
-            idle_timeout: self.duration(
-                raw.idle_timeout.as_ref(),
-                "idle_timeout",
-                DEFAULT_IDLE_TIMEOUT,
+            max_connections_per_source: self.count(
+                raw.max_connections_per_source.as_ref(),
+                "max_connections_per_source",
+                1,
+                10_000_000,
             ),
-            connect_attempts: self.attempts(raw.connect_attempts.as_ref()),
-            retry_on_early_reset: raw.retry_on_early_reset.unwrap_or(false),
-            splice: raw.splice.unwrap_or(true),
-            limits: Limits {
-                max_connections: self.count(
-                    raw.max_connections.as_ref(),
-                    "max_connections",
-                    1,
-                    10_000_000,
-                ),
-                max_connections_per_source: self.count(
-                    raw.max_connections_per_source.as_ref(),
-                    "max_connections_per_source",
-                    1,
-                    10_000_000,
-                ),
-            },
-            first_byte_timeout: raw
-                .first_byte_timeout
-                .as_ref()
-                .map(|d| self.duration(Some(d), "first_byte_timeout", DEFAULT_CONNECT_TIMEOUT)),
-            socket: self.socket_options(raw),
-            name,
-            addrs: addrs.into_iter().map(|(a, _)| a).collect(),
-            listen: raw
-                .listen
-                .get_ref()
-                .iter()
-                .map(|s| s.get_ref().clone())
-                .collect(),
-            groups: members,
         }
     }
 
