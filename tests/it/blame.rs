@@ -43,19 +43,25 @@ cooldown = "100ms"
 const REQUEST: &[u8] = b"GET / HTTP/1.1\r\nhost: portshift\r\nconnection: close\r\n\r\n";
 
 struct Setup {
-    _dir: tempfile::TempDir,
+    dir: tempfile::TempDir,
     addr: SocketAddr,
     state: Arc<ListenerState>,
+    /// Every connection's outcome and who ended it.
+    trace: Arc<portshift::trace::TraceWriter>,
 }
 
 async fn setup(primary: SocketAddr, backup: SocketAddr) -> Setup {
     let dir = tempfile::tempdir().unwrap();
     let text = two_group_config(&[primary], &[backup], "policy = \"fast\"");
-    let (addr, state) = serve_config_in(dir.path(), &text, Some(POLICY)).await;
+    let (addr, state, handle) = serve_config_in(dir.path(), &text, Some(POLICY)).await;
+    let trace =
+        Arc::new(portshift::trace::TraceWriter::create(&dir.path().join("trace.csv")).unwrap());
+    handle.set_trace(trace.clone());
     Setup {
-        _dir: dir,
+        dir,
         addr,
         state,
+        trace,
     }
 }
 
@@ -183,6 +189,15 @@ async fn aborting_clients_do_not_move_traffic() {
     );
     let window = &s.state.view()[0].signals[Signal::Exchange.index()];
     assert_eq!(window.errors, 0, "nothing in the primary's window");
+    // The trace says who ended each connection: the aborting clients.
+    s.trace.flush();
+    let text = std::fs::read_to_string(s.dir.path().join("trace.csv")).unwrap();
+    let aborted: Vec<&str> = text
+        .lines()
+        .filter(|l| l.contains(",client_reset,"))
+        .collect();
+    assert_eq!(aborted.len() as u64, c.client_reset, "{text}");
+    assert!(aborted.iter().all(|l| l.ends_with(",client")), "{text}");
     assert!(window.count >= 100, "the polite replies were measured");
 }
 

@@ -271,12 +271,16 @@ pub async fn named_pair() -> (SocketAddr, SocketAddr) {
 
 /// Writes `config` (and `policy` as `policies/fast.toml`) into `dir`,
 /// loads it as `portshift run` would and serves it until the test ends;
-/// returns listener `l`'s address and state.
+/// returns listener `l`'s address and state, and the proxy's handle.
 pub async fn serve_config_in(
     dir: &Path,
     config: &str,
     policy: Option<&str>,
-) -> (SocketAddr, Arc<ListenerState>) {
+) -> (
+    SocketAddr,
+    Arc<ListenerState>,
+    portshift::proxy::ProxyHandle,
+) {
     if let Some(policy) = policy {
         std::fs::create_dir_all(dir.join("policies")).expect("temp dir is writable");
         std::fs::write(dir.join("policies/fast.toml"), policy).expect("temp dir is writable");
@@ -286,6 +290,7 @@ pub async fn serve_config_in(
     let proxy = Proxy::bind(&config).expect("binding 127.0.0.1:0 works");
     let addr = proxy.local_addrs()[0].1;
     let state = proxy.listener("l").expect("listener `l` is configured");
+    let handle = proxy.handle();
     tokio::spawn(proxy.serve(std::future::pending()));
-    (addr, state)
+    (addr, state, handle)
 }

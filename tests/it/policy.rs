@@ -59,7 +59,7 @@ async fn setup(dry_run: bool) -> Setup {
         "audit_log = \"audit.jsonl\"\n{}",
         two_group_config(&[primary.addr()], &[backup.addr()], "policy = \"fast\"")
     );
-    let (addr, state) = serve_config_in(dir.path(), &text, Some(&policy)).await;
+    let (addr, state, _) = serve_config_in(dir.path(), &text, Some(&policy)).await;
     Setup {
         audit: dir.path().join("audit.jsonl"),
         _dir: dir,
