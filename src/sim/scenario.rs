@@ -461,39 +461,8 @@ impl Validator<'_, '_> {
                     shape: shape.max(1.01),
                 }
             }
-            "percentiles" => {
-                let mut pts = vec![(0.0, Duration::ZERO)];
-                for (q, v) in [
-                    (0.5, &l.p50),
-                    (0.9, &l.p90),
-                    (0.99, &l.p99),
-                    (0.999, &l.p999),
-                ] {
-                    if let Some(v) = v {
-                        pts.push((q, self.dur(v, "percentile")));
-                    }
-                }
-                if pts.len() < 2 || pts.windows(2).any(|w| w[1].1 < w[0].1) {
-                    self.rep.error(raw.span(), "percentiles must be given and must not decrease (p50 <= p90 <= p99 <= p999)", None);
-                }
-                LatencyModel::Percentiles(pts)
-            }
-            "empirical" => {
-                let buckets: Vec<(Duration, u64)> = l
-                    .buckets
-                    .as_ref()
-                    .map(|b| {
-                        b.get_ref()
-                            .iter()
-                            .map(|&(ms, n)| (Duration::from_secs_f64(ms.max(0.0) / 1000.0), n))
-                            .collect()
-                    })
-                    .unwrap_or_default();
-                if buckets.iter().map(|b| b.1).sum::<u64>() == 0 {
-                    self.rep.error(raw.span(), "empirical model needs `buckets = [[latency_ms, count], ...]` with some counts", None);
-                }
-                LatencyModel::Empirical(buckets)
-            }
+            "percentiles" => self.percentiles(raw),
+            "empirical" => self.empirical(raw),
             other => {
                 let models = [
                     "constant",
@@ -511,6 +480,53 @@ impl Validator<'_, '_> {
                 LatencyModel::Constant(Duration::from_millis(1))
             }
         }
+    }
+
+    /// `model = "percentiles"`: p50 … p999, non-decreasing.
+    fn percentiles(&mut self, raw: &S<RawLatency>) -> LatencyModel {
+        let l = raw.get_ref();
+        let mut pts = vec![(0.0, Duration::ZERO)];
+        for (q, v) in [
+            (0.5, &l.p50),
+            (0.9, &l.p90),
+            (0.99, &l.p99),
+            (0.999, &l.p999),
+        ] {
+            if let Some(v) = v {
+                pts.push((q, self.dur(v, "percentile")));
+            }
+        }
+        if pts.len() < 2 || pts.windows(2).any(|w| w[1].1 < w[0].1) {
+            self.rep.error(
+                raw.span(),
+                "percentiles must be given and must not decrease (p50 <= p90 <= p99 <= p999)",
+                None,
+            );
+        }
+        LatencyModel::Percentiles(pts)
+    }
+
+    /// `model = "empirical"`: a histogram of `[latency_ms, count]` buckets.
+    fn empirical(&mut self, raw: &S<RawLatency>) -> LatencyModel {
+        let l = raw.get_ref();
+        let buckets: Vec<(Duration, u64)> = l
+            .buckets
+            .as_ref()
+            .map(|b| {
+                b.get_ref()
+                    .iter()
+                    .map(|&(ms, n)| (Duration::from_secs_f64(ms.max(0.0) / 1000.0), n))
+                    .collect()
+            })
+            .unwrap_or_default();
+        if buckets.iter().map(|b| b.1).sum::<u64>() == 0 {
+            self.rep.error(
+                raw.span(),
+                "empirical model needs `buckets = [[latency_ms, count], ...]` with some counts",
+                None,
+            );
+        }
+        LatencyModel::Empirical(buckets)
     }
 
     fn load(&mut self, raw: &S<RawLoad>) -> Load {
@@ -555,34 +571,7 @@ impl Validator<'_, '_> {
                     .as_ref()
                     .map_or(Duration::from_secs(50), |d| self.dur(d, "off")),
             },
-            "trace" => {
-                let Some(f) = &l.file else {
-                    self.rep.error(
-                        raw.span(),
-                        "trace load needs `file`",
-                        Some("a trace recorded by `portshift run --record FILE`".into()),
-                    );
-                    return Load::Trace {
-                        file: PathBuf::new(),
-                        arrivals: Vec::new(),
-                    };
-                };
-                let file = self.dir.join(f.get_ref());
-                match crate::trace::read_arrivals(&file) {
-                    Ok(arrivals) => Load::Trace { file, arrivals },
-                    Err(e) => {
-                        self.rep.error(
-                            f.span(),
-                            format!("cannot read trace {}: {e}", file.display()),
-                            None,
-                        );
-                        Load::Trace {
-                            file,
-                            arrivals: Vec::new(),
-                        }
-                    }
-                }
-            }
+            "trace" => self.trace_load(raw),
             other => {
                 let models = ["poisson", "diurnal", "bursts", "trace"];
                 self.rep.error(
@@ -598,26 +587,45 @@ impl Validator<'_, '_> {
         }
     }
 
-    fn fault(
+    /// `model = "trace"`: the arrival times of a recorded trace file.
+    fn trace_load(&mut self, raw: &S<RawLoad>) -> Load {
+        let l = raw.get_ref();
+        let Some(f) = &l.file else {
+            self.rep.error(
+                raw.span(),
+                "trace load needs `file`",
+                Some("a trace recorded by `portshift run --record FILE`".into()),
+            );
+            return Load::Trace {
+                file: PathBuf::new(),
+                arrivals: Vec::new(),
+            };
+        };
+        let file = self.dir.join(f.get_ref());
+        match crate::trace::read_arrivals(&file) {
+            Ok(arrivals) => Load::Trace { file, arrivals },
+            Err(e) => {
+                self.rep.error(
+                    f.span(),
+                    format!("cannot read trace {}: {e}", file.display()),
+                    None,
+                );
+                Load::Trace {
+                    file,
+                    arrivals: Vec::new(),
+                }
+            }
+        }
+    }
+
+    /// A fault's `target`: a group, or `group/backend`.
+    fn fault_target(
         &mut self,
         raw: &S<RawFault>,
         groups: &[SimGroup],
         names: &[&str],
-        duration: Duration,
-    ) -> Option<Fault> {
+    ) -> Option<(usize, Option<usize>)> {
         let f = raw.get_ref();
-        let (at, until) = (
-            self.dur(&f.at, "fault.at"),
-            self.dur(&f.until, "fault.until"),
-        );
-        if until <= at {
-            self.rep
-                .error(f.until.span(), "fault `until` must be after `at`", None);
-        }
-        if at > duration {
-            self.rep
-                .error(f.at.span(), "fault starts after the scenario ends", None);
-        }
         let target = f.target.get_ref();
         let (gname, bname) = target
             .split_once('/')
@@ -645,6 +653,31 @@ impl Validator<'_, '_> {
                 }
             },
         };
+        Some((group, backend))
+    }
+
+    fn fault(
+        &mut self,
+        raw: &S<RawFault>,
+        groups: &[SimGroup],
+        names: &[&str],
+        duration: Duration,
+    ) -> Option<Fault> {
+        let f = raw.get_ref();
+        let (at, until) = (
+            self.dur(&f.at, "fault.at"),
+            self.dur(&f.until, "fault.until"),
+        );
+        if until <= at {
+            self.rep
+                .error(f.until.span(), "fault `until` must be after `at`", None);
+        }
+        if at > duration {
+            self.rep
+                .error(f.at.span(), "fault starts after the scenario ends", None);
+        }
+        let target = f.target.get_ref();
+        let (group, backend) = self.fault_target(raw, groups, names)?;
         let any = f.latency_factor.is_some()
             || f.latency_add.is_some()
             || f.error_rate.is_some()
