@@ -197,22 +197,7 @@ async fn watch(
         if now >= total {
             break;
         }
-        if !faulted && now >= s.fault_at {
-            faulted = true;
-            backends[..2].iter().for_each(|b| b.set_delay(SPIKE_DELAY));
-            lines.push(format!(
-                "{now:6.1}s  >>> latency spike on the primary: replies now take {SPIKE_DELAY:?}"
-            ));
-        }
-        if !healed && now >= s.heal_at {
-            healed = true;
-            backends[..2]
-                .iter()
-                .for_each(|b| b.set_delay(HEALTHY_DELAY));
-            lines.push(format!(
-                "{now:6.1}s  >>> the primary heals: replies back to {HEALTHY_DELAY:?}"
-            ));
-        }
+        script(now, &s, &mut faulted, &mut healed, backends, &mut lines);
         let backup = f64::from(state.router.weights().as_slice()[1]) / 100.0;
         s.peak_backup_share = s.peak_backup_share.max(backup);
         if healed && backup == 0.0 && s.peak_backup_share > 0.0 && s.back_on_primary_at.is_none() {
@@ -231,18 +216,11 @@ async fn watch(
             let rate = (sent - last_sent) as f64 / (now - last_draw.max(0.0)).max(0.1);
             last_sent = sent;
             last_draw = now;
-            let view = view(state, admin, now, total, rate, stats);
-            if opts.tui {
-                say_raw!("\x1b[2J\x1b[H{view}");
-                for l in lines.iter().rev().take(12).rev() {
-                    say!("  {l}");
-                }
-            } else {
-                say!("{}", view.lines().next().unwrap_or_default());
-                for l in lines.drain(..) {
-                    say!("  {l}");
-                }
-            }
+            draw(
+                opts.tui,
+                &view(state, admin, now, total, rate, stats),
+                &mut lines,
+            );
         }
     }
     if !opts.tui {
@@ -251,6 +229,50 @@ async fn watch(
     s.requests = stats.sent.load(Relaxed);
     s.client_errors = stats.errors.load(Relaxed);
     s
+}
+
+/// The demo's story: the primary's latency spike at `fault_at`, its
+/// healing at `heal_at`, each announced once.
+fn script(
+    now: f64,
+    s: &Summary,
+    faulted: &mut bool,
+    healed: &mut bool,
+    backends: &[BackendHandle; 3],
+    lines: &mut Vec<String>,
+) {
+    if !*faulted && now >= s.fault_at {
+        *faulted = true;
+        backends[..2].iter().for_each(|b| b.set_delay(SPIKE_DELAY));
+        lines.push(format!(
+            "{now:6.1}s  >>> latency spike on the primary: replies now take {SPIKE_DELAY:?}"
+        ));
+    }
+    if !*healed && now >= s.heal_at {
+        *healed = true;
+        backends[..2]
+            .iter()
+            .for_each(|b| b.set_delay(HEALTHY_DELAY));
+        lines.push(format!(
+            "{now:6.1}s  >>> the primary heals: replies back to {HEALTHY_DELAY:?}"
+        ));
+    }
+}
+
+/// Redraws the screen (the view and the last decisions), or prints the
+/// status line and the new decisions as plain lines.
+fn draw(tui: bool, view: &str, lines: &mut Vec<String>) {
+    if tui {
+        say_raw!("\x1b[2J\x1b[H{view}");
+        for l in lines.iter().rev().take(12).rev() {
+            say!("  {l}");
+        }
+    } else {
+        say!("{}", view.lines().next().unwrap_or_default());
+        for l in lines.drain(..) {
+            say!("  {l}");
+        }
+    }
 }
 
 /// The live view: one status line, then a bar and latency per group.
