@@ -144,20 +144,7 @@ impl PolicyValidator<'_, '_> {
             );
         }
         let signal = self.signal(raw.signal.as_ref());
-        let no_data = match raw.no_data.as_ref().map(|s| (s, s.get_ref().as_str())) {
-            None | Some((_, "hold")) => NoData::Hold,
-            Some((_, "good")) => NoData::Good,
-            Some((s, other)) => {
-                let hint = if other == "bad" || other == "trip" {
-                    Some("silence never trips: use \"hold\" (default) or \"good\"".into())
-                } else {
-                    did_you_mean(other, ["hold", "good"])
-                };
-                self.rep
-                    .error(s.span(), format!("unknown `no_data` value `{other}`"), hint);
-                NoData::Hold
-            }
-        };
+        let no_data = self.no_data(raw.no_data.as_ref());
         let raw_trip = raw.trip.as_ref().map(|t| t.get_ref());
         let (trip, counting) = self.trip(raw_trip.unwrap_or(&RawTrip::default()));
         let is_canary = match raw.mode.as_ref().map(|m| (m, m.get_ref().as_str())) {
@@ -177,7 +164,44 @@ impl PolicyValidator<'_, '_> {
         } else {
             self.failover_mode(&raw, &trip, interval)
         };
-        let window = raw.window.as_ref().map(|w| {
+        let window = self.window(&raw);
+        Policy {
+            name: name.to_owned(),
+            interval,
+            window,
+            signal,
+            min_samples: raw
+                .min_samples
+                .map_or(DEFAULT_MIN_SAMPLES, |m| *m.get_ref()),
+            no_data,
+            dry_run: raw.dry_run,
+            trip,
+            counting,
+            mode,
+        }
+    }
+
+    /// `no_data`: what an evaluation without enough samples counts as.
+    fn no_data(&mut self, raw: Option<&S<String>>) -> NoData {
+        match raw.map(|s| (s, s.get_ref().as_str())) {
+            None | Some((_, "hold")) => NoData::Hold,
+            Some((_, "good")) => NoData::Good,
+            Some((s, other)) => {
+                let hint = if other == "bad" || other == "trip" {
+                    Some("silence never trips: use \"hold\" (default) or \"good\"".into())
+                } else {
+                    did_you_mean(other, ["hold", "good"])
+                };
+                self.rep
+                    .error(s.span(), format!("unknown `no_data` value `{other}`"), hint);
+                NoData::Hold
+            }
+        }
+    }
+
+    /// The policy's own `window` and `sub_windows`, if it sets one.
+    fn window(&mut self, raw: &RawPolicy) -> Option<crate::core::stats::WindowConfig> {
+        raw.window.as_ref().map(|w| {
             let span = self.duration(Some(w), "window", Duration::from_secs(10));
             let slots = raw
                 .sub_windows
@@ -198,21 +222,7 @@ impl PolicyValidator<'_, '_> {
                 slots: slots as usize,
                 slot,
             }
-        });
-        Policy {
-            name: name.to_owned(),
-            interval,
-            window,
-            signal,
-            min_samples: raw
-                .min_samples
-                .map_or(DEFAULT_MIN_SAMPLES, |m| *m.get_ref()),
-            no_data,
-            dry_run: raw.dry_run,
-            trip,
-            counting,
-            mode,
-        }
+        })
     }
 
     fn signal(&mut self, raw: Option<&S<String>>) -> Signal {
@@ -358,6 +368,34 @@ impl PolicyValidator<'_, '_> {
 
     fn recover(&mut self, raw: Option<&S<RawRecover>>, trip: &Trip, shift: &Shift) -> Recover {
         let r = raw.map(|r| r.get_ref());
+        let below = self.recover_below(r, trip);
+        let error_rate_below = self.recover_error_rate(r, trip);
+        let step = r
+            .and_then(|r| r.step.as_ref())
+            .map_or(shift.step_bp, |v| self.percent(v, "recover.step"));
+        Recover {
+            below,
+            error_rate_below,
+            hold: self.duration(
+                r.and_then(|r| r.for_.as_ref()),
+                "recover.for",
+                DEFAULT_RECOVER_HOLD,
+            ),
+            step_bp: step,
+            cooldown: self.duration(
+                r.and_then(|r| r.cooldown.as_ref()),
+                "recover.cooldown",
+                shift.cooldown,
+            ),
+            probe_min_samples: r
+                .and_then(|r| r.probe_min_samples.as_ref())
+                .map_or(3, |v| (*v.get_ref()).max(1)),
+        }
+    }
+
+    /// `recover.pNN_below`: each below its trip bar (hysteresis); by
+    /// default a fraction of the trip bars.
+    fn recover_below(&mut self, r: Option<&RawRecover>, trip: &Trip) -> Vec<(Quantile, Duration)> {
         let keys = r.map(|r| {
             [
                 (Quantile::P50, &r.p50_below),
@@ -397,7 +435,13 @@ impl PolicyValidator<'_, '_> {
                 .map(|&(q, d)| (q, d.mul_f64(DEFAULT_RECOVER_FRACTION)))
                 .collect();
         }
-        let error_rate_below = match r.and_then(|r| r.error_rate_below.as_ref()) {
+        below
+    }
+
+    /// `recover.error_rate_below`: positive and below the trip rate; by
+    /// default a fraction of it.
+    fn recover_error_rate(&mut self, r: Option<&RawRecover>, trip: &Trip) -> Option<f64> {
+        match r.and_then(|r| r.error_rate_below.as_ref()) {
             Some(v) => {
                 let rate = self.ratio(v, "recover.error_rate_below");
                 if rate == 0.0 {
@@ -417,27 +461,6 @@ impl PolicyValidator<'_, '_> {
                 Some(rate)
             }
             None => trip.error_rate_above.map(|e| e * DEFAULT_RECOVER_FRACTION),
-        };
-        let step = r
-            .and_then(|r| r.step.as_ref())
-            .map_or(shift.step_bp, |v| self.percent(v, "recover.step"));
-        Recover {
-            below,
-            error_rate_below,
-            hold: self.duration(
-                r.and_then(|r| r.for_.as_ref()),
-                "recover.for",
-                DEFAULT_RECOVER_HOLD,
-            ),
-            step_bp: step,
-            cooldown: self.duration(
-                r.and_then(|r| r.cooldown.as_ref()),
-                "recover.cooldown",
-                shift.cooldown,
-            ),
-            probe_min_samples: r
-                .and_then(|r| r.probe_min_samples.as_ref())
-                .map_or(3, |v| (*v.get_ref()).max(1)),
         }
     }
 
