@@ -286,7 +286,12 @@ impl PolicyValidator<'_, '_> {
                 .as_ref()
                 .map(|v| *v.get_ref()),
         };
-        let counting = match (&t.for_, &t.bad_of_last) {
+        (trip, self.counting(t))
+    }
+
+    /// How bad evaluations trip: `for` in a row, or `bad_of_last` M of N.
+    fn counting(&mut self, t: &RawTrip) -> Counting {
+        match (&t.for_, &t.bad_of_last) {
             (Some(f), Some(_)) => {
                 self.rep.error(
                     f.span(),
@@ -318,8 +323,7 @@ impl PolicyValidator<'_, '_> {
                 }
             },
             (None, None) => Counting::Consecutive(DEFAULT_FOR),
-        };
-        (trip, counting)
+        }
     }
 
     fn failover_mode(&mut self, raw: &RawPolicy, trip: &Trip, interval: Duration) -> Mode {

@@ -199,32 +199,7 @@ fn text_report(
     );
     let _ = write!(out, "{}", report::comparison_table(&runs[..compared]));
     for (label, r) in &runs[..compared] {
-        let _ = writeln!(out, "\n{label}: client latency by phase");
-        let _ = write!(out, "{}", report::phase_table(&r.headline));
-        if r.truncated {
-            let _ = writeln!(
-                out,
-                "  (stopped at the event cap of {}: results cover only part of the run)",
-                sc.max_events
-            );
-        }
-        for d in r.decisions.iter().take(6) {
-            let _ = writeln!(
-                out,
-                "  {:>7.1}s {:<16} {:<24} -> {:?}",
-                d.t,
-                d.action_label(),
-                d.rule.label(),
-                d.weights_pct
-            );
-        }
-        if r.decisions.len() > 6 {
-            let _ = writeln!(
-                out,
-                "  ... {} decisions in all (see the timeline)",
-                r.decisions.len()
-            );
-        }
+        run_section(&mut out, sc, label, r);
     }
     if let Some(spec) = &opts.sweep {
         let _ = writeln!(out, "\nsweep {spec}:");
@@ -249,6 +224,36 @@ fn text_report(
         );
     }
     out
+}
+
+/// One compared run: client latency by phase, and its first decisions.
+fn run_section(out: &mut String, sc: &Scenario, label: &str, r: &SimRun) {
+    let _ = writeln!(out, "\n{label}: client latency by phase");
+    let _ = write!(out, "{}", report::phase_table(&r.headline));
+    if r.truncated {
+        let _ = writeln!(
+            out,
+            "  (stopped at the event cap of {}: results cover only part of the run)",
+            sc.max_events
+        );
+    }
+    for d in r.decisions.iter().take(6) {
+        let _ = writeln!(
+            out,
+            "  {:>7.1}s {:<16} {:<24} -> {:?}",
+            d.t,
+            d.action_label(),
+            d.rule.label(),
+            d.weights_pct
+        );
+    }
+    if r.decisions.len() > 6 {
+        let _ = writeln!(
+            out,
+            "  ... {} decisions in all (see the timeline)",
+            r.decisions.len()
+        );
+    }
 }
 
 fn file_label(label: &str) -> String {
