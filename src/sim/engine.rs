@@ -134,21 +134,6 @@ impl<'a> Sim<'a> {
                 })
             })
             .unwrap_or_default();
-        let groups: Vec<_> = sc
-            .groups
-            .iter()
-            .enumerate()
-            .map(|(gi, g)| {
-                // Addresses only name backends; the simulator never connects.
-                let backends = (0..g.backends.len())
-                    .map(|bi| Backend {
-                        addr: SocketAddr::from(([127, 0, gi as u8, 1], 10_000 + bi as u16)),
-                        weight: 1,
-                    })
-                    .collect();
-                std::sync::Arc::new(GroupRoutes::new(&g.name, backends, Balance::RoundRobin))
-            })
-            .collect();
         let phases = phase_names(sc)
             .into_iter()
             .map(|n| (n, new_histogram(), 0, 0))
@@ -157,7 +142,7 @@ impl<'a> Sim<'a> {
             sc,
             engine: Engine::new(policy.clone()),
             pstate: PolicyState::new(policy, sc.groups.len()),
-            router: Router::new(groups),
+            router: Router::new(routes(sc)),
             stats: sc
                 .groups
                 .iter()
@@ -596,6 +581,24 @@ fn decision_row(t: f64, d: &Decision) -> DecisionRow {
             .collect(),
         reasons: d.reasons.clone(),
     }
+}
+
+/// The scenario's groups as route-table groups. Addresses only name
+/// backends; the simulator never connects.
+fn routes(sc: &Scenario) -> Vec<std::sync::Arc<GroupRoutes>> {
+    sc.groups
+        .iter()
+        .enumerate()
+        .map(|(gi, g)| {
+            let backends = (0..g.backends.len())
+                .map(|bi| Backend {
+                    addr: SocketAddr::from(([127, 0, gi as u8, 1], 10_000 + bi as u16)),
+                    weight: 1,
+                })
+                .collect();
+            std::sync::Arc::new(GroupRoutes::new(&g.name, backends, Balance::RoundRobin))
+        })
+        .collect()
 }
 
 /// "before", one phase per fault, "after".

@@ -307,38 +307,7 @@ impl Validator<'_, '_> {
             .iter()
             .filter_map(|f| self.fault(f, &groups, &names, duration))
             .collect();
-        let m = raw.measurement.as_ref();
-        let opt = |v: &mut Self, d: Option<&S<String>>, key: &str, default: Duration| {
-            d.map_or(default, |d| v.dur(d, key))
-        };
-        let measurement = Measurement {
-            probe_interval: m
-                .and_then(|m| m.probe_interval.as_ref())
-                .map(|d| self.dur(d, "measurement.probe_interval")),
-            probe_loss: m.and_then(|m| m.probe_loss).unwrap_or(0.0).clamp(0.0, 1.0),
-            stale: opt(
-                self,
-                m.and_then(|m| m.stale.as_ref()),
-                "measurement.stale",
-                Duration::ZERO,
-            ),
-            rtt: opt(
-                self,
-                m.and_then(|m| m.rtt.as_ref()),
-                "measurement.rtt",
-                Duration::from_micros(200),
-            ),
-            connect_timeout: opt(
-                self,
-                m.and_then(|m| m.connect_timeout.as_ref()),
-                "measurement.connect_timeout",
-                Duration::from_secs(3),
-            ),
-            connect_attempts: m.and_then(|m| m.connect_attempts).unwrap_or(3).clamp(1, 32),
-            window: m
-                .and_then(|m| m.window.as_ref())
-                .map(|d| self.dur(d, "measurement.window")),
-        };
+        let measurement = self.measurement(raw.measurement.as_ref());
         Scenario {
             name: raw.name.unwrap_or_else(|| {
                 path.file_stem()
@@ -366,6 +335,41 @@ impl Validator<'_, '_> {
             faults,
             measurement,
             expect: raw.expect.unwrap_or_default(),
+        }
+    }
+
+    /// `[measurement]`: how the simulated proxy observes its backends.
+    fn measurement(&mut self, m: Option<&RawMeasurement>) -> Measurement {
+        let opt = |v: &mut Self, d: Option<&S<String>>, key: &str, default: Duration| {
+            d.map_or(default, |d| v.dur(d, key))
+        };
+        Measurement {
+            probe_interval: m
+                .and_then(|m| m.probe_interval.as_ref())
+                .map(|d| self.dur(d, "measurement.probe_interval")),
+            probe_loss: m.and_then(|m| m.probe_loss).unwrap_or(0.0).clamp(0.0, 1.0),
+            stale: opt(
+                self,
+                m.and_then(|m| m.stale.as_ref()),
+                "measurement.stale",
+                Duration::ZERO,
+            ),
+            rtt: opt(
+                self,
+                m.and_then(|m| m.rtt.as_ref()),
+                "measurement.rtt",
+                Duration::from_micros(200),
+            ),
+            connect_timeout: opt(
+                self,
+                m.and_then(|m| m.connect_timeout.as_ref()),
+                "measurement.connect_timeout",
+                Duration::from_secs(3),
+            ),
+            connect_attempts: m.and_then(|m| m.connect_attempts).unwrap_or(3).clamp(1, 32),
+            window: m
+                .and_then(|m| m.window.as_ref())
+                .map(|d| self.dur(d, "measurement.window")),
         }
     }
 
