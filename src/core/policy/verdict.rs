@@ -90,11 +90,8 @@ pub fn trip(
     relative_to: Option<usize>,
     reasons: &mut Vec<Reason>,
 ) -> Verdict {
-    let input = &inputs[g];
-    let t = &p.trip;
-    let enough = input.latency.total() >= p.min_samples;
     let mut verdict = Verdict::Good;
-    let mut check = |rule: Condition, value: Option<f64>, threshold: f64, verdict: &mut Verdict| {
+    for (rule, value, threshold) in trip_values(p, inputs, g, relative_to) {
         let v = match value {
             None => Verdict::NoData,
             Some(x) if x > threshold => Verdict::Bad,
@@ -109,26 +106,36 @@ pub fn trip(
                 fired: v == Verdict::Bad,
             });
         }
-        *verdict = fold(*verdict, v);
-    };
+        verdict = fold(verdict, v);
+    }
+    verdict
+}
+
+/// Each trip condition of the policy with group `g`'s value (`None` when
+/// there is too little data to say) and its threshold.
+fn trip_values(
+    p: &Policy,
+    inputs: &[GroupInput],
+    g: usize,
+    relative_to: Option<usize>,
+) -> Vec<(Condition, Option<f64>, f64)> {
+    let input = &inputs[g];
+    let t = &p.trip;
+    let enough = input.latency.total() >= p.min_samples;
+    let mut out = Vec::new();
     // Errors first: when failures also push a quantile over its bar, the
     // error rate is the truer name for what went wrong.
     if let Some(limit) = t.error_rate_above {
         let value = (input.attempts >= p.min_samples)
             .then(|| input.error_rate())
             .flatten();
-        check(Condition::ErrorRateAbove, value, limit, &mut verdict);
+        out.push((Condition::ErrorRateAbove, value, limit));
     }
     for &(q, limit) in &t.above {
         let value = enough
             .then(|| input.latency.quantile_secs(q.fraction()))
             .flatten();
-        check(
-            Condition::QuantileAbove(q),
-            value,
-            limit.as_secs_f64(),
-            &mut verdict,
-        );
+        out.push((Condition::QuantileAbove(q), value, limit.as_secs_f64()));
     }
     if let (Some(k), Some(b)) = (t.worse_than_backup, relative_to) {
         let q = t.relative_quantile.unwrap_or(Quantile::P99).fraction();
@@ -138,25 +145,17 @@ pub fn trip(
                 Some(input.latency.quantile_secs(q)? / other.latency.quantile_secs(q)?.max(1e-6))
             })
             .flatten();
-        check(Condition::WorseThanBackup, value, k, &mut verdict);
+        out.push((Condition::WorseThanBackup, value, k));
     }
     if let Some(limit) = t.active_connections_above {
-        check(
-            Condition::ActiveConnectionsAbove,
-            Some(input.active_connections as f64),
-            limit as f64,
-            &mut verdict,
-        );
+        let value = Some(input.active_connections as f64);
+        out.push((Condition::ActiveConnectionsAbove, value, limit as f64));
     }
     if let Some(limit) = t.new_connections_per_second_above {
-        check(
-            Condition::NewConnectionsPerSecondAbove,
-            Some(input.new_connections_per_second),
-            limit,
-            &mut verdict,
-        );
+        let value = Some(input.new_connections_per_second);
+        out.push((Condition::NewConnectionsPerSecondAbove, value, limit));
     }
-    verdict
+    out
 }
 
 /// The recovery bar on the primary: every `below` quantile and the error
