@@ -94,33 +94,10 @@ pub async fn bidirectional(
     let end = std::future::poll_fn(|cx| {
         let a = up.poll(cx, client, upstream, down.done, &watch, &log);
         let b = down.poll(cx, upstream, client, up.done, &watch, &log);
-        match (a, b) {
-            (Poll::Ready(Err(blame)), _) | (_, Poll::Ready(Err(blame))) => {
-                return Poll::Ready(End::Failed(blame));
-            }
-            (Poll::Ready(Ok(())), Poll::Ready(Ok(()))) => {
-                let first = first_eof.unwrap_or(Side::Client);
-                return Poll::Ready(End::Closed { first });
-            }
-            (Poll::Ready(Ok(())), _) => first_eof = first_eof.or(Some(Side::Client)),
-            (_, Poll::Ready(Ok(()))) => first_eof = first_eof.or(Some(Side::Upstream)),
-            _ => {}
+        if let Some(end) = ended(a, b, &mut first_eof) {
+            return Poll::Ready(end);
         }
-        // The timer is armed for the idle limit counted from the last
-        // activity it knew of; when it fires early (traffic since), it is
-        // re-armed for the rest.
-        while timer.needs_poll(cx, sleep.is_elapsed()) && sleep.as_mut().poll(cx).is_ready() {
-            let last = Duration::from_micros(watch.last_us.load(Relaxed));
-            let quiet = watch.clock.now().saturating_sub(last);
-            if quiet >= idle {
-                return Poll::Ready(End::IdleTimeout);
-            }
-            sleep
-                .as_mut()
-                .reset(tokio::time::Instant::now() + (idle - quiet));
-            timer.rearmed();
-        }
-        Poll::Pending
+        poll_idle(cx, &mut timer, sleep.as_mut(), &watch, idle)
     })
     .await;
     up.release();
@@ -135,6 +112,56 @@ pub async fn bidirectional(
             None
         },
     }
+}
+
+/// How the connection ended once both directions are polled, if it has:
+/// a failure on either side, or EOF from both. Notes whose EOF came first.
+#[inline(always)]
+fn ended(
+    a: Poll<Result<(), Blame>>,
+    b: Poll<Result<(), Blame>>,
+    first_eof: &mut Option<Side>,
+) -> Option<End> {
+    match (a, b) {
+        (Poll::Ready(Err(blame)), _) | (_, Poll::Ready(Err(blame))) => Some(End::Failed(blame)),
+        (Poll::Ready(Ok(())), Poll::Ready(Ok(()))) => Some(End::Closed {
+            first: first_eof.unwrap_or(Side::Client),
+        }),
+        (Poll::Ready(Ok(())), _) => {
+            first_eof.get_or_insert(Side::Client);
+            None
+        }
+        (_, Poll::Ready(Ok(()))) => {
+            first_eof.get_or_insert(Side::Upstream);
+            None
+        }
+        _ => None,
+    }
+}
+
+/// The idle timeout. The timer is armed for the idle limit counted from the
+/// last activity it knew of; when it fires early (traffic since), it is
+/// re-armed for the rest.
+#[inline(always)]
+fn poll_idle(
+    cx: &mut Context<'_>,
+    timer: &mut IdleTimer,
+    mut sleep: std::pin::Pin<&mut tokio::time::Sleep>,
+    watch: &Watch<'_>,
+    idle: Duration,
+) -> Poll<End> {
+    while timer.needs_poll(cx, sleep.is_elapsed()) && sleep.as_mut().poll(cx).is_ready() {
+        let last = Duration::from_micros(watch.last_us.load(Relaxed));
+        let quiet = watch.clock.now().saturating_sub(last);
+        if quiet >= idle {
+            return Poll::Ready(End::IdleTimeout);
+        }
+        sleep
+            .as_mut()
+            .reset(tokio::time::Instant::now() + (idle - quiet));
+        timer.rearmed();
+    }
+    Poll::Pending
 }
 
 /// When the idle timer must be polled. A registered timer wakes the task
@@ -329,39 +356,9 @@ impl Direction {
             if self.pipe.is_some() {
                 ready!(self.poll_splice(cx, from, to, watch))?;
             }
-            // Write first, wait only when the kernel says so: a socket is
-            // nearly always writable, and the readiness check before every
-            // write was a tenth of the proxy's user-space work per request.
-            // `try_write` answers `WouldBlock` without a syscall while
-            // write readiness is known to be clear.
-            while self.start < self.end {
-                let b = self.buf.as_ref().expect("pending bytes live in the buffer");
-                match to.try_write(&b[self.start..self.end]) {
-                    Ok(n) => self.start += n,
-                    Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
-                        if let Err(e) = ready!(to.poll_write_ready(cx)) {
-                            return fail(writer, &e);
-                        }
-                    }
-                    Err(e) => return fail(writer, &e),
-                }
-            }
-            if self.end > 0 {
-                self.total += self.end as u64;
-                let full = self.end == BUFFER_BYTES;
-                (self.start, self.end) = (0, 0);
-                if self.drained {
-                    // The socket is empty and its readiness cleared: the
-                    // buffer goes back now, not after a failed read.
-                    self.release();
-                } else if full && self.splice {
-                    // A full buffer: a bulk flow. Splice from here on.
-                    if let Some(p) = splice::take() {
-                        self.release();
-                        self.pipe = Some(p);
-                        continue;
-                    }
-                }
+            ready!(self.poll_flush(cx, to))?;
+            if self.written() {
+                continue;
             }
             if let Err(e) = ready!(from.poll_read_ready(cx)) {
                 return fail(reader, &e);
@@ -389,6 +386,57 @@ impl Direction {
                 Err(e) => return fail(reader, &e),
             }
         }
+    }
+
+    /// Writes the bytes read but not yet written (`buf[start..end]`).
+    ///
+    /// Write first, wait only when the kernel says so: a socket is nearly
+    /// always writable, and the readiness check before every write was a
+    /// tenth of the proxy's user-space work per request. `try_write`
+    /// answers `WouldBlock` without a syscall while write readiness is
+    /// known to be clear.
+    #[inline(always)]
+    fn poll_flush(&mut self, cx: &mut Context<'_>, to: &TcpStream) -> Poll<Result<(), Blame>> {
+        let (_, writer) = self.sides();
+        while self.start < self.end {
+            let b = self.buf.as_ref().expect("pending bytes live in the buffer");
+            match to.try_write(&b[self.start..self.end]) {
+                Ok(n) => self.start += n,
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
+                    if let Err(e) = ready!(to.poll_write_ready(cx)) {
+                        return Poll::Ready(Err(Blame::of_io(writer, &e)));
+                    }
+                }
+                Err(e) => return Poll::Ready(Err(Blame::of_io(writer, &e))),
+            }
+        }
+        Poll::Ready(Ok(()))
+    }
+
+    /// After a flush: counts what the buffer held, gives the buffer back if
+    /// the socket is dry, and says whether a full buffer (a bulk flow)
+    /// switched this direction to splice.
+    #[inline(always)]
+    fn written(&mut self) -> bool {
+        if self.end == 0 {
+            return false;
+        }
+        self.total += self.end as u64;
+        let full = self.end == BUFFER_BYTES;
+        (self.start, self.end) = (0, 0);
+        if self.drained {
+            // The socket is empty and its readiness cleared: the buffer
+            // goes back now, not after a failed read.
+            self.release();
+        } else if full
+            && self.splice
+            && let Some(p) = splice::take()
+        {
+            self.release();
+            self.pipe = Some(p);
+            return true;
+        }
+        false
     }
 
     /// EOF from `from`: half-close `to` so the other direction keeps flowing.
