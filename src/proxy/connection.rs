@@ -40,8 +40,12 @@ pub async fn handle(state: Arc<ListenerState>, client: TcpStream, _admitted: Adm
     let (table, plan) = state.router.plan_next(state.connect_attempts);
     let mut from = 0;
     let mut replay: Option<copy::Replay> = None;
+    // Whose fault the latest failure was, for the client's closing if no
+    // attempt is left.
+    let mut last = Blame::Upstream;
     loop {
-        let (i, upstream, connect) = match connect_first(&state, &table.groups, &plan, from).await {
+        let connected = connect_first(&state, &table.groups, &plan, from, last).await;
+        let (i, upstream, connect) = match connected {
             Ok(connected) => connected,
             Err(last) => {
                 // Every attempt failed: close the client now rather than let it hang.
@@ -53,30 +57,34 @@ pub async fn handle(state: Arc<ListenerState>, client: TcpStream, _admitted: Adm
         if let Some(r) = replay.take() {
             // The previous backend reset before answering: give this one
             // what the client had sent.
-            if copy::resend(&upstream, &r).await.is_err() {
+            if let Err(e) = copy::resend(&upstream, &r).await {
+                last = resend_failed(&state, attempt, &e);
                 from = i + 1;
                 replay = Some(r);
                 continue;
             }
         }
+        // Replay only when another attempt is left; otherwise an early
+        // reset is an ordinary reset of this backend.
+        let can_retry = i + 1 < plan.len();
         let copied = proxy_one(
             &state,
             &table.groups,
             attempt,
-            &client,
-            &upstream,
+            (&client, &upstream),
             connect,
             arrived,
+            can_retry,
         )
         .await;
         match copied.replay {
-            Some(r) if i + 1 < plan.len() => {
+            Some(r) => {
                 state.outcomes.retried();
                 debug!(listener = %state.name, bytes = r.bytes.len(), "backend reset before answering; replaying to the next");
                 from = i + 1;
                 replay = Some(r);
             }
-            _ => return,
+            None => return,
         }
     }
 }
@@ -118,10 +126,10 @@ async fn proxy_one(
     state: &ListenerState,
     groups: &[Arc<GroupRoutes>],
     attempt: Attempt,
-    client: &TcpStream,
-    upstream: &TcpStream,
+    (client, upstream): (&TcpStream, &TcpStream),
     connect: Duration,
     arrived: Duration,
+    can_retry: bool,
 ) -> copy::Copied {
     state.outcomes.connected();
     apply_socket_options(upstream, &state.socket, Side::Upstream);
@@ -146,7 +154,7 @@ async fn proxy_one(
     };
     let options = copy::CopyOptions {
         idle: state.idle_timeout,
-        keep_replay: state.retry_on_early_reset,
+        keep_replay: state.retry_on_early_reset && can_retry,
         splice: state.splice,
     };
     let copied = copy::bidirectional(client, upstream, state.clock, &on_turn, options).await;
@@ -224,19 +232,32 @@ fn trace_one(
     });
 }
 
+/// Giving a fresh backend the client's first bytes failed: the backend's
+/// reset counts against it, portshift's own shortage does not.
+fn resend_failed(state: &ListenerState, attempt: Attempt, e: &io::Error) -> Blame {
+    let blame = Blame::of_io(Side::Upstream, e);
+    if blame == Blame::Upstream {
+        let stats = &state.stats[attempt.group].backends[attempt.backend];
+        stats.record_error(Signal::Exchange, state.clock.now());
+        state.metrics[attempt.group][attempt.backend].error(ErrorKind::Reset);
+    }
+    debug!(listener = %state.name, error = %e, ?blame, "replaying the client's bytes failed");
+    blame
+}
+
 /// Tries the plan in order; a refused or timed-out backend is followed by the
 /// next one before the client has seen anything. The backend's failures
 /// count against its `connect` signal, so a group that fails fast never
 /// looks fast; an attempt portshift could not make (EMFILE, EADDRNOTAVAIL)
 /// is counted as local and left out of the backend's statistics. When all
-/// fail: whose fault the last failure was.
+/// fail: whose fault the last failure was (`last` if no attempt was left).
 async fn connect_first(
     state: &ListenerState,
     groups: &[Arc<GroupRoutes>],
     plan: &[Attempt],
     from: usize,
+    mut last: Blame,
 ) -> Result<(usize, TcpStream, Duration), Blame> {
-    let mut last = Blame::Upstream;
     for (i, &attempt) in plan.iter().enumerate().skip(from) {
         let addr = groups[attempt.group].addr(attempt.backend);
         let stats = &state.stats[attempt.group].backends[attempt.backend];

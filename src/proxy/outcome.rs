@@ -25,7 +25,8 @@ pub struct Outcomes {
     client_reset: AtomicU64,
     bytes_up: AtomicU64,
     bytes_down: AtomicU64,
-    active: AtomicU64,
+    /// Shared with the listener a reload replaces (see `Occupancy`).
+    active: std::sync::Arc<AtomicU64>,
 }
 
 /// How one upstream connect attempt failed.
@@ -114,6 +115,20 @@ pub struct OutcomeCounts {
 // === impl Outcomes ===
 
 impl Outcomes {
+    /// Counters starting at zero, with `open` as the count of open client
+    /// connections (carried over by a reload).
+    pub fn with_open(open: std::sync::Arc<AtomicU64>) -> Self {
+        Outcomes {
+            active: open,
+            ..Outcomes::default()
+        }
+    }
+
+    /// The shared count of open client connections.
+    pub fn open_handle(&self) -> std::sync::Arc<AtomicU64> {
+        std::sync::Arc::clone(&self.active)
+    }
+
     pub fn accepted(&self) {
         self.accepted.fetch_add(1, Relaxed);
     }

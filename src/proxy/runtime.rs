@@ -7,7 +7,7 @@
 
 use super::audit::AuditLog;
 use super::clock::Clock;
-use super::state::{ListenerState, TraceSlot};
+use super::state::{ListenerState, Occupancy, TraceSlot};
 use super::{BindError, StartError, bind_one, connection, control, probe};
 use crate::config::{Config, Group, Listener};
 use crate::core::stats::WindowConfig;
@@ -85,6 +85,15 @@ pub enum ReloadError {
         #[source]
         source: std::io::Error,
     },
+    /// The new file leaves the admin plane without a token while it keeps
+    /// serving on a non-loopback address (the address changes only on
+    /// restart).
+    #[error(
+        "the admin plane keeps serving on {addr} until a restart, which is not loopback, and the new config has no token for it; keep `token_file` or `token_env` until the restart"
+    )]
+    AdminWithoutToken { addr: SocketAddr },
+    #[error("the proxy is shutting down")]
+    ShuttingDown,
 }
 
 /// The last reload's time and result (the error as its message).
@@ -106,20 +115,14 @@ pub struct ReloadReport {
     pub restart_required: Vec<String>,
 }
 
-/// The admin settings a reload cannot apply: the admin plane's own socket.
-/// The token and the limits apply at once.
-fn restart_required(
-    old: Option<&crate::config::Admin>,
-    new: Option<&crate::config::Admin>,
-) -> Vec<String> {
-    let key = |a: Option<&crate::config::Admin>| a.map(|a| a.listen);
-    if key(old) == key(new) {
-        return Vec::new();
+/// The admin settings a reload cannot apply: the admin plane's own socket,
+/// bound at start (`bound`). The token and the limits apply at once.
+fn restart_required(bound: Option<SocketAddr>, new: Option<&crate::config::Admin>) -> Vec<String> {
+    match (bound, new.map(|a| a.listen)) {
+        (a, b) if a == b => Vec::new(),
+        (Some(_), Some(_)) => vec!["admin.listen".to_owned()],
+        _ => vec!["admin".to_owned()],
     }
-    vec![match (old, new) {
-        (Some(_), Some(_)) => "admin.listen".to_owned(),
-        _ => "admin".to_owned(),
-    }]
 }
 
 pub(crate) struct Shared {
@@ -132,6 +135,9 @@ pub(crate) struct Shared {
     pub audit: Arc<AuditLog>,
     /// Swapped whole by a reload: from then on only the new token works.
     pub admin_token: arc_swap::ArcSwapOption<crate::config::AdminToken>,
+    /// The admin address bound at start, which a reload never moves: what
+    /// decides whether the admin plane may go without a token.
+    admin_bound: Option<SocketAddr>,
     /// Refused admin calls are logged and audited once a second.
     pub unauthorized_log: super::throttle::OncePerSecond,
     pub trace: TraceSlot,
@@ -179,6 +185,7 @@ impl Shared {
                     &trace,
                     CancellationToken::new(),
                     &mut bound,
+                    None,
                 )
             })
             .collect();
@@ -194,6 +201,7 @@ impl Shared {
                 config.admin.as_ref().and_then(|a| a.token.clone()),
             ),
             unauthorized_log: super::throttle::OncePerSecond::new(),
+            admin_bound: config.admin.as_ref().map(|a| a.listen),
             trace,
             reload_lock: tokio::sync::Mutex::new(()),
             serving: AtomicBool::new(false),
@@ -273,6 +281,17 @@ impl Shared {
     /// Re-reads the config file and applies the difference; a bad file
     /// changes nothing. Serialized: one reload at a time.
     pub async fn reload(self: &Arc<Self>) -> Result<ReloadReport, ReloadError> {
+        // In its own task: the caller (an admin connection that times out, a
+        // dropped future) cannot cancel a reload halfway through its commit.
+        let shared = Arc::clone(self);
+        match tokio::spawn(async move { shared.reload_serialized().await }).await {
+            Ok(result) => result,
+            Err(e) if e.is_panic() => std::panic::resume_unwind(e.into_panic()),
+            Err(_) => Err(ReloadError::ShuttingDown),
+        }
+    }
+
+    async fn reload_serialized(self: &Arc<Self>) -> Result<ReloadReport, ReloadError> {
         let _one = self.reload_lock.lock().await;
         let result = self.reload_inner().await;
         crate::telemetry::reload(result.is_ok());
@@ -330,11 +349,17 @@ impl Shared {
                 (r.state.name.clone(), r.spec.clone(), addrs)
             })
             .collect();
+        let no_token = new.admin.as_ref().is_none_or(|a| a.token.is_none());
+        if let Some(addr) = self.admin_bound
+            && no_token
+            && !addr.ip().is_loopback()
+        {
+            // The file may say loopback (or no admin at all), but the socket
+            // still serving is this one: it must keep a token.
+            return Err(ReloadError::AdminWithoutToken { addr });
+        }
         let mut report = ReloadReport {
-            restart_required: restart_required(
-                lock(&self.config).admin.as_ref(),
-                new.admin.as_ref(),
-            ),
+            restart_required: restart_required(self.admin_bound, new.admin.as_ref()),
             ..ReloadReport::default()
         };
         let mut keep = Vec::new();
@@ -374,6 +399,12 @@ impl Shared {
         let (mut kept, gone): (Vec<Running>, Vec<Running>) = current
             .into_iter()
             .partition(|r| keep.contains(&r.state.name));
+        // A changed listener keeps counting the connections it accepted
+        // before: its limits hold across the reload.
+        let mut occupancy: HashMap<String, Occupancy> = gone
+            .iter()
+            .map(|r| (r.state.name.clone(), r.state.occupancy()))
+            .collect();
         for r in gone {
             for (addr, socket) in stop_running(r).await {
                 // Port 0 means "any free port": never handed over.
@@ -390,7 +421,8 @@ impl Shared {
                 continue;
             }
             let token = self.stop.child_token();
-            let mut r = new_running(new, l, self.clock, &self.trace, token, fresh);
+            let carried = occupancy.remove(&l.name);
+            let mut r = new_running(new, l, self.clock, &self.trace, token, fresh, carried);
             if serving {
                 self.start_running(&mut r);
             }
@@ -454,6 +486,7 @@ fn new_running(
     trace: &TraceSlot,
     token: CancellationToken,
     bound: &mut HashMap<SocketAddr, Vec<TcpListener>>,
+    occupancy: Option<Occupancy>,
 ) -> Running {
     let sockets = l
         .addrs
@@ -476,7 +509,13 @@ fn new_running(
         })
         .collect();
     Running {
-        state: Arc::new(ListenerState::new(config, l, clock, Arc::clone(trace))),
+        state: Arc::new(ListenerState::new(
+            config,
+            l,
+            clock,
+            Arc::clone(trace),
+            &occupancy.unwrap_or_default(),
+        )),
         spec: ListenerSpec::of(config, l),
         token,
         sockets,

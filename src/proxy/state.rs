@@ -58,7 +58,7 @@ pub struct ListenerState {
     pub(super) socket: SocketOptions,
     /// Open connections per source address, kept only with a per-source
     /// limit.
-    sources: Mutex<HashMap<IpAddr, u32>>,
+    sources: Arc<Mutex<HashMap<IpAddr, u32>>>,
     /// Refused connections are logged once a second, not once a connection.
     denied_log: OncePerSecond,
 }
@@ -69,6 +69,26 @@ pub enum Denied {
     Acl,
     MaxConnections,
     MaxPerSource,
+}
+
+/// Who holds a listener's places: open client connections, and per source
+/// with a per-source limit. Shared by the listener states that a reload
+/// puts under one name, so connections accepted before the reload still
+/// count against the limits after it.
+#[derive(Debug, Clone, Default)]
+pub struct Occupancy {
+    open: Arc<AtomicU64>,
+    per_source: Arc<Mutex<HashMap<IpAddr, u32>>>,
+}
+
+impl ListenerState {
+    /// This listener's places, for the listener that replaces it.
+    pub(super) fn occupancy(&self) -> Occupancy {
+        Occupancy {
+            open: self.outcomes.open_handle(),
+            per_source: Arc::clone(&self.sources),
+        }
+    }
 }
 
 /// A client connection's place under the listener's limits, taken at
@@ -108,7 +128,15 @@ pub struct GroupView {
 // === impl ListenerState ===
 
 impl ListenerState {
-    pub(super) fn new(config: &Config, l: &Listener, clock: Clock, trace: TraceSlot) -> Self {
+    /// `occupancy`: the listener's open connections, carried over from the
+    /// listener it replaces on a reload, so its limits count them too.
+    pub(super) fn new(
+        config: &Config,
+        l: &Listener,
+        clock: Clock,
+        trace: TraceSlot,
+        occupancy: &Occupancy,
+    ) -> Self {
         let shards = std::thread::available_parallelism().map_or(2, |n| n.get());
         let groups: Vec<_> = l.groups.iter().map(|&g| config.group(g)).collect();
         let policy = l.policy.as_ref().map(|p| p.policy.clone());
@@ -129,7 +157,7 @@ impl ListenerState {
                     .map(|g| Arc::new(GroupRoutes::new(&g.name, g.backends.clone(), g.balance)))
                     .collect(),
             ),
-            outcomes: Outcomes::default(),
+            outcomes: Outcomes::with_open(Arc::clone(&occupancy.open)),
             clock,
             decisions: RecentDecisions::default(),
             stats: groups
@@ -163,7 +191,7 @@ impl ListenerState {
             limits: l.limits,
             first_byte_timeout: l.first_byte_timeout,
             socket: l.socket,
-            sources: Mutex::new(HashMap::new()),
+            sources: Arc::clone(&occupancy.per_source),
             denied_log: OncePerSecond::default(),
             steering: AtomicU64::new(0),
         }

@@ -569,3 +569,42 @@ async fn reload_keeps_unchanged_listeners_untouched() {
         "pin and socket survived"
     );
 }
+
+/// The admin socket bound at start keeps serving until a restart, so a
+/// reload may not take its token away while it listens beyond loopback:
+/// not by moving `listen` to loopback in the file, not by removing
+/// `[admin]`. Both are refused and the token keeps guarding every call.
+#[tokio::test]
+async fn reload_never_leaves_a_non_loopback_admin_without_a_token() {
+    let (p, b) = named_pair().await;
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::write(dir.path().join("token"), "s3cret\n").unwrap();
+    let text = config("open", p, b, "").replace(
+        "listen = \"127.0.0.1:0\"\n[[group]]",
+        "listen = \"0.0.0.0:0\"\ntoken_file = \"token\"\n[[group]]",
+    );
+    let path = write_config(dir.path(), &text);
+    let proxy = Proxy::bind(&Config::load(&path).unwrap()).unwrap();
+    let port = proxy.admin_addr().unwrap().port();
+    let admin: SocketAddr = format!("127.0.0.1:{port}").parse().unwrap();
+    tokio::spawn(proxy.serve(std::future::pending()));
+    let loopback_no_token = text
+        .replace("listen = \"0.0.0.0:0\"", "listen = \"127.0.0.1:0\"")
+        .replace("token_file = \"token\"\n", "");
+    let no_admin = text
+        .replace("[admin]\n", "")
+        .replace("listen = \"0.0.0.0:0\"\ntoken_file = \"token\"\n", "");
+    for file in [loopback_no_token, no_admin] {
+        std::fs::write(&path, file).unwrap();
+        let (status, body) = call(admin, "POST", "/reload", "", Some("s3cret")).await;
+        assert_eq!(status, 422, "{body}");
+        assert!(
+            body["error"]
+                .as_str()
+                .unwrap()
+                .contains("keep `token_file` or `token_env`"),
+            "{body}"
+        );
+        assert_eq!(call(admin, "GET", "/status", "", None).await.0, 401);
+    }
+}

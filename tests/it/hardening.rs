@@ -178,6 +178,66 @@ async fn early_reset_is_retried_only_when_enabled() {
             assert!(proxy.state("l").outcomes.snapshot().retried >= 1);
         }
     }
+    // With no attempt left, an early reset is an ordinary reset of the
+    // backend: counted as one, not as a retry that never happens.
+    let only = start_proxy(&two_group_config(
+        &[raddr],
+        &[raddr],
+        "retry_on_early_reset = true\nconnect_attempts = 1",
+    ))
+    .await;
+    assert!(echo_roundtrip(only.addr(), 2000, 6).await.is_err());
+    let deadline = Instant::now() + PATIENCE;
+    while only.state("l").outcomes.snapshot().reset == 0 {
+        assert!(Instant::now() < deadline, "the reset is counted");
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    let c = only.state("l").outcomes.snapshot();
+    assert_eq!((c.reset, c.retried), (1, 0), "{c:?}");
+}
+
+/// `max_connections` counts the connections a listener accepted before a
+/// reload that changed it: the limit holds across the reload.
+#[tokio::test]
+async fn max_connections_holds_across_a_reload() {
+    let echo = echo_backend().await;
+    let dir = tempfile::tempdir().unwrap();
+    // A configured port (picked by the OS, then released) is handed over
+    // by the reload; port 0 would be bound afresh.
+    let port = dead_addr().port();
+    let text = echo_config(echo.addr(), "max_connections = 2")
+        .replace("127.0.0.1:0", &format!("127.0.0.1:{port}"));
+    let (addr, state, handle) = serve_config_in(dir.path(), &text, None).await;
+    let mut held = Vec::new();
+    for _ in 0..2 {
+        let mut s = TcpStream::connect(addr).await.unwrap();
+        s.write_all(b"hi").await.unwrap();
+        let mut b = [0u8; 2];
+        timeout(PATIENCE, s.read_exact(&mut b))
+            .await
+            .unwrap()
+            .unwrap();
+        held.push(s);
+    }
+    // A changed listener (another idle timeout) on the same port.
+    write_config(dir.path(), &format!("{text}idle_timeout = \"10m\"\n"));
+    let report = handle.reload().await.unwrap();
+    assert_eq!(report.changed, vec!["l".to_string()], "{report:?}");
+    let refused = read_all(addr).await;
+    assert!(
+        matches!(&refused, Ok(b) if b.is_empty()) || refused.is_err(),
+        "a third connection is refused after the reload too"
+    );
+    drop(held);
+    let deadline = Instant::now() + PATIENCE;
+    while echo_roundtrip(addr, 100, 7).await.is_err() {
+        assert!(
+            Instant::now() < deadline,
+            "serves again once places free up"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    drop(state);
 }
 
 /// Failed upstream connects are counted by errno on /metrics.

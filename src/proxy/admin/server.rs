@@ -64,6 +64,7 @@ pub async fn serve(
     stop: CancellationToken,
 ) {
     let open = Arc::new(AtomicU32::new(0));
+    let mut fds = fds::Gauge::default();
     let conns = TaskTracker::new();
     let log = OncePerSecond::new();
     let started = Instant::now();
@@ -86,7 +87,7 @@ pub async fn serve(
             }
         };
         let limits = limits();
-        let slot = match admit(&open, limits.max_connections) {
+        let slot = match admit(&open, limits.max_connections, &mut fds) {
             Ok(slot) => slot,
             Err(why) => {
                 drop(stream);
@@ -122,13 +123,14 @@ impl Drop for Slot {
 /// Takes a place for one more admin connection, or says why not. The
 /// count is taken first (one atomic step, so a burst cannot pass the cap),
 /// then the descriptors are checked.
-fn admit(open: &Arc<AtomicU32>, max: u32) -> Result<Slot, Refused> {
+fn admit(open: &Arc<AtomicU32>, max: u32, fds: &mut fds::Gauge) -> Result<Slot, Refused> {
     open.fetch_update(Relaxed, Relaxed, |n| (n < max).then_some(n + 1))
         .map_err(|_| Refused::MaxConnections)?;
     let slot = Slot(Arc::clone(open));
-    match fds::spare() {
-        Some((spare, limit)) if spare < fds::reserved(limit) => Err(Refused::Descriptors),
-        _ => Ok(slot),
+    if fds.take_one(Instant::now()) {
+        Ok(slot)
+    } else {
+        Err(Refused::Descriptors)
     }
 }
 
@@ -251,6 +253,15 @@ impl AsyncWrite for Watched {
 /// The process's descriptors: how many are free, and what is held back
 /// for the data path.
 mod fds {
+    use std::time::Duration;
+    use tokio::time::Instant;
+
+    /// How long a count of open descriptors is trusted. Counting reads
+    /// `/proc/self/fd` (a scan of every open descriptor), so a client that
+    /// opens and closes admin connections in a loop costs at most ten
+    /// scans a second.
+    const FRESH: Duration = Duration::from_millis(100);
+
     /// Descriptors the admin plane never takes: a sixteenth of the limit,
     /// at least 16 (16 of 256, 64 of 1024, 1024 of 16384), enough for the
     /// data path to keep accepting and connecting while admin load peaks.
@@ -258,18 +269,50 @@ mod fds {
         (limit / 16).max(16)
     }
 
-    /// (free descriptors, the soft limit), where this can be known.
+    /// Free descriptors, counted at most every `FRESH` and lowered by one
+    /// for each admin connection admitted since.
+    #[derive(Debug, Default)]
+    pub struct Gauge {
+        counted: Option<(Instant, Option<(u64, u64)>)>,
+    }
+
+    impl Gauge {
+        /// Whether one more admin connection leaves the reserve intact;
+        /// if so, counts it as taken.
+        pub fn take_one(&mut self, now: Instant) -> bool {
+            let stale = self.counted.is_none_or(|(at, _)| now - at >= FRESH);
+            if stale {
+                self.counted = Some((now, spare()));
+            }
+            let Some((_, known)) = &mut self.counted else {
+                return true;
+            };
+            match known {
+                // Unknown here (not Linux, or no limit): nothing to hold back.
+                None => true,
+                Some((free, limit)) if *free > reserved(*limit) => {
+                    *free -= 1;
+                    true
+                }
+                Some(_) => false,
+            }
+        }
+    }
+
+    /// (free descriptors, the soft limit), where this can be known. A count
+    /// that fails for lack of a descriptor says none is free.
     #[cfg(target_os = "linux")]
-    pub fn spare() -> Option<(u64, u64)> {
+    fn spare() -> Option<(u64, u64)> {
         let limit = rustix::process::getrlimit(rustix::process::Resource::Nofile).current?;
-        // One directory read per admitted admin connection: cheap at admin
-        // rates, and exact, unlike any count kept on the side.
-        let open = std::fs::read_dir("/proc/self/fd").ok()?.count() as u64;
+        let open = match std::fs::read_dir("/proc/self/fd") {
+            Ok(dir) => dir.count() as u64,
+            Err(_) => limit,
+        };
         Some((limit.saturating_sub(open), limit))
     }
 
     #[cfg(not(target_os = "linux"))]
-    pub fn spare() -> Option<(u64, u64)> {
+    fn spare() -> Option<(u64, u64)> {
         None
     }
 }
@@ -278,14 +321,18 @@ mod fds {
 mod tests {
     use super::*;
 
-    #[test]
-    fn the_cap_holds_and_places_come_back() {
+    #[tokio::test]
+    async fn the_cap_holds_and_places_come_back() {
         let open = Arc::new(AtomicU32::new(0));
-        let a = admit(&open, 2).unwrap();
-        let _b = admit(&open, 2).unwrap();
-        assert_eq!(admit(&open, 2).err(), Some(Refused::MaxConnections));
+        let mut fds = fds::Gauge::default();
+        let a = admit(&open, 2, &mut fds).unwrap();
+        let _b = admit(&open, 2, &mut fds).unwrap();
+        assert_eq!(
+            admit(&open, 2, &mut fds).err(),
+            Some(Refused::MaxConnections)
+        );
         drop(a);
-        assert!(admit(&open, 2).is_ok());
+        assert!(admit(&open, 2, &mut fds).is_ok());
         assert_eq!(open.load(Relaxed), 1, "a dropped place is given back");
     }
 
