@@ -248,20 +248,41 @@ async fn bad_requests_get_clear_json_errors() {
     );
 }
 
-/// With a token, every call needs it.
-#[tokio::test]
-async fn token_guards_every_call() {
+/// A proxy whose admin plane on `listen` needs the bearer token `token`
+/// (from a `token` file beside the config).
+struct WithToken {
+    dir: tempfile::TempDir,
+    path: PathBuf,
+    /// The config as written, to edit for reloads.
+    text: String,
+    /// Where to call the admin plane (on loopback, whatever `listen` was).
+    admin: SocketAddr,
+}
+
+async fn run_with_token(listener: &str, listen: &str, token: &str) -> WithToken {
     let (p, b) = named_pair().await;
     let dir = tempfile::tempdir().unwrap();
-    std::fs::write(dir.path().join("token"), "s3cret\n").unwrap();
-    let text = config("tok", p, b, "").replace(
+    std::fs::write(dir.path().join("token"), format!("{token}\n")).unwrap();
+    let text = config(listener, p, b, "").replace(
         "listen = \"127.0.0.1:0\"\n[[group]]",
-        "listen = \"127.0.0.1:0\"\ntoken_file = \"token\"\n[[group]]",
+        &format!("listen = \"{listen}\"\ntoken_file = \"token\"\n[[group]]"),
     );
     let path = write_config(dir.path(), &text);
     let proxy = Proxy::bind(&Config::load(&path).unwrap()).unwrap();
-    let admin = proxy.admin_addr().unwrap();
+    let port = proxy.admin_addr().unwrap().port();
     tokio::spawn(proxy.serve(std::future::pending()));
+    WithToken {
+        dir,
+        path,
+        text,
+        admin: SocketAddr::from(([127, 0, 0, 1], port)),
+    }
+}
+
+/// With a token, every call needs it.
+#[tokio::test]
+async fn token_guards_every_call() {
+    let WithToken { dir, admin, .. } = run_with_token("tok", "127.0.0.1:0", "s3cret").await;
     assert_eq!(call(admin, "GET", "/status", "", None).await.0, 401);
     assert_eq!(
         call(admin, "GET", "/metrics", "", Some("wrong")).await.0,
@@ -310,18 +331,9 @@ async fn raw_status(admin: SocketAddr, headers: &str) -> u16 {
 /// old; a reload with an unusable token changes nothing and says why.
 #[tokio::test]
 async fn reload_rotates_the_token() {
-    let (p, b) = named_pair().await;
-    let dir = tempfile::tempdir().unwrap();
+    let r = run_with_token("rot", "127.0.0.1:0", "old-token").await;
+    let (dir, path, text, admin) = (&r.dir, &r.path, &r.text, r.admin);
     let token = dir.path().join("token");
-    std::fs::write(&token, "old-token\n").unwrap();
-    let text = config("rot", p, b, "").replace(
-        "listen = \"127.0.0.1:0\"\n[[group]]",
-        "listen = \"127.0.0.1:0\"\ntoken_file = \"token\"\n[[group]]",
-    );
-    let path = write_config(dir.path(), &text);
-    let proxy = Proxy::bind(&Config::load(&path).unwrap()).unwrap();
-    let admin = proxy.admin_addr().unwrap();
-    tokio::spawn(proxy.serve(std::future::pending()));
     assert_eq!(
         call(admin, "GET", "/status", "", Some("old-token")).await.0,
         200
@@ -362,7 +374,7 @@ async fn reload_rotates_the_token() {
             "listen = \"127.0.0.1:0\"\ntoken",
             "listen = \"127.0.0.1:1\"\ntoken",
         );
-    std::fs::write(&path, moved).unwrap();
+    std::fs::write(path, moved).unwrap();
     let (status, body) = call(admin, "POST", "/reload", "", Some("new-token")).await;
     assert_eq!(status, 200, "{body}");
     assert_eq!(
@@ -576,18 +588,12 @@ async fn reload_keeps_unchanged_listeners_untouched() {
 /// `[admin]`. Both are refused and the token keeps guarding every call.
 #[tokio::test]
 async fn reload_never_leaves_a_non_loopback_admin_without_a_token() {
-    let (p, b) = named_pair().await;
-    let dir = tempfile::tempdir().unwrap();
-    std::fs::write(dir.path().join("token"), "s3cret\n").unwrap();
-    let text = config("open", p, b, "").replace(
-        "listen = \"127.0.0.1:0\"\n[[group]]",
-        "listen = \"0.0.0.0:0\"\ntoken_file = \"token\"\n[[group]]",
-    );
-    let path = write_config(dir.path(), &text);
-    let proxy = Proxy::bind(&Config::load(&path).unwrap()).unwrap();
-    let port = proxy.admin_addr().unwrap().port();
-    let admin: SocketAddr = format!("127.0.0.1:{port}").parse().unwrap();
-    tokio::spawn(proxy.serve(std::future::pending()));
+    let WithToken {
+        dir: _dir,
+        path,
+        text,
+        admin,
+    } = run_with_token("open", "0.0.0.0:0", "s3cret").await;
     let loopback_no_token = text
         .replace("listen = \"0.0.0.0:0\"", "listen = \"127.0.0.1:0\"")
         .replace("token_file = \"token\"\n", "");

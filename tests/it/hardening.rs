@@ -369,6 +369,24 @@ fn spawn_proxy(
     (child, addr.unwrap(), admin)
 }
 
+/// A proxy child under `ulimit -n nofile`, with an admin plane
+/// (`admin_extra` added to `[admin]`) and one listener to `echo`; its
+/// config folder, the child, the listener's and the admin's addresses.
+fn spawn_with_admin(
+    echo: SocketAddr,
+    admin_extra: &str,
+    nofile: u32,
+) -> (tempfile::TempDir, ProxyChild, SocketAddr, SocketAddr) {
+    let dir = tempfile::tempdir().unwrap();
+    let text = format!(
+        "[admin]\nlisten = \"127.0.0.1:0\"\n{admin_extra}{}",
+        echo_config(echo, "")
+    );
+    let path = write_config(dir.path(), &text);
+    let (child, addr, admin) = spawn_proxy(&path, Some(nofile), true);
+    (dir, child, addr, admin.expect("admin address logged"))
+}
+
 fn fd_count(pid: u32) -> usize {
     std::fs::read_dir(format!("/proc/{pid}/fd")).map_or(0, |d| d.count())
 }
@@ -387,14 +405,7 @@ fn rss_bytes(pid: u32) -> u64 {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn accept_loop_survives_fd_exhaustion() {
     let echo = echo_backend().await;
-    let dir = tempfile::tempdir().unwrap();
-    let text = format!(
-        "[admin]\nlisten = \"127.0.0.1:0\"\n{}",
-        echo_config(echo.addr(), "")
-    );
-    let path = write_config(dir.path(), &text);
-    let (child, addr, admin) = spawn_proxy(&path, Some(64), true);
-    let admin = admin.expect("admin address logged");
+    let (_dir, child, addr, admin) = spawn_with_admin(echo.addr(), "", 64);
     // Each proxied connection costs the proxy two fds: 64 run out fast.
     let mut held = Vec::new();
     for _ in 0..80 {
@@ -752,14 +763,7 @@ async fn idle_admin_sockets_cannot_starve_the_data_path() {
         ("", "max_connections"),
         ("max_connections = 10000\n", "descriptors"),
     ] {
-        let dir = tempfile::tempdir().unwrap();
-        let text = format!(
-            "[admin]\nlisten = \"127.0.0.1:0\"\n{admin_extra}{}",
-            echo_config(echo.addr(), "")
-        );
-        let path = write_config(dir.path(), &text);
-        let (child, addr, admin) = spawn_proxy(&path, Some(256), true);
-        let admin = admin.expect("admin address logged");
+        let (_dir, child, addr, admin) = spawn_with_admin(echo.addr(), admin_extra, 256);
         let mut idle = Vec::new();
         for _ in 0..300 {
             if let Ok(Ok(s)) = timeout(Duration::from_secs(2), TcpStream::connect(admin)).await {
