@@ -159,13 +159,7 @@ impl Shared {
         let mut bound: HashMap<SocketAddr, Vec<TcpListener>> = HashMap::new();
         for l in &config.listeners {
             for &addr in &l.addrs {
-                let socket = bind_one(addr, l.socket.backlog).map_err(|source| BindError {
-                    listener: l.name.clone(),
-                    addr,
-                    port: addr.port(),
-                    source,
-                })?;
-                bound.entry(addr).or_default().push(socket);
+                bound.entry(addr).or_default().push(bind_for(l, addr)?);
             }
         }
         let audit =
@@ -463,19 +457,22 @@ fn bind_fresh(
         for &addr in &l.addrs {
             match handed_over.get_mut(&addr) {
                 Some(n) if *n > 0 => *n -= 1,
-                _ => {
-                    let socket = bind_one(addr, l.socket.backlog).map_err(|source| BindError {
-                        listener: l.name.clone(),
-                        addr,
-                        port: addr.port(),
-                        source,
-                    })?;
-                    fresh.entry(addr).or_default().push(socket);
-                }
+                _ => fresh.entry(addr).or_default().push(bind_for(l, addr)?),
             }
         }
     }
     Ok(fresh)
+}
+
+/// Binds one of listener `l`'s addresses, with its backlog; a failure
+/// names the listener and the port.
+fn bind_for(l: &Listener, addr: SocketAddr) -> Result<TcpListener, BindError> {
+    bind_one(addr, l.socket.backlog).map_err(|source| BindError {
+        listener: l.name.clone(),
+        addr,
+        port: addr.port(),
+        source,
+    })
 }
 
 /// A listener's running parts, taking its sockets from `bound`.

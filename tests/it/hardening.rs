@@ -387,6 +387,18 @@ fn spawn_with_admin(
     (dir, child, addr, admin.expect("admin address logged"))
 }
 
+/// Up to `n` connections to `addr`, one after another, each given 2 s;
+/// the ones that connected, held open.
+async fn connect_many(addr: SocketAddr, n: usize) -> Vec<TcpStream> {
+    let mut held = Vec::new();
+    for _ in 0..n {
+        if let Ok(Ok(s)) = timeout(Duration::from_secs(2), TcpStream::connect(addr)).await {
+            held.push(s);
+        }
+    }
+    held
+}
+
 fn fd_count(pid: u32) -> usize {
     std::fs::read_dir(format!("/proc/{pid}/fd")).map_or(0, |d| d.count())
 }
@@ -407,12 +419,7 @@ async fn accept_loop_survives_fd_exhaustion() {
     let echo = echo_backend().await;
     let (_dir, child, addr, admin) = spawn_with_admin(echo.addr(), "", 64);
     // Each proxied connection costs the proxy two fds: 64 run out fast.
-    let mut held = Vec::new();
-    for _ in 0..80 {
-        if let Ok(Ok(s)) = timeout(Duration::from_secs(2), TcpStream::connect(addr)).await {
-            held.push(s);
-        }
-    }
+    let held = connect_many(addr, 80).await;
     tokio::time::sleep(Duration::from_millis(500)).await;
     let cpu_before = cpu_ticks(child.0.id());
     tokio::time::sleep(Duration::from_secs(1)).await;
@@ -764,12 +771,7 @@ async fn idle_admin_sockets_cannot_starve_the_data_path() {
         ("max_connections = 10000\n", "descriptors"),
     ] {
         let (_dir, child, addr, admin) = spawn_with_admin(echo.addr(), admin_extra, 256);
-        let mut idle = Vec::new();
-        for _ in 0..300 {
-            if let Ok(Ok(s)) = timeout(Duration::from_secs(2), TcpStream::connect(admin)).await {
-                idle.push(s);
-            }
-        }
+        let idle = connect_many(admin, 300).await;
         // Let the proxy accept (and refuse) what it will.
         tokio::time::sleep(Duration::from_millis(500)).await;
         let fds = fd_count(child.0.id());
