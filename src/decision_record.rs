@@ -4,11 +4,11 @@
 //! contract: scripts and dashboards read them.
 
 use crate::core::policy::{Decision, Reason, Unit};
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 use serde_json::{Map, Value};
 
 /// One decision that moved (or in dry-run would move) traffic.
-#[derive(Debug, Clone, Serialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct DecisionRecord {
     /// Wall-clock time, RFC 3339 with milliseconds.
     pub time: String,
@@ -16,10 +16,10 @@ pub struct DecisionRecord {
     pub uptime_s: f64,
     pub listener: String,
     pub policy: String,
-    pub action: &'static str,
+    pub action: String,
     pub rule: String,
     pub dry_run: bool,
-    pub phase: &'static str,
+    pub phase: String,
     /// Percent of new connections per group, before and after.
     pub from: Value,
     pub to: Value,
@@ -31,7 +31,7 @@ pub struct DecisionRecord {
 }
 
 /// One condition checked: its value against its threshold.
-#[derive(Debug, Clone, PartialEq, Serialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct ReasonRecord {
     pub rule: String,
     pub group: String,
@@ -41,7 +41,7 @@ pub struct ReasonRecord {
     pub threshold: f64,
     pub fired: bool,
     /// `seconds`, `ratio`, `count`, `per_second` or `flag`.
-    pub unit: &'static str,
+    pub unit: String,
 }
 
 impl ReasonRecord {
@@ -57,7 +57,7 @@ impl ReasonRecord {
             },
             threshold: r.threshold,
             fired: r.fired,
-            unit: unit_name(r.rule.unit()),
+            unit: unit_name(r.rule.unit()).to_owned(),
         }
     }
 }
@@ -91,10 +91,10 @@ impl DecisionRecord {
             uptime_s: d.at.as_secs_f64(),
             listener: listener.to_owned(),
             policy: policy.to_owned(),
-            action: d.action.name(),
+            action: d.action.name().to_owned(),
             rule: d.rule.label(),
             dry_run: d.dry_run,
-            phase: d.phase.name(),
+            phase: d.phase.name().to_owned(),
             from: shares(groups, d.previous.as_slice()),
             to: shares(groups, d.weights.as_slice()),
             bad: d.bad,

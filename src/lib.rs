@@ -20,6 +20,8 @@ pub mod core;
 pub mod decision_record;
 pub mod demo;
 pub mod diagnose;
+pub mod etcd;
+pub mod http_client;
 pub mod load;
 pub mod proxy;
 pub mod signals;

@@ -27,6 +27,17 @@ impl Config {
         if let Some(a) = &self.admin {
             let _ = writeln!(out, "admin: http://{}/metrics", a.listen);
         }
+        if let Some(f) = &self.fleet {
+            let _ = writeln!(
+                out,
+                "fleet `{}` as member `{}` on etcd {}: lease {}, decides alone after {} without fresh fleet weights",
+                f.name,
+                f.member.as_deref().unwrap_or("(hostname and admin port)"),
+                f.etcd.join(", "),
+                duration(f.lease_ttl),
+                duration(f.stale_after)
+            );
+        }
         let _ = writeln!(
             out,
             "stats window: {} in {} sub-windows",

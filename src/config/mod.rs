@@ -4,6 +4,7 @@
 
 mod describe;
 pub(crate) mod diagnostic;
+mod fleet;
 mod listen;
 pub mod policy;
 mod raw;
@@ -12,6 +13,7 @@ mod validate;
 
 pub use crate::core::backend::{Backend, Balance};
 pub use diagnostic::{ConfigError, Diagnostic};
+pub use fleet::{DEFAULT_LEASE_TTL, DEFAULT_STALE_AFTER, Fleet, FleetSignal, MemberToken};
 pub use listen::{addrs_collide, parse_listen};
 
 use ipnet::IpNet;
@@ -58,6 +60,8 @@ pub struct Config {
     pub audit_log: Option<PathBuf>,
     /// The admin listener (`/metrics`), if configured.
     pub admin: Option<Admin>,
+    /// `[fleet]`: decide as one with the other members, on etcd.
+    pub fleet: Option<Fleet>,
     /// The sliding window latency statistics are read over.
     pub stats: crate::core::stats::WindowConfig,
     /// Whether connections record latency signals (`[stats] record`).

@@ -17,6 +17,7 @@ pub struct RawConfig {
     /// Where policy decisions are appended as JSON lines.
     pub audit_log: Option<String>,
     pub admin: Option<S<RawAdmin>>,
+    pub fleet: Option<S<RawFleet>>,
     pub stats: Option<RawStats>,
     #[serde(default, rename = "group")]
     pub groups: Vec<RawGroup>,
@@ -44,6 +45,19 @@ pub struct RawAdmin {
     pub max_connections: Option<S<u32>>,
     pub header_timeout: Option<S<String>>,
     pub idle_timeout: Option<S<String>>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawFleet {
+    pub name: S<String>,
+    pub member: Option<S<String>>,
+    pub etcd: S<Vec<S<String>>>,
+    pub lease_ttl: Option<S<String>>,
+    pub signal: Option<S<String>>,
+    pub prometheus: Option<S<String>>,
+    pub stale_after: Option<S<String>>,
+    pub advertise: Option<S<String>>,
 }
 
 #[derive(Debug, Deserialize)]

@@ -21,8 +21,8 @@ pub fn parse(path: &Path, text: &str) -> Result<Config, ConfigError> {
     rep.finish().map(|()| config)
 }
 
-struct Validator<'r, 'a> {
-    rep: &'r mut Reporter<'a>,
+pub(super) struct Validator<'r, 'a> {
+    pub(super) rep: &'r mut Reporter<'a>,
     path: &'a Path,
 }
 
@@ -54,6 +54,10 @@ impl Validator<'_, '_> {
             .collect();
         self.conflicts(&raw.listeners, &listeners);
         let admin = raw.admin.as_ref().and_then(|a| self.admin(a, &listeners));
+        let fleet = raw
+            .fleet
+            .as_ref()
+            .and_then(|f| self.fleet(f, admin.as_ref()));
         let stats = self.stats(raw.stats.as_ref());
         let record_latency = raw.stats.as_ref().and_then(|s| s.record).unwrap_or(true);
         Config {
@@ -64,6 +68,7 @@ impl Validator<'_, '_> {
                 .as_ref()
                 .map(|p| self.path.parent().unwrap_or(Path::new(".")).join(p)),
             admin,
+            fleet,
             stats,
             record_latency,
             groups,
@@ -629,7 +634,12 @@ impl Validator<'_, '_> {
         nets
     }
 
-    fn duration(&mut self, raw: Option<&S<String>>, key: &str, default: Duration) -> Duration {
+    pub(super) fn duration(
+        &mut self,
+        raw: Option<&S<String>>,
+        key: &str,
+        default: Duration,
+    ) -> Duration {
         raw.and_then(|r| self.rep.duration(r, key, true))
             .unwrap_or(default)
     }

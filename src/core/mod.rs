@@ -4,6 +4,7 @@
 
 pub mod backend;
 pub mod blame;
+pub mod fleet;
 pub mod policy;
 pub mod probe;
 pub mod routes;

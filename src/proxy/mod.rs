@@ -11,6 +11,7 @@ mod connection;
 mod control;
 mod copy;
 mod decisions;
+pub mod fleet;
 mod outcome;
 mod probe;
 mod process;
@@ -142,6 +143,18 @@ impl Proxy {
     /// in-flight connections up to the drain timeout.
     pub async fn serve(self, shutdown: impl Future<Output = ()>) -> DrainReport {
         let shared = self.shared;
+        let fleet = shared
+            .config
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .fleet
+            .clone();
+        if let (Some(cfg), Some(admin)) =
+            (fleet, self.admin.as_ref().and_then(|a| a.local_addr().ok()))
+        {
+            let fleet = fleet::Fleet::join(&shared, cfg, admin).await;
+            let _ = shared.fleet.set(fleet);
+        }
         shared.start();
         shared.background.spawn(anchor_timers(shared.stop.clone()));
         if let Some(admin) = self.admin {
@@ -262,6 +275,11 @@ impl ProxyHandle {
             .as_ref()
             .map(|a| a.limits)
             .unwrap_or_default()
+    }
+
+    /// This member's fleet, in fleet mode.
+    pub fn fleet(&self) -> Option<Arc<fleet::Fleet>> {
+        self.shared.fleet.get().cloned()
     }
 
     pub(crate) fn uptime(&self) -> std::time::Duration {

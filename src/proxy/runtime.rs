@@ -111,7 +111,8 @@ pub struct ReloadReport {
     pub removed: Vec<String>,
     pub unchanged: Vec<String>,
     /// Settings that changed in the file but apply only after a restart
-    /// (`admin.listen`: the admin socket is not moved while it serves).
+    /// (`admin.listen`: the admin socket is not moved while it serves;
+    /// `fleet`: a member's lease and election last its life).
     pub restart_required: Vec<String>,
 }
 
@@ -144,6 +145,8 @@ pub(crate) struct Shared {
     reload_lock: tokio::sync::Mutex<()>,
     serving: AtomicBool,
     pub last_reload: Mutex<Option<ReloadOutcome>>,
+    /// Set once, before the listeners start, in fleet mode.
+    pub fleet: std::sync::OnceLock<Arc<super::fleet::Fleet>>,
 }
 
 fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
@@ -200,6 +203,7 @@ impl Shared {
             reload_lock: tokio::sync::Mutex::new(()),
             serving: AtomicBool::new(false),
             last_reload: Mutex::new(None),
+            fleet: std::sync::OnceLock::new(),
         })
     }
 
@@ -215,11 +219,16 @@ impl Shared {
 
     fn start_running(&self, r: &mut Running) {
         probe::spawn_all(&r.state, &self.background, &r.token);
+        let fleet = self.fleet.get().cloned();
+        if let Some(f) = &fleet {
+            f.apply_known(&r.state);
+        }
         if let Some(policy) = r.state.policy() {
             self.background.spawn(control::run(
                 Arc::clone(&r.state),
                 policy.clone(),
                 Arc::clone(&self.audit),
+                fleet,
                 r.token.clone(),
             ));
         }
@@ -326,7 +335,7 @@ impl Shared {
                 .map(Arc::new),
         );
         if !plan.report.restart_required.is_empty() {
-            warn!(keys = ?plan.report.restart_required, "these admin settings take effect on restart only");
+            warn!(keys = ?plan.report.restart_required, "these settings take effect on restart only");
         }
         *lock(&self.config) = new;
         Ok(plan.report)
@@ -356,6 +365,11 @@ impl Shared {
             restart_required: restart_required(self.admin_bound, new.admin.as_ref()),
             ..ReloadReport::default()
         };
+        // A member keeps its lease, election and watch for its life: a
+        // changed [fleet] applies at the next start.
+        if lock(&self.config).fleet != new.fleet {
+            report.restart_required.push("fleet".to_owned());
+        }
         let mut keep = Vec::new();
         for l in &new.listeners {
             let spec = ListenerSpec::of(new, l);

@@ -6,6 +6,7 @@
 //! emitted per packet. Labels stay low-cardinality: listener, group,
 //! backend, signal, kind; never a client address.
 
+pub mod fleet;
 mod histogram;
 
 pub use histogram::LATENCY_BUCKETS;
@@ -104,6 +105,7 @@ pub fn prometheus() -> &'static PrometheusHandle {
 
 fn describe() {
     use metrics::Unit;
+    fleet::describe();
     metrics::describe_counter!(CONNECTIONS, "Proxied connections established to a backend");
     metrics::describe_gauge!(ACTIVE, "Proxied connections currently open to a backend");
     metrics::describe_counter!(

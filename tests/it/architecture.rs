@@ -16,6 +16,8 @@ const ALLOWED: &[(&str, &[&str])] = &[
     ("telemetry", &["core"]),
     ("trace", &[]),
     ("signals", &[]),
+    ("http_client", &[]),
+    ("etcd", &["http_client"]),
     ("decision_record", &["core"]),
     (
         "proxy",
@@ -26,6 +28,8 @@ const ALLOWED: &[(&str, &[&str])] = &[
             "trace",
             "signals",
             "decision_record",
+            "etcd",
+            "http_client",
         ],
     ),
     ("sim", &["core", "config", "trace", "decision_record"]),

@@ -216,6 +216,47 @@ fn bad_configs_name_line_problem_and_fix() {
         &format!("[admin]\nlisten = \"0.0.0.0:9900\"\n{GOOD}"),
         &["admin: 0.0.0.0:9900 is not a loopback address and no token is configured"],
     );
+    let fleet = |body: &str| {
+        format!("[admin]\nlisten = \"127.0.0.1:9900\"\n[fleet]\nname = \"edge\"\n{body}\n{GOOD}")
+    };
+    check_case(
+        "fleet with a TLS etcd URL",
+        &fleet("etcd = [\"https://10.0.0.1:2379\"]"),
+        &[
+            "portshift.toml:5:9: error: fleet: etcd endpoint `https://10.0.0.1:2379` uses TLS",
+            "reach etcd over http",
+        ],
+    );
+    check_case(
+        "fleet with a malformed etcd URL and a short stale_after",
+        &fleet("etcd = [\"127.0.0.1:2379\"]\nlease_ttl = \"10s\"\nstale_after = \"5s\""),
+        &[
+            "fleet: etcd endpoint `127.0.0.1:2379` is not an http:// URL",
+            "`fleet.stale_after` (5s) is shorter than `fleet.lease_ttl` (10s)",
+        ],
+    );
+    check_case(
+        "fleet with a sub-second lease and an unknown key",
+        &fleet("etcd = [\"http://127.0.0.1:2379\"]\nlease_ttl = \"500ms\"\nleader = \"me\""),
+        &["unknown field `leader`"],
+    );
+    check_case(
+        "fleet lease below two seconds",
+        &fleet("etcd = [\"http://127.0.0.1:2379\"]\nlease_ttl = \"1s\""),
+        &["`fleet.lease_ttl` must be whole seconds from 2s to 600s"],
+    );
+    check_case(
+        "fleet without an admin API",
+        &format!("[fleet]\nname = \"edge\"\netcd = [\"http://127.0.0.1:2379\"]\n{GOOD}"),
+        &[
+            "fleet: members read each other's windows through the admin API, and there is no [admin] section",
+        ],
+    );
+    check_case(
+        "fleet with the prometheus signal",
+        &fleet("etcd = [\"http://127.0.0.1:2379\"]\nsignal = \"prometheus\""),
+        &["signal = \"prometheus\" is not available in this version"],
+    );
     check_case(
         "unknown top-level key",
         &format!("listners = []\n{GOOD}"),
@@ -223,6 +264,21 @@ fn bad_configs_name_line_problem_and_fix() {
             "portshift.toml:1:1: error: unknown field `listners`",
             "did you mean `listener`?",
         ],
+    );
+}
+
+/// `check` prints the fleet a member would join.
+#[test]
+fn check_describes_the_fleet() {
+    let text = format!(
+        "[admin]\nlisten = \"127.0.0.1:9900\"\n[fleet]\nname = \"edge\"\nmember = \"edge-a\"\netcd = [\"http://127.0.0.1:2379\", \"http://10.0.0.2:2379/\"]\n{GOOD}"
+    );
+    let out = portshift(&["check"], &text);
+    assert_eq!(out.code, 0, "{}", out.stderr);
+    assert!(
+        out.stdout.contains("fleet `edge` as member `edge-a` on etcd 127.0.0.1:2379, 10.0.0.2:2379: lease 5s, decides alone after 15s"),
+        "{}",
+        out.stdout
     );
 }
 

@@ -294,3 +294,23 @@ pub async fn serve_config_in(
     tokio::spawn(proxy.serve(std::future::pending()));
     (addr, state, handle)
 }
+
+/// True when `tool` is installed. In CI (`CI` set; `.ci/run` installs
+/// Debian's `package`) a missing tool fails the test; elsewhere the test
+/// says why it skips.
+pub fn have_tool(tool: &str, package: &str) -> bool {
+    let found = std::process::Command::new(tool)
+        .arg("--version")
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .status()
+        .is_ok();
+    if !found {
+        assert!(
+            std::env::var_os("CI").is_none(),
+            "{tool} is not installed; .ci/run installs Debian's {package} package"
+        );
+        eprintln!("SKIP: {tool} is not installed (apt-get install {package}); CI runs this test");
+    }
+    found
+}

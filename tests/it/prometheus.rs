@@ -35,25 +35,6 @@ step = 20
 cooldown = "100ms"
 "#;
 
-/// True when the tool is installed; in CI (which installs it) a missing
-/// tool is a failure, elsewhere the test says why it skips.
-fn have(tool: &str) -> bool {
-    let found = Command::new(tool)
-        .arg("--version")
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .status()
-        .is_ok();
-    if !found {
-        assert!(
-            std::env::var_os("CI").is_none(),
-            "{tool} is not installed; .ci/run installs Debian's prometheus package"
-        );
-        eprintln!("SKIP: {tool} is not installed (apt-get install prometheus); CI runs this test");
-    }
-    found
-}
-
 fn dashboard() -> Value {
     let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("dashboards/portshift.json");
     serde_json::from_str(&std::fs::read_to_string(path).unwrap()).unwrap()
@@ -143,6 +124,32 @@ async fn query_until_data(
     Err(format!("no data before the deadline; last answer {last}"))
 }
 
+/// `portshift run` as a second fleet member with one listener, `shifted`;
+/// the child and its admin address.
+fn second_member(
+    dir: &Path,
+    fleet: &str,
+    main: SocketAddr,
+    spare: SocketAddr,
+) -> (std::process::Child, SocketAddr) {
+    let sub = dir.join("second");
+    std::fs::create_dir_all(&sub).unwrap();
+    let text = format!(
+        "[admin]\nlisten = \"127.0.0.1:0\"\n{fleet}member = \"second\"\n[[group]]\nname = \"main\"\nbackends = [\"{main}\"]\n[[group]]\nname = \"spare\"\nbackends = [\"{spare}\"]\n[[listener]]\nname = \"shifted\"\nlisten = [\"127.0.0.1:0\"]\nprimary = \"main\"\nbackups = [\"spare\"]\n"
+    );
+    let path = write_config(&sub, &text);
+    let (child, mut lines) = spawn_logging(Command::new(bin()).args(["run", "-c"]).arg(&path));
+    let admin = lines
+        .by_ref()
+        .map_while(Result::ok)
+        .find(|l| l.contains("admin listening"))
+        .and_then(|l| logged_addr(&l))
+        .expect("the second member serves its admin API");
+    // Keep reading its log, so it never blocks on a full pipe.
+    std::thread::spawn(move || lines.for_each(drop));
+    (child, admin)
+}
+
 fn free_port() -> u16 {
     std::net::TcpListener::bind("127.0.0.1:0")
         .unwrap()
@@ -153,7 +160,7 @@ fn free_port() -> u16 {
 
 #[test]
 fn promtool_accepts_the_alert_rules() {
-    if !have("promtool") {
+    if !have_tool("promtool", "prometheus") {
         return;
     }
     let rules = Path::new(env!("CARGO_MANIFEST_DIR")).join("dashboards/alerts.yml");
@@ -197,7 +204,7 @@ fn dashboard_is_import_ready() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn every_dashboard_and_alert_query_returns_data_from_real_prometheus() {
-    if !have("prometheus") {
+    if !have_tool("prometheus", "prometheus") {
         return;
     }
     let fast = http_backend("fast", 2).await;
@@ -206,11 +213,15 @@ async fn every_dashboard_and_alert_query_returns_data_from_real_prometheus() {
     let dir = tempfile::tempdir().unwrap();
     std::fs::create_dir(dir.path().join("policies")).unwrap();
     std::fs::write(dir.path().join("policies/flappy.toml"), POLICY).unwrap();
-    let (dead1, dead2) = (dead_addr(), dead_addr());
+    let (dead1, dead2, no_etcd) = (dead_addr(), dead_addr(), dead_addr());
+    let fleet = format!(
+        "[fleet]\nname = \"edge\"\netcd = [\"http://{no_etcd}\"]\nlease_ttl = \"2s\"\nstale_after = \"2s\"\n"
+    );
     let text = format!(
         r#"
 [admin]
 listen = "127.0.0.1:0"
+{fleet}member = "first"
 
 [[group]]
 name = "main"
@@ -261,6 +272,10 @@ primary = "void"
     let addrs = proxy.local_addrs();
     let handle = proxy.handle();
     tokio::spawn(proxy.serve(std::future::pending()));
+    // A second member of the fleet, in its own process (its own metrics),
+    // whose `shifted` stays all on the primary: with etcd unreachable both
+    // are detached, there is no leader, and their weights disagree.
+    let second = second_member(dir.path(), &fleet, fast.addr(), slow.addr());
 
     // Pin most traffic of `shifted` onto its slow backup.
     handle
@@ -292,7 +307,7 @@ primary = "void"
     let prom_config = dir.path().join("prometheus.yml");
     std::fs::write(
         &prom_config,
-        format!("global:\n  scrape_interval: 1s\n  evaluation_interval: 1s\nscrape_configs:\n  - job_name: portshift\n    static_configs:\n      - targets: ['{admin}']\n"),
+        format!("global:\n  scrape_interval: 1s\n  evaluation_interval: 1s\nscrape_configs:\n  - job_name: portshift\n    static_configs:\n      - targets: ['{admin}', '{}']\n", second.1),
     )
     .unwrap();
     let mut prom = Command::new("prometheus")
@@ -354,6 +369,9 @@ primary = "void"
     let _ = flapper.await;
     let _ = prom.kill();
     let _ = prom.wait();
+    let (mut second, _) = second;
+    let _ = second.kill();
+    let _ = second.wait();
     assert!(
         failures.is_empty(),
         "queries without data:\n{}",

@@ -20,7 +20,7 @@ mod verdict;
 
 pub use input::GroupInput;
 pub use rule::{Condition, Rule, Unit};
-pub use verdict::BadCounter;
+pub use verdict::{BadCounter, Verdict};
 
 use crate::core::routes::{TOTAL_BP, Weights};
 use crate::core::stats::Signal;
@@ -170,6 +170,21 @@ impl Phase {
         "canary_rolled_back",
         "canary_promoted",
     ];
+
+    /// The phase named `name` (as `name()` gives it); `stage` is the
+    /// canary stage for `canary_ramping`.
+    pub fn from_name(name: &str, stage: usize) -> Option<Phase> {
+        Some(match name {
+            "healthy" => Phase::Healthy,
+            "tripped" => Phase::Tripped,
+            "shifted" => Phase::Shifted,
+            "recovering" => Phase::Recovering,
+            "canary_ramping" => Phase::CanaryStage(stage),
+            "canary_rolled_back" => Phase::CanaryRolledBack,
+            "canary_promoted" => Phase::CanaryPromoted,
+            _ => return None,
+        })
+    }
 
     pub fn name(self) -> &'static str {
         match self {

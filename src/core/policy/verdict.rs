@@ -69,6 +69,23 @@ impl BadCounter {
     pub fn clear(&mut self) {
         *self = BadCounter::new(self.counting);
     }
+
+    /// What it has counted: bad evaluations in a row, the ring of the last
+    /// ones (newest in bit 0) and how many the ring holds. With
+    /// `with_parts`, what a leader hands its successor.
+    pub fn parts(&self) -> (u32, u64, u32) {
+        (self.consecutive, self.ring, self.len)
+    }
+
+    /// A counter for `counting` that has counted `parts`.
+    pub fn with_parts(counting: Counting, (consecutive, ring, len): (u32, u64, u32)) -> Self {
+        BadCounter {
+            counting,
+            consecutive,
+            ring,
+            len: len.min(64),
+        }
+    }
 }
 
 /// Adds one condition's outcome to a running verdict: any bad makes it bad;

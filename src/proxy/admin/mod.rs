@@ -7,6 +7,12 @@
 //!   weights (percent per group), suspending the policy; `DELETE` releases.
 //! - `POST /routes/{listener}/policy/pause` and `/resume`.
 //! - `POST /reload`: as SIGHUP.
+//! - `GET /fleet/window/{listener}?signal=exchange`: the listener's windows
+//!   as a fleet leader merges them (HdrHistogram V2, base64).
+//!
+//! In fleet mode a pin, release, pause or resume is written to etcd first
+//! and holds on every member; if etcd cannot take it, nothing changes and
+//! the answer (503) says why.
 //!
 //! Errors are JSON `{"error": "..."}` with a 4xx status. With a token
 //! configured every call needs `Authorization: Bearer TOKEN`. Every
@@ -26,6 +32,7 @@ use axum::middleware::{self, Next};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post, put};
 use serde_json::{Map, Value, json};
+use std::collections::HashMap;
 use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::{Duration, SystemTime};
@@ -46,6 +53,7 @@ pub async fn serve(listener: TcpListener, handle: ProxyHandle, stop: Cancellatio
         .route("/routes/{listener}/policy/pause", post(pause))
         .route("/routes/{listener}/policy/resume", post(resume))
         .route("/reload", post(reload))
+        .route("/fleet/window/{listener}", get(fleet_window))
         .fallback(not_found)
         .layer(DefaultBodyLimit::max(MAX_BODY_BYTES))
         .layer(middleware::from_fn_with_state(handle.clone(), auth))
@@ -187,13 +195,7 @@ async fn pin(
         ),
         (Ok(v), Ok(state)) => match weights_from_percent(&state.group_names(), v) {
             Err(why) => error(StatusCode::BAD_REQUEST, why),
-            Ok(w) => match state.pin(w.clone()) {
-                Ok(()) => reply(
-                    StatusCode::OK,
-                    json!({ "listener": name, "pinned": percent_map(&state.group_names(), w.as_slice()), "policy": "suspended" }),
-                ),
-                Err(e) => error(StatusCode::BAD_REQUEST, e.to_string()),
-            },
+            Ok(w) => pin_weights(&h, &state, w).await,
         },
     };
     audit(
@@ -206,6 +208,28 @@ async fn pin(
     result
 }
 
+/// Pins `w` on this instance, or through etcd on the whole fleet.
+async fn pin_weights(h: &ProxyHandle, state: &ListenerState, w: Weights) -> Response {
+    let groups = state.group_names();
+    let pinned = match h.fleet() {
+        None => state
+            .pin(w.clone())
+            .map_err(|e| (StatusCode::BAD_REQUEST, e.to_string())),
+        Some(f) => f
+            .steer(state, |c| c.pin_bp = Some(w.as_slice().to_vec()))
+            .await
+            .map(drop)
+            .map_err(|e| (StatusCode::SERVICE_UNAVAILABLE, e)),
+    };
+    match pinned {
+        Ok(()) => reply(
+            StatusCode::OK,
+            json!({ "listener": state.name, "pinned": percent_map(&groups, w.as_slice()), "policy": "suspended", "fleet": h.fleet().is_some() }),
+        ),
+        Err((status, e)) => error(status, e),
+    }
+}
+
 async fn release(
     State(h): State<ProxyHandle>,
     ConnectInfo(peer): ConnectInfo<SocketAddr>,
@@ -214,11 +238,21 @@ async fn release(
     let result = match find(&h, &name) {
         Err(msg) => error(StatusCode::NOT_FOUND, msg),
         Ok(state) => {
-            let was = state.release();
-            reply(
-                StatusCode::OK,
-                json!({ "listener": name, "released": was, "weights": percent_map(&state.group_names(), state.router.weights().as_slice()) }),
-            )
+            let was = state.pinned().is_some();
+            let released = match h.fleet() {
+                None => {
+                    state.release();
+                    Ok(())
+                }
+                Some(f) => f.steer(&state, |c| c.pin_bp = None).await.map(drop),
+            };
+            match released {
+                Ok(()) => reply(
+                    StatusCode::OK,
+                    json!({ "listener": name, "released": was, "weights": percent_map(&state.group_names(), state.router.weights().as_slice()), "fleet": h.fleet().is_some() }),
+                ),
+                Err(e) => error(StatusCode::SERVICE_UNAVAILABLE, e),
+            }
         }
     };
     audit(
@@ -236,7 +270,7 @@ async fn pause(
     ConnectInfo(peer): ConnectInfo<SocketAddr>,
     Path(name): Path<String>,
 ) -> Response {
-    set_paused(h, peer, name, true)
+    set_paused(h, peer, name, true).await
 }
 
 async fn resume(
@@ -244,10 +278,10 @@ async fn resume(
     ConnectInfo(peer): ConnectInfo<SocketAddr>,
     Path(name): Path<String>,
 ) -> Response {
-    set_paused(h, peer, name, false)
+    set_paused(h, peer, name, false).await
 }
 
-fn set_paused(h: ProxyHandle, peer: SocketAddr, name: String, paused: bool) -> Response {
+async fn set_paused(h: ProxyHandle, peer: SocketAddr, name: String, paused: bool) -> Response {
     let result = match find(&h, &name) {
         Err(msg) => error(StatusCode::NOT_FOUND, msg),
         Ok(state) if state.policy().is_none() => error(
@@ -255,11 +289,20 @@ fn set_paused(h: ProxyHandle, peer: SocketAddr, name: String, paused: bool) -> R
             format!("listener `{name}` has no policy to pause or resume"),
         ),
         Ok(state) => {
-            state.set_paused(paused);
-            reply(
-                StatusCode::OK,
-                json!({ "listener": name, "paused": paused }),
-            )
+            let done = match h.fleet() {
+                None => {
+                    state.set_paused(paused);
+                    Ok(())
+                }
+                Some(f) => f.steer(&state, |c| c.paused = paused).await.map(drop),
+            };
+            match done {
+                Ok(()) => reply(
+                    StatusCode::OK,
+                    json!({ "listener": name, "paused": paused, "fleet": h.fleet().is_some() }),
+                ),
+                Err(e) => error(StatusCode::SERVICE_UNAVAILABLE, e),
+            }
         }
     };
     let verb = if paused { "pause" } else { "resume" };
@@ -383,6 +426,37 @@ fn snapshot_json(s: &Snapshot) -> Value {
     })
 }
 
+/// `GET /fleet/window/{listener}?signal=NAME`: the listener's windows for
+/// a fleet leader (the policy's signal when none is named).
+async fn fleet_window(
+    State(h): State<ProxyHandle>,
+    Path(name): Path<String>,
+    axum::extract::Query(q): axum::extract::Query<HashMap<String, String>>,
+) -> Response {
+    let state = match find(&h, &name) {
+        Ok(s) => s,
+        Err(msg) => return error(StatusCode::NOT_FOUND, msg),
+    };
+    let signal = match q.get("signal") {
+        None => state.policy().map_or(Signal::Exchange, |p| p.signal),
+        Some(s) => match crate::proxy::fleet::signal_named(s) {
+            Some(sig) => sig,
+            None => {
+                return error(
+                    StatusCode::BAD_REQUEST,
+                    format!("unknown signal `{s}`; one of connect, first_byte, exchange, probe"),
+                );
+            }
+        },
+    };
+    let member = h.fleet().map(|f| f.member.clone()).unwrap_or_default();
+    let wire = crate::proxy::fleet::window_of(&member, &state, signal);
+    reply(
+        StatusCode::OK,
+        serde_json::to_value(wire).expect("a window serializes"),
+    )
+}
+
 async fn status(State(h): State<ProxyHandle>) -> Response {
     let listeners: Vec<Value> = h
         .listeners()
@@ -402,6 +476,7 @@ async fn status(State(h): State<ProxyHandle>) -> Response {
             "version": env!("CARGO_PKG_VERSION"),
             "uptime_s": h.uptime().as_secs_f64(),
             "last_reload": last_reload,
+            "fleet": h.fleet().map(|f| f.status()),
             "listeners": listeners,
         }),
     )

@@ -1,0 +1,589 @@
+//! Fleet mode end to end: three `portshift run` processes of one fleet on
+//! a real etcd, real backends and real load over loopback. They shift as
+//! one, survive the leader's death and stall, carry an operator's pin to
+//! every member, and decide alone when etcd is gone, then rejoin.
+
+use crate::common::*;
+use crate::etcd::EtcdServer;
+use portshift::load::LoadStats;
+use serde_json::Value;
+use std::io::BufRead;
+use std::net::SocketAddr;
+use std::process::{Child, Command, Stdio};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+use tokio_util::sync::CancellationToken;
+
+const INTERVAL: Duration = Duration::from_millis(200);
+const WINDOW: Duration = Duration::from_secs(2);
+const LEASE_TTL: Duration = Duration::from_secs(2);
+const STALE_AFTER: Duration = Duration::from_secs(6);
+/// Scheduling slack for three proxies, etcd and the load on two cores.
+const GRACE: Duration = Duration::from_secs(3);
+
+const POLICY: &str = r#"
+interval = "200ms"
+window = "2s"
+sub_windows = 10
+signal = "exchange"
+min_samples = 10
+
+[trip]
+p99_above = "150ms"
+for = 3
+
+[shift]
+step = 10
+max = 50
+cooldown = "200ms"
+
+[recover]
+p99_below = "50ms"
+for = "1s"
+step = 10
+cooldown = "100ms"
+"#;
+
+/// One `portshift run` member, its stderr drained into `log`.
+struct Member {
+    name: String,
+    child: Child,
+    listen: SocketAddr,
+    admin: SocketAddr,
+    log: Arc<Mutex<Vec<String>>>,
+}
+
+impl Member {
+    fn start(
+        dir: &std::path::Path,
+        name: &str,
+        etcd: &str,
+        primary: SocketAddr,
+        backup: SocketAddr,
+    ) -> Member {
+        let sub = dir.join(name);
+        std::fs::create_dir_all(sub.join("policies")).unwrap();
+        std::fs::write(sub.join("policies/fast.toml"), POLICY).unwrap();
+        let config = format!(
+            r#"
+[admin]
+listen = "127.0.0.1:0"
+[fleet]
+name = "edge"
+member = "{name}"
+etcd = ["{etcd}"]
+lease_ttl = "{}s"
+stale_after = "{}s"
+[[group]]
+name = "primary"
+backends = ["{primary}"]
+[[group]]
+name = "backup"
+backends = ["{backup}"]
+[[listener]]
+name = "l"
+listen = ["127.0.0.1:0"]
+primary = "primary"
+backups = ["backup"]
+policy = "fast"
+"#,
+            LEASE_TTL.as_secs(),
+            STALE_AFTER.as_secs()
+        );
+        let path = write_config(&sub, &config);
+        let mut child = Command::new(bin())
+            .args(["run", "-c"])
+            .arg(&path)
+            .env("RUST_LOG", "info")
+            .env("NO_COLOR", "1")
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped())
+            .spawn()
+            .expect("the portshift binary starts");
+        let stderr = child.stderr.take().expect("piped");
+        let log = Arc::new(Mutex::new(Vec::new()));
+        let (tx, rx) = std::sync::mpsc::channel();
+        let sink = Arc::clone(&log);
+        std::thread::spawn(move || {
+            for line in std::io::BufReader::new(stderr)
+                .lines()
+                .map_while(Result::ok)
+            {
+                if line.contains("listening") {
+                    let _ = tx.send(line.clone());
+                }
+                sink.lock().unwrap().push(line);
+            }
+        });
+        let (mut listen, mut admin) = (None, None);
+        while listen.is_none() || admin.is_none() {
+            let line = rx
+                .recv_timeout(PATIENCE)
+                .unwrap_or_else(|_| panic!("{name} did not start listening"));
+            if line.contains("admin listening") {
+                admin = logged_addr(&line);
+            } else {
+                listen = logged_addr(&line);
+            }
+        }
+        Member {
+            name: name.to_owned(),
+            child,
+            listen: listen.unwrap(),
+            admin: admin.unwrap(),
+            log,
+        }
+    }
+
+    async fn status(&self) -> Value {
+        let body = admin_get(self.admin, "/status").await;
+        serde_json::from_str(&body).expect("status is JSON")
+    }
+
+    /// The weights in force on listener `l`, percent (primary, backup).
+    async fn weights(&self) -> (f64, f64) {
+        let s = self.status().await;
+        let w = &s["listeners"][0]["weights_percent"];
+        (
+            w["primary"].as_f64().unwrap(),
+            w["backup"].as_f64().unwrap(),
+        )
+    }
+
+    async fn role(&self) -> String {
+        self.status().await["fleet"]["role"]
+            .as_str()
+            .unwrap_or("")
+            .to_owned()
+    }
+
+    async fn metric(&self, name: &str) -> f64 {
+        let text = admin_get(self.admin, "/metrics").await;
+        text.lines()
+            .filter(|l| l.starts_with(name))
+            .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+            .sum()
+    }
+
+    fn logged(&self, what: &str) -> bool {
+        self.log.lock().unwrap().iter().any(|l| l.contains(what))
+    }
+
+    fn signal(&self, sig: &str) {
+        let ok = Command::new("kill")
+            .args([sig, &self.child.id().to_string()])
+            .status()
+            .expect("kill runs")
+            .success();
+        assert!(ok, "kill {sig} {}", self.name);
+    }
+}
+
+impl Drop for Member {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+struct Fleet {
+    dir: tempfile::TempDir,
+    etcd: EtcdServer,
+    primary: portshift::backend::BackendHandle,
+    backup: portshift::backend::BackendHandle,
+    members: Vec<Member>,
+    load: Arc<LoadStats>,
+    stop_load: CancellationToken,
+}
+
+impl Fleet {
+    async fn start(n: usize) -> Fleet {
+        let etcd = EtcdServer::start().await;
+        let primary = http_backend("primary", 5).await;
+        let backup = http_backend("backup", 5).await;
+        let dir = tempfile::tempdir().unwrap();
+        let members = (1..=n)
+            .map(|i| {
+                Member::start(
+                    dir.path(),
+                    &format!("m{i}"),
+                    &etcd.url(),
+                    primary.addr(),
+                    backup.addr(),
+                )
+            })
+            .collect();
+        let f = Fleet {
+            dir,
+            etcd,
+            primary,
+            backup,
+            members,
+            load: Arc::new(LoadStats::default()),
+            stop_load: CancellationToken::new(),
+        };
+        f.until("one leader among the members", PATIENCE, async |f| {
+            f.leaders(&[]).await.len() == 1
+        })
+        .await;
+        f
+    }
+
+    /// New connections at a steady rate, spread over every member.
+    fn start_load(&self, per_member: f64) {
+        for m in &self.members {
+            tokio::spawn(portshift::load::run(
+                m.listen,
+                per_member,
+                Arc::clone(&self.load),
+                self.stop_load.clone(),
+            ));
+        }
+    }
+
+    /// The leaders among `which` (all members when empty).
+    async fn leaders(&self, which: &[usize]) -> Vec<usize> {
+        let all: Vec<usize> = (0..self.members.len()).collect();
+        let which = if which.is_empty() { &all[..] } else { which };
+        let mut out = Vec::new();
+        for &i in which {
+            if self.members[i].role().await == "leader" {
+                out.push(i);
+            }
+        }
+        out
+    }
+
+    async fn all_weights(&self, which: &[usize]) -> Vec<(f64, f64)> {
+        let mut out = Vec::new();
+        for &i in which {
+            out.push(self.members[i].weights().await);
+        }
+        out
+    }
+
+    /// Whether every member in `which` routes by `w` (percent).
+    async fn all_at(&self, which: &[usize], w: (f64, f64)) -> bool {
+        self.all_weights(which).await.iter().all(|x| *x == w)
+    }
+
+    /// Three members under load, their primary slowed until all of them
+    /// have shifted to the policy's maximum, 50/50.
+    async fn shifted() -> Fleet {
+        let f = Fleet::start(3).await;
+        f.start_load(15.0);
+        f.primary.set_delay(Duration::from_millis(300));
+        f.until("shifted to 50/50 everywhere", PATIENCE, async |f| {
+            f.all_at(&[0, 1, 2], (50.0, 50.0)).await
+        })
+        .await;
+        f
+    }
+
+    /// Polls `cond` every 50 ms until it holds; how long that took.
+    async fn until(
+        &self,
+        what: &str,
+        limit: Duration,
+        cond: impl AsyncFn(&Fleet) -> bool,
+    ) -> Duration {
+        let start = Instant::now();
+        while !cond(self).await {
+            assert!(start.elapsed() < limit, "{what}: not within {limit:?}");
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        start.elapsed()
+    }
+}
+
+/// The primary slows from 5 ms to 300 ms under load spread over three
+/// members: every member shows the fleet's weights within window + 3
+/// intervals of the first shift, and all return once it heals. An
+/// operator's pin through member 2 holds on members 1 and 3, and its
+/// release gives the policy back everywhere. No client sees an error.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn members_shift_as_one_and_carry_a_pin() {
+    if !have_tool("etcd", "etcd-server") {
+        return;
+    }
+    let f = Fleet::start(3).await;
+    f.start_load(15.0);
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    f.primary.set_delay(Duration::from_millis(300));
+    let fault = Instant::now();
+    // When each member first shows a shift (each read timed on its own).
+    let mut first = [None; 3];
+    while first.iter().any(Option::is_none) {
+        assert!(
+            fault.elapsed() < PATIENCE,
+            "not every member shifted: {first:?}"
+        );
+        for (i, m) in f.members.iter().enumerate() {
+            if first[i].is_none() && m.weights().await.1 > 0.0 {
+                first[i] = Some(fault.elapsed());
+            }
+        }
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    let times: Vec<Duration> = first.iter().map(|t| t.unwrap()).collect();
+    let spread = *times.iter().max().unwrap() - *times.iter().min().unwrap();
+    eprintln!(
+        "FIGURE first shift seen by each member after the fault: {times:?}; spread {spread:?}"
+    );
+    assert!(
+        spread <= WINDOW + 3 * INTERVAL,
+        "members shifted {spread:?} apart"
+    );
+    let settled = f
+        .until(
+            "all members at the shift's maximum, identical",
+            PATIENCE,
+            async |f| f.all_at(&[0, 1, 2], (50.0, 50.0)).await,
+        )
+        .await;
+    eprintln!("FIGURE all three at 50/50 {settled:?} after the last first shift");
+    // Heal: traffic returns on every member.
+    f.primary.set_delay(Duration::from_millis(5));
+    f.until(
+        "traffic back on the primary everywhere",
+        PATIENCE * 2,
+        async |f| f.all_at(&[0, 1, 2], (100.0, 0.0)).await,
+    )
+    .await;
+
+    // A pin through member 2 holds on 1 and 3.
+    let (status, body) = admin_request(
+        f.members[1].admin,
+        "PUT",
+        "/routes/l/weights",
+        r#"{"primary": 30, "backup": 70}"#,
+        None,
+    )
+    .await
+    .unwrap();
+    assert_eq!(status, 200, "{body}");
+    f.until("the pin on every member", PATIENCE, async |f| {
+        f.all_at(&[0, 1, 2], (30.0, 70.0)).await
+    })
+    .await;
+    tokio::time::sleep(5 * INTERVAL).await;
+    assert!(f.all_at(&[0, 1, 2], (30.0, 70.0)).await, "the pin holds");
+    for m in &f.members {
+        let s = m.status().await;
+        assert_eq!(
+            s["listeners"][0]["pinned"]["primary"], 30.0,
+            "{}: {s}",
+            m.name
+        );
+        assert_eq!(
+            s["fleet"]["members"].as_array().unwrap().len(),
+            3,
+            "{}",
+            m.name
+        );
+    }
+    let (status, body) = admin_request(f.members[1].admin, "DELETE", "/routes/l/weights", "", None)
+        .await
+        .unwrap();
+    assert_eq!(status, 200, "{body}");
+    // Released: the healthy primary's policy takes traffic back everywhere.
+    f.until(
+        "the policy back on every member after release",
+        PATIENCE,
+        async |f| {
+            let mut ok = true;
+            for m in &f.members {
+                let s = m.status().await;
+                ok &= s["listeners"][0]["pinned"].is_null()
+                    && s["listeners"][0]["weights_percent"]["primary"] == 100.0;
+            }
+            ok
+        },
+    )
+    .await;
+    f.stop_load.cancel();
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let failed = f.load.failed_by();
+    assert!(failed.is_empty(), "clients saw errors: {failed:?}");
+    assert!(
+        f.backup.replies() > 0,
+        "the backup served the shifted share"
+    );
+    let _ = &f.dir;
+}
+
+/// The leader dies (SIGKILL): a new one within the lease TTL and an
+/// interval, weights unchanged meanwhile. Then the new leader stalls
+/// (SIGSTOP) past its lease; a third takes over, and when the stalled one
+/// continues its write is refused and it follows. A member joining late
+/// has the fleet's weights before its first connection.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn leadership_survives_death_and_stall() {
+    if !have_tool("etcd", "etcd-server") {
+        return;
+    }
+    let mut f = Fleet::shifted().await;
+
+    let dead = f.leaders(&[]).await[0];
+    f.members[dead].signal("-KILL");
+    let alive: Vec<usize> = (0..3).filter(|&i| i != dead).collect();
+    let killed = Instant::now();
+    let mut new_leader = None;
+    while new_leader.is_none() {
+        assert!(killed.elapsed() < PATIENCE, "no new leader");
+        for &i in &alive {
+            assert_eq!(
+                f.members[i].weights().await,
+                (50.0, 50.0),
+                "weights held during the failover"
+            );
+            if f.members[i].role().await == "leader" {
+                new_leader = Some(i);
+            }
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let failover = killed.elapsed();
+    eprintln!("FIGURE leader failover after SIGKILL: {failover:?} (lease TTL {LEASE_TTL:?})");
+    assert!(
+        failover <= LEASE_TTL + INTERVAL + GRACE,
+        "failover took {failover:?}"
+    );
+
+    // The new leader stalls until its lease expires and the third leads.
+    let stalled = new_leader.unwrap();
+    let third = *alive.iter().find(|&&i| i != stalled).unwrap();
+    f.members[stalled].signal("-STOP");
+    let stopped = Instant::now();
+    f.until("the third member leads", PATIENCE, async |f| {
+        f.members[third].role().await == "leader"
+    })
+    .await;
+    eprintln!(
+        "FIGURE leader takeover after SIGSTOP: {:?}",
+        stopped.elapsed()
+    );
+    assert_eq!(f.members[third].weights().await, (50.0, 50.0));
+    f.members[stalled].signal("-CONT");
+    f.until("the stalled member follows again", PATIENCE, async |f| {
+        f.members[stalled].role().await == "follower"
+    })
+    .await;
+    let refused = f.members[stalled]
+        .metric("portshift_fleet_rejected_writes_total")
+        .await;
+    assert!(
+        refused >= 1.0 || f.members[stalled].logged("the lease had expired"),
+        "the stalled leader neither had a write refused nor found its lease expired"
+    );
+    tokio::time::sleep(5 * INTERVAL).await;
+    assert_eq!(
+        f.all_weights(&[stalled, third]).await,
+        vec![(50.0, 50.0); 2],
+        "the new leader's weights stand"
+    );
+    assert_eq!(f.leaders(&alive).await, vec![third], "one leader");
+
+    // A late joiner: its first answer already has the fleet's weights.
+    let late = Member::start(
+        f.dir.path(),
+        "m4",
+        &f.etcd.url(),
+        f.primary.addr(),
+        f.backup.addr(),
+    );
+    assert_eq!(
+        late.weights().await,
+        (50.0, 50.0),
+        "a new member starts on the fleet's weights"
+    );
+    f.members.push(late);
+    f.stop_load.cancel();
+}
+
+/// etcd stops: members keep their weights and export a growing age, then
+/// decide alone after `stale_after`; etcd returns: they rejoin and take
+/// the fleet's weights again. No client connection fails on the way.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn members_decide_alone_without_etcd_and_rejoin() {
+    if !have_tool("etcd", "etcd-server") {
+        return;
+    }
+    let mut f = Fleet::shifted().await;
+    f.etcd.stop();
+    let stopped = Instant::now();
+    // Before stale_after: the weights hold and their age grows.
+    tokio::time::sleep(STALE_AFTER / 2).await;
+    for m in &f.members {
+        assert_eq!(
+            m.weights().await,
+            (50.0, 50.0),
+            "{} kept the fleet's weights",
+            m.name
+        );
+        let age = m.metric("portshift_fleet_weights_age_seconds").await;
+        assert!(age >= 1.0, "{}: age {age}", m.name);
+    }
+    // The primary heals while etcd is away: each member, alone, brings its
+    // own traffic back once the weights are stale.
+    f.primary.set_delay(Duration::from_millis(5));
+    let alone = f
+        .until("every member decided alone", PATIENCE * 2, async |f| {
+            let mut all = true;
+            for m in &f.members {
+                all &= m.metric("portshift_fleet_local_decisions_total").await > 0.0;
+            }
+            all
+        })
+        .await;
+    let fallback = stopped.elapsed();
+    eprintln!(
+        "FIGURE local decisions began {fallback:?} after etcd stopped (stale_after {STALE_AFTER:?})"
+    );
+    assert!(
+        fallback >= STALE_AFTER,
+        "fell back after {fallback:?}, before stale_after"
+    );
+    let _ = alone;
+    f.until(
+        "traffic back on the primary everywhere, decided alone",
+        PATIENCE * 2,
+        async |f| f.all_at(&[0, 1, 2], (100.0, 0.0)).await,
+    )
+    .await;
+    for m in &f.members {
+        assert_eq!(m.role().await, "detached", "{} lost its lease", m.name);
+    }
+    // etcd returns: one leader again, everyone following it.
+    f.etcd.resume().await;
+    let back = Instant::now();
+    f.until("members rejoin with one leader", PATIENCE, async |f| {
+        let roles: Vec<String> = {
+            let mut r = Vec::new();
+            for m in &f.members {
+                r.push(m.role().await);
+            }
+            r
+        };
+        roles.iter().filter(|r| *r == "leader").count() == 1
+            && roles.iter().all(|r| r != "detached")
+    })
+    .await;
+    eprintln!(
+        "FIGURE members rejoined {:?} after etcd returned",
+        back.elapsed()
+    );
+    f.until("fresh fleet weights everywhere", PATIENCE, async |f| {
+        let mut fresh = true;
+        for m in &f.members {
+            fresh &=
+                m.metric("portshift_fleet_weights_age_seconds").await < STALE_AFTER.as_secs_f64();
+        }
+        fresh
+    })
+    .await;
+    f.stop_load.cancel();
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let failed = f.load.failed_by();
+    assert!(failed.is_empty(), "clients saw errors: {failed:?}");
+}
