@@ -7,6 +7,9 @@
 //! 3. reach: does each backend accept a TCP connection, and how fast?
 //! 4. answer: does each backend answer its probe (send/expect), where one
 //!    is configured?
+//!
+//! With `[fleet]`, first: does each etcd endpoint answer, who are the
+//! fleet's members and its leader, and is this member among them?
 
 use crate::config::{Config, Listener, Probe};
 use std::fmt::Write as _;
@@ -60,7 +63,7 @@ pub fn run(
         None => config.listeners.iter().collect(),
     };
     let sockets = listening_sockets();
-    let mut out = Vec::new();
+    let mut out = config.fleet.as_ref().map(fleet_checks).unwrap_or_default();
     for l in listeners {
         let mut check = |step, verdict, detail: String| {
             out.push(Check {
@@ -108,6 +111,77 @@ pub fn run(
         }
     }
     Ok(out)
+}
+
+/// The fleet's checks: every etcd endpoint answers and shows the fleet;
+/// this member is registered in it (when its id is known).
+fn fleet_checks(f: &crate::config::Fleet) -> Vec<Check> {
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .expect("a current-thread runtime builds");
+    let prefix = format!("/portshift/fleet/{}/", f.name);
+    let check = |step, verdict, detail| Check {
+        listener: format!("fleet `{}`", f.name),
+        step,
+        verdict,
+        detail,
+    };
+    let mut out = Vec::new();
+    let mut members: Option<Vec<String>> = None;
+    for endpoint in &f.etcd {
+        let etcd = crate::etcd::Etcd::new(std::slice::from_ref(endpoint));
+        match rt.block_on(etcd.range_prefix(&prefix)) {
+            Err(e) => out.push(check("etcd", Verdict::Fail, format!("{e}"))),
+            Ok((rev, kvs)) => {
+                let names: Vec<String> = kvs
+                    .iter()
+                    .filter_map(|kv| {
+                        kv.key
+                            .strip_prefix(&format!("{prefix}members/"))
+                            .map(str::to_owned)
+                    })
+                    .collect();
+                let leader = kvs
+                    .iter()
+                    .filter(|kv| kv.key.starts_with(&format!("{prefix}election/")))
+                    .min_by_key(|kv| kv.create_revision)
+                    .map_or("none".to_owned(), |kv| {
+                        String::from_utf8_lossy(&kv.value).into_owned()
+                    });
+                out.push(check(
+                    "etcd",
+                    Verdict::Ok,
+                    format!(
+                        "{endpoint} answers at revision {rev}: {} member(s) [{}], leader {leader}",
+                        names.len(),
+                        names.join(", ")
+                    ),
+                ));
+                members.get_or_insert(names);
+            }
+        }
+    }
+    let (v, d) = match (&f.member, members) {
+        (_, None) => (
+            Verdict::Fail,
+            "no etcd endpoint answered, so no member can join".to_owned(),
+        ),
+        (None, Some(_)) => (
+            Verdict::Skip,
+            "`member` is not set (hostname and admin port are chosen at start)".to_owned(),
+        ),
+        (Some(m), Some(names)) if names.contains(m) => (
+            Verdict::Ok,
+            format!("member `{m}` is registered in the fleet"),
+        ),
+        (Some(m), Some(_)) => (
+            Verdict::Fail,
+            format!("member `{m}` is not registered: not running, or it cannot reach etcd"),
+        ),
+    };
+    out.push(check("member", v, d));
+    out
 }
 
 /// The checklist as text, with a closing verdict line.

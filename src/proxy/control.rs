@@ -22,7 +22,7 @@ use tokio_util::sync::CancellationToken;
 use tracing::{debug, info, warn};
 
 /// Every value of the state gauge: the engine's phases plus the operator's.
-const STATES: [&str; 9] = [
+pub(super) const STATES: [&str; 9] = [
     Phase::NAMES[0],
     Phase::NAMES[1],
     Phase::NAMES[2],

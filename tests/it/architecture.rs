@@ -35,7 +35,7 @@ const ALLOWED: &[(&str, &[&str])] = &[
     ("sim", &["core", "config", "trace", "decision_record"]),
     ("backend", &[]),
     ("load", &["backend"]),
-    ("diagnose", &["config", "core", "telemetry"]),
+    ("diagnose", &["config", "core", "telemetry", "etcd"]),
     (
         "demo",
         &[

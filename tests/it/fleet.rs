@@ -307,6 +307,15 @@ async fn members_shift_as_one_and_carry_a_pin() {
         return;
     }
     let f = Fleet::start(3).await;
+    // `diagnose` sees etcd, the members and this member among them.
+    let out = Command::new(bin())
+        .args(["diagnose", "-c"])
+        .arg(f.dir.path().join("m1/portshift.toml"))
+        .output()
+        .unwrap();
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(text.contains("fleet `edge`") && text.contains("3 member(s) [m1, m2, m3]"), "{text}");
+    assert!(text.contains("[ok]   member member `m1` is registered in the fleet"), "{text}");
     f.start_load(15.0);
     tokio::time::sleep(Duration::from_secs(1)).await;
     f.primary.set_delay(Duration::from_millis(300));

@@ -244,8 +244,12 @@ pub(super) fn apply_weights(state: &ListenerState, h: &mut Heard, member: &str) 
             .route_metrics
             .weights(state.router.weights().as_slice());
     }
-    if let Some(p) = phase_name(&r.state.phase) {
+    if let Some(p) = phase_name(&r.state.phase)
+        && state.pinned().is_none()
+        && !state.is_paused()
+    {
         state.decisions.set_phase(p);
+        state.route_metrics.state(p, &crate::proxy::control::STATES);
     }
     let Some(d) = &r.decision else { return };
     if h.shown_decision.as_deref() != Some(d.time.as_str()) {
