@@ -30,12 +30,16 @@ impl Config {
         if let Some(f) = &self.fleet {
             let _ = writeln!(
                 out,
-                "fleet `{}` as member `{}` on etcd {}: lease {}, decides alone after {} without fresh fleet weights",
+                "fleet `{}` as member `{}` on etcd {}: lease {}, decides alone after {} without fresh fleet weights; inputs from {}",
                 f.name,
                 f.member.as_deref().unwrap_or("(hostname and admin port)"),
                 f.etcd.join(", "),
                 duration(f.lease_ttl),
-                duration(f.stale_after)
+                duration(f.stale_after),
+                match &f.signal {
+                    super::FleetSignal::Members => "every member's windows, merged".to_owned(),
+                    super::FleetSignal::Prometheus { url, .. } => format!("Prometheus at {url}"),
+                }
             );
         }
         let _ = writeln!(

@@ -37,6 +37,13 @@ pub struct Fleet {
 pub enum FleetSignal {
     /// Every member's windows, read from its admin API and merged exactly.
     Members,
+    /// PromQL over every member's counters, from the Prometheus at `url`
+    /// (`http://host:port`); `selector`: extra label matchers that pick
+    /// this fleet's series.
+    Prometheus {
+        url: String,
+        selector: Option<String>,
+    },
 }
 
 /// The bearer token members present to each other.
@@ -153,28 +160,68 @@ impl Validator<'_, '_> {
     }
 
     fn fleet_signal(&mut self, f: &RawFleet) -> FleetSignal {
-        match f.signal.as_ref().map(|s| (s.get_ref().as_str(), s.span())) {
+        let signal = f.signal.as_ref().map(|s| (s.get_ref().as_str(), s.span()));
+        match signal {
             None | Some(("members", _)) => {
-                if let Some(p) = &f.prometheus {
-                    self.rep.error(
-                        p.span(),
-                        "fleet: `prometheus` is read only with signal = \"prometheus\"",
-                        Some("remove it, or set signal = \"prometheus\"".into()),
-                    );
+                for (key, raw) in [
+                    ("prometheus", &f.prometheus),
+                    ("prometheus_selector", &f.prometheus_selector),
+                ] {
+                    if let Some(p) = raw {
+                        self.rep.error(
+                            p.span(),
+                            format!("fleet: `{key}` is read only with signal = \"prometheus\""),
+                            Some("remove it, or set signal = \"prometheus\"".into()),
+                        );
+                    }
                 }
+                FleetSignal::Members
             }
-            Some(("prometheus", span)) => self.rep.error(
-                span,
-                "fleet: signal = \"prometheus\" is not available in this version of portshift",
-                Some("use signal = \"members\" (the default): the leader merges every member's windows exactly".into()),
-            ),
-            Some((other, span)) => self.rep.error(
-                span,
-                format!("fleet: unknown signal `{other}`"),
-                Some("write \"members\"".into()),
-            ),
+            Some(("prometheus", span)) => {
+                let url = match &f.prometheus {
+                    None => {
+                        self.rep.error(
+                            span,
+                            "fleet: signal = \"prometheus\" needs `prometheus`, the Prometheus that scrapes every member",
+                            Some("add e.g. prometheus = \"http://127.0.0.1:9090\"".into()),
+                        );
+                        String::new()
+                    }
+                    Some(p) => match endpoint(p.get_ref()) {
+                        Ok(authority) => format!("http://{authority}"),
+                        Err((why, hint)) => {
+                            self.rep.error(
+                                p.span(),
+                                format!("fleet: prometheus `{}` {why}", p.get_ref()),
+                                Some(hint.replace("2379", "9090")),
+                            );
+                            String::new()
+                        }
+                    },
+                };
+                let selector = f.prometheus_selector.as_ref().and_then(|s| {
+                    let text = s.get_ref();
+                    if text.contains(['{', '}']) || !text.contains('=') {
+                        self.rep.error(
+                            s.span(),
+                            format!("fleet: `prometheus_selector` is `{text}`; it must be label matchers without braces"),
+                            Some("write e.g. 'job=\"portshift-edge\"'".into()),
+                        );
+                        return None;
+                    }
+                    Some(text.clone())
+                });
+                FleetSignal::Prometheus { url, selector }
+            }
+            Some((other, span)) => {
+                self.rep.error(
+                    span,
+                    format!("fleet: unknown signal `{other}`"),
+                    Some("write \"members\" or \"prometheus\"".into()),
+                );
+                FleetSignal::Members
+            }
         }
-        FleetSignal::Members
     }
 
     fn advertise(&mut self, f: &RawFleet, admin: &Admin) -> Option<SocketAddr> {

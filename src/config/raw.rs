@@ -56,6 +56,7 @@ pub struct RawFleet {
     pub lease_ttl: Option<S<String>>,
     pub signal: Option<S<String>>,
     pub prometheus: Option<S<String>>,
+    pub prometheus_selector: Option<S<String>>,
     pub stale_after: Option<S<String>>,
     pub advertise: Option<S<String>>,
 }

@@ -260,6 +260,11 @@ impl ListenerState {
         self.policy.as_ref()
     }
 
+    /// The length of the stats window the policy reads.
+    pub fn window(&self) -> Duration {
+        self.window
+    }
+
     /// Group names, primary first.
     pub fn group_names(&self) -> Vec<String> {
         self.stats.iter().map(|g| g.name.clone()).collect()

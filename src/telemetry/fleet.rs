@@ -41,7 +41,7 @@ pub(super) fn describe() {
     );
     metrics::describe_counter!(
         FLEET_STORE_ERRORS,
-        "Calls to etcd that failed, by operation"
+        "Calls to etcd (and, with signal = \"prometheus\", to Prometheus) that failed, by operation"
     );
 }
 

@@ -253,9 +253,14 @@ fn bad_configs_name_line_problem_and_fix() {
         ],
     );
     check_case(
-        "fleet with the prometheus signal",
-        &fleet("etcd = [\"http://127.0.0.1:2379\"]\nsignal = \"prometheus\""),
-        &["signal = \"prometheus\" is not available in this version"],
+        "fleet with the prometheus signal and no prometheus",
+        &fleet(
+            "etcd = [\"http://127.0.0.1:2379\"]\nsignal = \"prometheus\"\nprometheus_selector = \"{job}\"",
+        ),
+        &[
+            "fleet: signal = \"prometheus\" needs `prometheus`",
+            "`prometheus_selector` is `{job}`; it must be label matchers without braces",
+        ],
     );
     check_case(
         "unknown top-level key",
@@ -276,7 +281,7 @@ fn check_describes_the_fleet() {
     let out = portshift(&["check"], &text);
     assert_eq!(out.code, 0, "{}", out.stderr);
     assert!(
-        out.stdout.contains("fleet `edge` as member `edge-a` on etcd 127.0.0.1:2379, 10.0.0.2:2379: lease 5s, decides alone after 15s"),
+        out.stdout.contains("fleet `edge` as member `edge-a` on etcd 127.0.0.1:2379, 10.0.0.2:2379: lease 5s, decides alone after 15s without fresh fleet weights; inputs from every member's windows, merged"),
         "{}",
         out.stdout
     );

@@ -61,9 +61,21 @@ impl Member {
         primary: SocketAddr,
         backup: SocketAddr,
     ) -> Member {
+        Member::start_with(dir, name, etcd, (primary, backup), "", POLICY)
+    }
+
+    /// With `fleet_extra` lines in `[fleet]`, and `policy` as the policy.
+    fn start_with(
+        dir: &std::path::Path,
+        name: &str,
+        etcd: &str,
+        (primary, backup): (SocketAddr, SocketAddr),
+        fleet_extra: &str,
+        policy: &str,
+    ) -> Member {
         let sub = dir.join(name);
         std::fs::create_dir_all(sub.join("policies")).unwrap();
-        std::fs::write(sub.join("policies/fast.toml"), POLICY).unwrap();
+        std::fs::write(sub.join("policies/fast.toml"), policy).unwrap();
         let config = format!(
             r#"
 [admin]
@@ -74,6 +86,7 @@ member = "{name}"
 etcd = ["{etcd}"]
 lease_ttl = "{}s"
 stale_after = "{}s"
+{fleet_extra}
 [[group]]
 name = "primary"
 backends = ["{primary}"]
@@ -198,18 +211,25 @@ struct Fleet {
 
 impl Fleet {
     async fn start(n: usize) -> Fleet {
+        Fleet::start_with(n, "", POLICY).await
+    }
+
+    async fn start_with(n: usize, fleet_extra: &str, policy: &str) -> Fleet {
         let etcd = EtcdServer::start().await;
         let primary = http_backend("primary", 5).await;
         let backup = http_backend("backup", 5).await;
         let dir = tempfile::tempdir().unwrap();
+        let backends = (primary.addr(), backup.addr());
         let members = (1..=n)
             .map(|i| {
-                Member::start(
+                let name = format!("m{i}");
+                Member::start_with(
                     dir.path(),
-                    &format!("m{i}"),
+                    &name,
                     &etcd.url(),
-                    primary.addr(),
-                    backup.addr(),
+                    backends,
+                    fleet_extra,
+                    policy,
                 )
             })
             .collect();
@@ -314,8 +334,14 @@ async fn members_shift_as_one_and_carry_a_pin() {
         .output()
         .unwrap();
     let text = String::from_utf8_lossy(&out.stdout);
-    assert!(text.contains("fleet `edge`") && text.contains("3 member(s) [m1, m2, m3]"), "{text}");
-    assert!(text.contains("[ok]   member member `m1` is registered in the fleet"), "{text}");
+    assert!(
+        text.contains("fleet `edge`") && text.contains("3 member(s) [m1, m2, m3]"),
+        "{text}"
+    );
+    assert!(
+        text.contains("[ok]   member member `m1` is registered in the fleet"),
+        "{text}"
+    );
     f.start_load(15.0);
     tokio::time::sleep(Duration::from_secs(1)).await;
     f.primary.set_delay(Duration::from_millis(300));
@@ -590,6 +616,73 @@ async fn members_decide_alone_without_etcd_and_rejoin() {
         }
         fresh
     })
+    .await;
+    f.stop_load.cancel();
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let failed = f.load.failed_by();
+    assert!(failed.is_empty(), "clients saw errors: {failed:?}");
+}
+
+/// `signal = "prometheus"`: the leader reads the fleet's latency and errors
+/// from a real Prometheus scraping the three members. The slowed primary
+/// loses traffic on every member, the records name Prometheus as their
+/// source, and traffic returns after healing, with no client errors.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_prometheus_signal_moves_the_fleet() {
+    if !have_tool("etcd", "etcd-server") || !have_tool("prometheus", "prometheus") {
+        return;
+    }
+    let port = crate::prometheus::free_port();
+    // A window of several scrapes: increase() needs two points in range.
+    let policy = POLICY.replace("window = \"2s\"", "window = \"5s\"");
+    let extra = format!(
+        "signal = \"prometheus\"\nprometheus = \"http://127.0.0.1:{port}\"\nprometheus_selector = 'job=\"portshift\"'"
+    );
+    let f = Fleet::start_with(3, &extra, &policy).await;
+    let admins: Vec<SocketAddr> = f.members.iter().map(|m| m.admin).collect();
+    let _prom = crate::prometheus::PromServer::start(f.dir.path(), port, &admins).await;
+    f.start_load(15.0);
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    f.primary.set_delay(Duration::from_millis(300));
+    let fault = Instant::now();
+    f.until(
+        "every member shifted on Prometheus's numbers",
+        PATIENCE * 2,
+        async |f| {
+            let mut all = true;
+            for m in &f.members {
+                all &= m.weights().await.1 > 0.0;
+            }
+            all
+        },
+    )
+    .await;
+    eprintln!(
+        "FIGURE prometheus signal: all members shifted {:?} after the fault",
+        fault.elapsed()
+    );
+    let s = f.members[0].status().await;
+    let record = &s["fleet"]["listeners"]["l"];
+    assert_eq!(
+        record["merged"],
+        serde_json::json!(["prometheus"]),
+        "{record}"
+    );
+    let reasons = &s["listeners"][0]["decisions"][0]["reasons"];
+    assert!(
+        reasons
+            .as_array()
+            .unwrap()
+            .iter()
+            .any(|r| r["fired"] == true && r["rule"] == "p99_above"),
+        "the shift names the p99 rule: {reasons}"
+    );
+    f.primary.set_delay(Duration::from_millis(5));
+    f.until(
+        "traffic back on the primary everywhere",
+        PATIENCE * 3,
+        async |f| f.all_at(&[0, 1, 2], (100.0, 0.0)).await,
+    )
     .await;
     f.stop_load.cancel();
     tokio::time::sleep(Duration::from_millis(300)).await;

@@ -150,7 +150,54 @@ fn second_member(
     (child, admin)
 }
 
-fn free_port() -> u16 {
+/// A real Prometheus scraping `targets` every second; killed when dropped.
+pub struct PromServer {
+    child: std::process::Child,
+    pub addr: SocketAddr,
+}
+
+impl PromServer {
+    /// Starts on `port` with its data under `dir`; waits until ready.
+    pub async fn start(dir: &Path, port: u16, targets: &[SocketAddr]) -> PromServer {
+        let addr: SocketAddr = format!("127.0.0.1:{port}").parse().unwrap();
+        let config = dir.join("prometheus.yml");
+        let list: Vec<String> = targets.iter().map(|t| format!("'{t}'")).collect();
+        std::fs::write(
+            &config,
+            format!("global:\n  scrape_interval: 1s\n  evaluation_interval: 1s\nscrape_configs:\n  - job_name: portshift\n    static_configs:\n      - targets: [{}]\n", list.join(", ")),
+        )
+        .unwrap();
+        let child = Command::new("prometheus")
+            .arg(format!("--config.file={}", config.display()))
+            .arg(format!(
+                "--storage.tsdb.path={}",
+                dir.join("tsdb").display()
+            ))
+            .arg(format!("--web.listen-address={addr}"))
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("prometheus starts");
+        let ready_by = Instant::now() + Duration::from_secs(60);
+        while http(addr, "/-/ready")
+            .await
+            .is_none_or(|b| !b.contains("Ready"))
+        {
+            assert!(Instant::now() < ready_by, "prometheus became ready");
+            tokio::time::sleep(Duration::from_millis(250)).await;
+        }
+        PromServer { child, addr }
+    }
+}
+
+impl Drop for PromServer {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+pub fn free_port() -> u16 {
     std::net::TcpListener::bind("127.0.0.1:0")
         .unwrap()
         .local_addr()
@@ -302,33 +349,8 @@ primary = "void"
         })
     };
 
-    let prom_port = free_port();
-    let prom_addr: SocketAddr = format!("127.0.0.1:{prom_port}").parse().unwrap();
-    let prom_config = dir.path().join("prometheus.yml");
-    std::fs::write(
-        &prom_config,
-        format!("global:\n  scrape_interval: 1s\n  evaluation_interval: 1s\nscrape_configs:\n  - job_name: portshift\n    static_configs:\n      - targets: ['{admin}', '{}']\n", second.1),
-    )
-    .unwrap();
-    let mut prom = Command::new("prometheus")
-        .arg(format!("--config.file={}", prom_config.display()))
-        .arg(format!(
-            "--storage.tsdb.path={}",
-            dir.path().join("tsdb").display()
-        ))
-        .arg(format!("--web.listen-address={prom_addr}"))
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .spawn()
-        .expect("prometheus starts");
-    let ready_by = Instant::now() + Duration::from_secs(60);
-    while http(prom_addr, "/-/ready")
-        .await
-        .is_none_or(|b| !b.contains("Ready"))
-    {
-        assert!(Instant::now() < ready_by, "prometheus became ready");
-        tokio::time::sleep(Duration::from_millis(250)).await;
-    }
+    let prom = PromServer::start(dir.path(), free_port(), &[admin, second.1]).await;
+    let prom_addr = prom.addr;
 
     // A reload fails while Prometheus watches (after its first scrapes), so
     // the counter visibly moves.
@@ -367,8 +389,7 @@ primary = "void"
     }
     stop.cancel();
     let _ = flapper.await;
-    let _ = prom.kill();
-    let _ = prom.wait();
+    drop(prom);
     let (mut second, _) = second;
     let _ = second.kill();
     let _ = second.wait();

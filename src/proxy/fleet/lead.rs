@@ -5,6 +5,7 @@
 //! still leading.
 
 use super::{Fleet, StateRecord, WeightsRecord, WindowWire, lock, wall_time};
+use crate::config::FleetSignal;
 use crate::core::policy::{Decision, GroupInput, PolicyState};
 use crate::core::stats::Signal;
 use crate::decision_record::DecisionRecord;
@@ -40,14 +41,52 @@ pub enum Commit {
 }
 
 impl Fleet {
-    /// This member's window and every other member's, merged; reads take
-    /// at most half the policy interval (and 2 s).
+    /// The fleet's inputs: from Prometheus with `signal = "prometheus"`
+    /// (falling back to the members' windows when it does not answer), or
+    /// this member's window and every other member's, merged. Reads take at
+    /// most half the policy interval (and 2 s).
     pub async fn gather(
         &self,
         state: &ListenerState,
         signal: Signal,
         now: Duration,
         interval: Duration,
+    ) -> Gathered {
+        let deadline = (interval / 2).min(MAX_READ_TIMEOUT);
+        if let FleetSignal::Prometheus { url, selector } = &self.cfg.signal {
+            let q = super::promql::Query {
+                http: &self.http,
+                url,
+                selector: selector.as_deref(),
+                listener: &state.name,
+                window: state.window(),
+                timeout: deadline,
+            };
+            match q.inputs(&state.group_names(), signal).await {
+                Ok(inputs) => {
+                    return Gathered {
+                        inputs,
+                        merged: vec!["prometheus".to_owned()],
+                        missing: Vec::new(),
+                    };
+                }
+                Err(e) => {
+                    crate::telemetry::fleet::store_error("prometheus");
+                    if let Some(held) = self.prometheus_log.allow(now) {
+                        warn!(listener = %state.name, error = %e, not_logged = held, "prometheus did not answer; this decision merges the members' windows instead (logged at most once a second)");
+                    }
+                }
+            }
+        }
+        self.read_members(state, signal, now, deadline).await
+    }
+
+    async fn read_members(
+        &self,
+        state: &ListenerState,
+        signal: Signal,
+        now: Duration,
+        deadline: Duration,
     ) -> Gathered {
         let mut inputs = state.policy_inputs(signal, now);
         let groups = state.group_names();
@@ -57,7 +96,6 @@ impl Fleet {
             .filter(|m| m.member != self.member)
             .map(|m| (m.member.clone(), m.admin.clone()))
             .collect();
-        let deadline = (interval / 2).min(MAX_READ_TIMEOUT);
         let mut reads = JoinSet::new();
         for (member, admin) in peers {
             let http = self.http.clone();

@@ -12,6 +12,7 @@
 //! `session.rs`; what is stored where, in `record.rs`.
 
 mod lead;
+mod promql;
 mod record;
 mod session;
 mod store;
@@ -61,6 +62,8 @@ pub struct Fleet {
     /// Signalled when the leadership is lost while the lease lives, so the
     /// session campaigns again.
     lost_lead: Notify,
+    /// A Prometheus that does not answer is logged once a second.
+    prometheus_log: crate::proxy::throttle::OncePerSecond,
 }
 
 #[derive(Default)]
@@ -141,6 +144,7 @@ impl Fleet {
                 ..Inner::default()
             }),
             lost_lead: Notify::new(),
+            prometheus_log: crate::proxy::throttle::OncePerSecond::new(),
             member,
             admin,
             cfg,
