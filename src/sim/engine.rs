@@ -32,12 +32,15 @@ enum Ev {
     ConnectFailed(u32),
     /// A request finishes service at its backend.
     Done(u32),
-    PolicyTick,
+    /// Instance `i` of a fleet evaluates (0 without a fleet).
+    PolicyTick(u32),
     TimelineTick,
     ProbeTick,
 }
 
 struct Req {
+    /// The fleet instance that took it (0 without a fleet).
+    inst: u32,
     arrival: u64,
     seed: u64,
     plan: Vec<Attempt>,
@@ -55,6 +58,46 @@ struct BackendRt {
     queue: VecDeque<u32>,
 }
 
+/// How the instances of a simulated fleet decide.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Deciding {
+    /// Each on its own window, at its own moment (no fleet mode).
+    Alone,
+    /// One evaluation on every instance's window merged, applied to all.
+    AsFleet,
+}
+
+impl Deciding {
+    pub fn name(self) -> &'static str {
+        match self {
+            Deciding::Alone => "local",
+            Deciding::AsFleet => "fleet",
+        }
+    }
+}
+
+/// What a run of several instances adds: how each one moved, and how far
+/// apart their weights were.
+#[derive(Debug, Clone, PartialEq)]
+pub struct FleetFigures {
+    pub instances: u32,
+    pub deciding: Deciding,
+    /// Per instance: when it first shifted after the first fault.
+    pub first_shift_s: Vec<Option<f64>>,
+    /// Per instance: whether it shifted before any fault began (a false
+    /// alarm, from a noisy window).
+    pub early_shift: Vec<bool>,
+    /// Per instance: times traffic went back toward the primary and then
+    /// away again.
+    pub flaps: Vec<u64>,
+    /// The largest gap between two instances' primary shares at a tick,
+    /// in percentage points, and its mean over the ticks.
+    pub max_spread_pct: f64,
+    pub mean_spread_pct: f64,
+    /// Ticks at which instances routed differently.
+    pub ticks_diverged: u64,
+}
+
 /// Everything one run of one policy produced.
 #[derive(Debug, Clone)]
 pub struct SimRun {
@@ -66,6 +109,8 @@ pub struct SimRun {
     pub timeline: Vec<TickRow>,
     pub decisions: Vec<DecisionRow>,
     pub headline: Headline,
+    /// With `[fleet]`: the instances' figures.
+    pub fleet: Option<FleetFigures>,
 }
 
 fn ns(d: Duration) -> u64 {
@@ -81,22 +126,89 @@ fn dur(t: u64) -> Duration {
 }
 
 /// Runs `scenario` under `policy` with `seed`; `progress` is told the
-/// simulated seconds done after each tick.
+/// simulated seconds done after each tick. A scenario with `[fleet]` runs
+/// its instances as one fleet.
 pub fn run(
     scenario: &Scenario,
     policy: &Policy,
     seed: u64,
     progress: &mut dyn FnMut(f64),
 ) -> SimRun {
-    Sim::new(scenario, policy, seed).run(progress)
+    run_deciding(scenario, policy, seed, Deciding::AsFleet, progress)
+}
+
+/// `run`, with the scenario's fleet instances deciding as `deciding` says.
+pub fn run_deciding(
+    scenario: &Scenario,
+    policy: &Policy,
+    seed: u64,
+    deciding: Deciding,
+    progress: &mut dyn FnMut(f64),
+) -> SimRun {
+    Sim::new(scenario, policy, seed, deciding).run(progress)
+}
+
+/// One simulated proxy instance: its own route table, windows and policy
+/// state (all instances share the backends).
+struct Inst {
+    router: Router,
+    stats: Vec<GroupStats>,
+    pstate: PolicyState,
+    /// Open requests per group (connected, not done), for a fleet.
+    active: Vec<u64>,
+    first_shift: Option<f64>,
+    early_shift: bool,
+    flaps: u64,
+    last_recovered: bool,
+}
+
+impl Inst {
+    fn new(sc: &Scenario, policy: &Policy, window: WindowConfig) -> Self {
+        Inst {
+            router: Router::new(routes(sc)),
+            stats: sc
+                .groups
+                .iter()
+                .map(|g| GroupStats::new(&g.name, g.backends.len(), window, 1))
+                .collect(),
+            pstate: PolicyState::new(policy, sc.groups.len()),
+            active: vec![0; sc.groups.len()],
+            first_shift: None,
+            early_shift: false,
+            flaps: 0,
+            last_recovered: false,
+        }
+    }
+
+    /// Notes a decision for the instance's own figures.
+    fn note(&mut self, t: f64, d: &Decision, first_fault: Option<f64>) {
+        if d.dry_run {
+            return;
+        }
+        match d.action {
+            Action::Shift { .. } => {
+                let after_fault = first_fault.is_none_or(|f| t >= f);
+                if self.first_shift.is_none() && after_fault {
+                    self.first_shift = Some(t);
+                }
+                self.early_shift |= !after_fault;
+                if self.last_recovered {
+                    self.flaps += 1;
+                }
+                self.last_recovered = false;
+            }
+            Action::Recover { .. } => self.last_recovered = true,
+            _ => {}
+        }
+    }
 }
 
 struct Sim<'a> {
     sc: &'a Scenario,
     engine: Engine,
-    pstate: PolicyState,
-    router: Router,
-    stats: Vec<GroupStats>,
+    insts: Vec<Inst>,
+    deciding: Deciding,
+    spreads: Vec<f64>,
     samplers: Vec<Vec<Sampler>>,
     rt: Vec<Vec<BackendRt>>,
     events: BinaryHeap<Reverse<(u64, u64, Ev)>>,
@@ -124,7 +236,7 @@ struct Sim<'a> {
 }
 
 impl<'a> Sim<'a> {
-    fn new(sc: &'a Scenario, policy: &Policy, seed: u64) -> Self {
+    fn new(sc: &'a Scenario, policy: &Policy, seed: u64, deciding: Deciding) -> Self {
         let window = policy
             .window
             .or_else(|| {
@@ -141,13 +253,11 @@ impl<'a> Sim<'a> {
         Sim {
             sc,
             engine: Engine::new(policy.clone()),
-            pstate: PolicyState::new(policy, sc.groups.len()),
-            router: Router::new(routes(sc)),
-            stats: sc
-                .groups
-                .iter()
-                .map(|g| GroupStats::new(&g.name, g.backends.len(), window, 1))
+            insts: (0..sc.instances())
+                .map(|_| Inst::new(sc, policy, window))
                 .collect(),
+            deciding,
+            spreads: Vec::new(),
             samplers: sc
                 .groups
                 .iter()
@@ -208,7 +318,18 @@ impl<'a> Sim<'a> {
         if let Some(first) = self.arrivals.next(0.0, secs(self.end)) {
             self.push((first * 1e9) as u64, Ev::Arrival);
         }
-        self.push(0, Ev::PolicyTick);
+        // A fleet's instances evaluate at their own moments, spread over
+        // the interval; as one fleet, once.
+        let n = self.insts.len() as u64;
+        let ticks = if self.deciding == Deciding::AsFleet {
+            1
+        } else {
+            n
+        };
+        for i in 0..ticks {
+            let offset = ns(self.engine.policy.interval) * i / n;
+            self.push(offset, Ev::PolicyTick(i as u32));
+        }
         self.push(ns(self.sc.tick), Ev::TimelineTick);
         if self.sc.measurement.probe_interval.is_some() {
             self.push(0, Ev::ProbeTick);
@@ -230,7 +351,7 @@ impl<'a> Sim<'a> {
                     self.try_connect(t, id);
                 }
                 Ev::Done(id) => self.done(t, id),
-                Ev::PolicyTick => self.policy_tick(t),
+                Ev::PolicyTick(i) => self.policy_tick(t, i as usize),
                 Ev::TimelineTick => {
                     self.timeline_tick(t);
                     progress(secs(t));
@@ -239,6 +360,7 @@ impl<'a> Sim<'a> {
             }
         }
         let headline = self.headline();
+        let fleet = (self.insts.len() > 1).then(|| self.fleet_figures());
         SimRun {
             policy: self.engine.policy.name.clone(),
             requests: self.requests,
@@ -247,6 +369,21 @@ impl<'a> Sim<'a> {
             timeline: self.timeline,
             decisions: self.decisions,
             headline,
+            fleet,
+        }
+    }
+
+    fn fleet_figures(&self) -> FleetFigures {
+        let ticks = self.spreads.len().max(1) as f64;
+        FleetFigures {
+            instances: self.insts.len() as u32,
+            deciding: self.deciding,
+            first_shift_s: self.insts.iter().map(|i| i.first_shift).collect(),
+            early_shift: self.insts.iter().map(|i| i.early_shift).collect(),
+            flaps: self.insts.iter().map(|i| i.flaps).collect(),
+            max_spread_pct: self.spreads.iter().copied().fold(0.0, f64::max),
+            mean_spread_pct: self.spreads.iter().sum::<f64>() / ticks,
+            ticks_diverged: self.spreads.iter().filter(|s| **s > 0.0).count() as u64,
         }
     }
 
@@ -255,12 +392,21 @@ impl<'a> Sim<'a> {
             self.push(((next * 1e9) as u64).max(t), Ev::Arrival);
         }
         let seed = self.arrivals.request_seed();
+        // Each instance takes a share of the arrivals, as behind ECMP or
+        // DNS: picked from the request's own seed, so no stream is drawn
+        // and one instance sees exactly what a run without a fleet sees.
+        let inst = if self.insts.len() == 1 {
+            0
+        } else {
+            ((seed >> 11) % self.insts.len() as u64) as u32
+        };
         self.requests += 1;
         // Slots are reused with their plan buffers: no allocation per request.
         let id = match self.free.pop() {
             Some(id) => id,
             None => {
                 self.reqs.push(Req {
+                    inst: 0,
                     arrival: 0,
                     seed: 0,
                     plan: Vec::new(),
@@ -274,7 +420,9 @@ impl<'a> Sim<'a> {
             }
         };
         let req = &mut self.reqs[id as usize];
-        self.router
+        req.inst = inst;
+        self.insts[inst as usize]
+            .router
             .plan_next_into(self.sc.measurement.connect_attempts as usize, &mut req.plan);
         (
             req.arrival,
@@ -315,7 +463,10 @@ impl<'a> Sim<'a> {
                 continue;
             }
             let rtt = ns(self.sc.measurement.rtt);
-            self.stats[a.group].backends[a.backend].record(Signal::Connect, dur(t + rtt), dur(rtt));
+            let inst = self.window_of(self.reqs[id as usize].inst);
+            let inst = &mut self.insts[inst];
+            inst.stats[a.group].backends[a.backend].record(Signal::Connect, dur(t + rtt), dur(rtt));
+            inst.active[a.group] += 1;
             let (service, fails, degraded) = self.service(t, id, a);
             let req = self.req_mut(id);
             req.connected = t + rtt;
@@ -336,7 +487,8 @@ impl<'a> Sim<'a> {
     fn connect_error(&mut self, t: u64, id: u32) {
         let req = self.req(id);
         let a = req.plan[req.attempt - 1];
-        self.stats[a.group].backends[a.backend].record_error(Signal::Connect, dur(t));
+        self.insts[self.window_of(req.inst)].stats[a.group].backends[a.backend]
+            .record_error(Signal::Connect, dur(t));
     }
 
     /// Refuse / black-hole faults on (group, backend) at `t`.
@@ -385,8 +537,10 @@ impl<'a> Sim<'a> {
         let req = self.req(id);
         let a = req.plan[req.attempt - 1];
         let exchange = dur(t - req.connected);
-        let (fails, degraded) = (req.fails, req.degraded);
-        let stats = &self.stats[a.group].backends[a.backend];
+        let (fails, degraded, inst) = (req.fails, req.degraded, self.window_of(req.inst));
+        let inst = &mut self.insts[inst];
+        inst.active[a.group] -= 1;
+        let stats = &inst.stats[a.group].backends[a.backend];
         if fails {
             stats.record_error(Signal::Exchange, dur(t));
         } else {
@@ -445,41 +599,114 @@ impl<'a> Sim<'a> {
         }
     }
 
-    fn policy_tick(&mut self, t: u64) {
+    /// Instance `i` evaluates; as one fleet, one evaluation on every
+    /// instance's window merged, applied to every instance.
+    fn policy_tick(&mut self, t: u64, i: usize) {
         let interval = ns(self.engine.policy.interval);
-        self.push(t + interval, Ev::PolicyTick);
+        self.push(t + interval, Ev::PolicyTick(i as u32));
+        let inputs = self.inputs(t, i);
+        let d = self
+            .engine
+            .evaluate(dur(t), &inputs, &mut self.insts[i].pstate);
+        let first_fault = self
+            .sc
+            .faults
+            .iter()
+            .map(|f| f.at.as_secs_f64())
+            .reduce(f64::min);
+        let applies_to = if self.deciding == Deciding::AsFleet {
+            0..self.insts.len()
+        } else {
+            i..i + 1
+        };
+        for inst in &mut self.insts[applies_to] {
+            if d.changed() && !d.dry_run {
+                inst.router
+                    .publish(d.weights.clone())
+                    .expect("the engine keeps one weight per group");
+            }
+            inst.note(secs(t), &d, first_fault);
+        }
+        // The report's decisions and conditions are the first instance's.
+        if i == 0 {
+            self.last_reasons = d.reasons.clone();
+            if d.action != Action::Hold {
+                self.decisions.push(decision_row(secs(t), &d));
+            }
+        }
+    }
+
+    /// As one fleet, every instance records into the first instance's
+    /// windows: the members' windows merged bucket by bucket are exactly
+    /// the window one proxy fed every sample holds (`GroupInput::merge`,
+    /// tested so), and one window costs a tenth of ten to read.
+    fn windows_shared(&self) -> bool {
+        self.insts.len() == 1 || self.deciding == Deciding::AsFleet
+    }
+
+    /// The instance whose windows instance `inst`'s samples go into.
+    fn window_of(&self, inst: u32) -> usize {
+        if self.windows_shared() {
+            0
+        } else {
+            inst as usize
+        }
+    }
+
+    /// What instance `i`'s policy reads at `t`.
+    fn inputs(&self, t: u64, i: usize) -> Vec<GroupInput> {
         // Stale measurements: the policy sees the window as of `stale` ago.
         let seen = dur(t.saturating_sub(ns(self.sc.measurement.stale)));
         let signal = self.engine.policy.signal;
-        let inputs: Vec<GroupInput> = self
-            .stats
+        let inst = &self.insts[i];
+        inst.stats
             .iter()
             .zip(&self.rt)
-            .map(|(s, rt)| {
-                let active = rt
-                    .iter()
-                    .map(|b| u64::from(b.busy) + b.queue.len() as u64)
-                    .sum();
+            .enumerate()
+            .map(|(g, (s, rt))| {
+                let active = if self.windows_shared() {
+                    rt.iter()
+                        .map(|b| u64::from(b.busy) + b.queue.len() as u64)
+                        .sum()
+                } else {
+                    inst.active[g]
+                };
                 GroupInput::from_stats(s, signal, seen, self.window.span(), active)
             })
-            .collect();
-        let d = self.engine.evaluate(dur(t), &inputs, &mut self.pstate);
-        if d.changed() && !d.dry_run {
-            self.router
-                .publish(d.weights.clone())
-                .expect("the engine keeps one weight per group");
-        }
-        self.last_reasons = d.reasons.clone();
-        if d.action != Action::Hold {
-            self.decisions.push(decision_row(secs(t), &d));
-        }
+            .collect()
     }
 
     fn timeline_tick(&mut self, t: u64) {
         self.push(t + ns(self.sc.tick), Ev::TimelineTick);
         let now = dur(t);
         let signal = self.engine.policy.signal;
-        let snaps: Vec<_> = self.stats.iter().map(|g| g.snapshot(signal, now)).collect();
+        let snaps: Vec<_> = (0..self.sc.groups.len())
+            .map(|g| {
+                let mut d = self.insts[0].stats[g].distribution(signal, now);
+                let others = if self.windows_shared() {
+                    0
+                } else {
+                    self.insts.len() - 1
+                };
+                for inst in &self.insts[1..=others] {
+                    let other = inst.stats[g].distribution(signal, now);
+                    d.hist
+                        .add(&other.hist)
+                        .expect("every window has the same bounds");
+                    d.failures += other.failures;
+                }
+                d.snapshot()
+            })
+            .collect();
+        if self.insts.len() > 1 {
+            let primary = |i: &Inst| f64::from(i.router.weights().as_slice()[0]) / 100.0;
+            let (lo, hi) = self
+                .insts
+                .iter()
+                .map(primary)
+                .fold((f64::MAX, f64::MIN), |(lo, hi), p| (lo.min(p), hi.max(p)));
+            self.spreads.push(hi - lo);
+        }
         let ms = |d: Duration| d.as_secs_f64() * 1000.0;
         let client_p99 = if self.tick_client.is_empty() {
             0.0
@@ -488,7 +715,7 @@ impl<'a> Sim<'a> {
         };
         self.timeline.push(TickRow {
             t: secs(t),
-            weights_pct: self
+            weights_pct: self.insts[0]
                 .router
                 .weights()
                 .as_slice()
@@ -501,7 +728,7 @@ impl<'a> Sim<'a> {
             errors: self.tick_errors,
             client_p99_ms: client_p99,
             conditions: self.last_reasons.clone(),
-            phase: self.pstate.phase.name().to_owned(),
+            phase: self.insts[0].pstate.phase.name().to_owned(),
         });
         self.tick_client.reset();
         self.tick_requests = 0;
@@ -525,9 +752,23 @@ impl<'a> Sim<'a> {
                     continue;
                 }
                 let (refuse, hole) = self.fault_blocks(t, g, b);
-                let stats = &self.stats[g].backends[b];
+                // Every instance probes; they see the same backend.
+                let record = |sim: &Self, probe: Option<Duration>| {
+                    let probers = if sim.windows_shared() {
+                        1
+                    } else {
+                        sim.insts.len()
+                    };
+                    for inst in &sim.insts[..probers] {
+                        let stats = &inst.stats[g].backends[b];
+                        match probe {
+                            None => stats.record_error(Signal::Probe, dur(t)),
+                            Some(p) => stats.record(Signal::Probe, dur(t) + p, p),
+                        }
+                    }
+                };
                 if refuse || hole {
-                    stats.record_error(Signal::Probe, dur(t));
+                    record(self, None);
                     continue;
                 }
                 let mut s = self.samplers[g][b].sample(&mut rng);
@@ -544,11 +785,11 @@ impl<'a> Sim<'a> {
                     fails |= u < f.error_rate;
                 }
                 if fails {
-                    stats.record_error(Signal::Probe, dur(t));
+                    record(self, None);
                     continue;
                 }
                 let probe = self.sc.measurement.rtt + Duration::from_secs_f64(s);
-                stats.record(Signal::Probe, dur(t) + probe, probe);
+                record(self, Some(probe));
             }
         }
     }

@@ -11,6 +11,7 @@
 
 pub mod chart;
 pub mod engine;
+mod fleet;
 pub mod model;
 mod outcome;
 pub mod report;
@@ -94,7 +95,7 @@ pub fn run(opts: &SimOptions) -> Result<SimReport, SimError> {
     let started = Instant::now();
     let mut bar = Progress::new(
         opts.progress,
-        scenario.duration.as_secs_f64() * all.len() as f64,
+        scenario.duration.as_secs_f64() * (all.len() + scenario.fleet.map_or(0, |_| 1)) as f64,
     );
     let mut runs = Vec::new();
     for (i, (label, r)) in all.iter().enumerate() {
@@ -102,6 +103,14 @@ pub fn run(opts: &SimOptions) -> Result<SimReport, SimError> {
         let run = engine::run(&scenario, &r.policy, seed, &mut |t| bar.set(offset + t));
         runs.push((label.clone(), run));
     }
+    // A fleet: the first policy again, each instance deciding alone.
+    let local = scenario.fleet.map(|_| {
+        let offset = scenario.duration.as_secs_f64() * all.len() as f64;
+        let policy = &all[0].1.policy;
+        engine::run_deciding(&scenario, policy, seed, engine::Deciding::Alone, &mut |t| {
+            bar.set(offset + t)
+        })
+    });
     bar.finish();
     let wall = started.elapsed().as_secs_f64();
 
@@ -110,9 +119,9 @@ pub fn run(opts: &SimOptions) -> Result<SimReport, SimError> {
     }
     let unmet = runs
         .first()
-        .map(|(_, r)| check_expectations(&scenario, r))
+        .map(|(_, r)| check_expectations(&scenario, r, local.as_ref()))
         .unwrap_or_default();
-    let doc = document(
+    let mut doc = document(
         &scenario,
         seed,
         &all,
@@ -121,7 +130,12 @@ pub fn run(opts: &SimOptions) -> Result<SimReport, SimError> {
         opts.sweep.as_deref(),
         wall,
     );
-    let text = text_report(&scenario, seed, &runs, policies.len(), opts, wall, &unmet);
+    let mut text = text_report(&scenario, seed, &runs, policies.len(), opts, wall, &unmet);
+    if let Some(local) = &local {
+        let (label, as_fleet) = &runs[0];
+        text.push_str(&fleet::table(label, local, as_fleet));
+        doc["fleet"] = fleet::json(local, as_fleet);
+    }
     Ok(SimReport {
         scenario,
         runs,
@@ -386,11 +400,17 @@ fn set_path(table: &mut toml::Table, key: &str, value: toml::Value) -> Result<()
 /// not met. Keys: `shift` (bool), `fail_back` (bool), `first_rule`,
 /// `max_backup_share_at_most`, `max_backup_share_at_least`, `flaps_at_most`,
 /// `client_errors_at_most`, `weight_changes_at_most`, `detect_within_s`.
-pub fn check_expectations(sc: &Scenario, r: &SimRun) -> Vec<String> {
+pub fn check_expectations(sc: &Scenario, r: &SimRun, local: Option<&SimRun>) -> Vec<String> {
     let h = &r.headline;
     let mut unmet = Vec::new();
     for (k, v) in &sc.expect {
         let num = v.as_float().or_else(|| v.as_integer().map(|i| i as f64));
+        if let Some(ok) = fleet::expectation(k, num, r, local) {
+            if !ok {
+                unmet.push(format!("{k} = {v} (got: {})", fleet::summary(r, local)));
+            }
+            continue;
+        }
         let ok = match (k.as_str(), v) {
             ("shift", toml::Value::Boolean(b)) => h.first_shift_at_s.is_some() == *b,
             ("fail_back", toml::Value::Boolean(b)) => h.time_to_fail_back_s.is_some() == *b,

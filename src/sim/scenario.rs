@@ -30,7 +30,14 @@ struct RawScenario {
     #[serde(default, rename = "fault")]
     faults: Vec<S<RawFault>>,
     measurement: Option<RawMeasurement>,
+    fleet: Option<S<RawSimFleet>>,
     expect: Option<toml::Table>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawSimFleet {
+    instances: S<u32>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -141,6 +148,9 @@ pub struct Scenario {
     pub load: Load,
     pub faults: Vec<Fault>,
     pub measurement: Measurement,
+    /// `[fleet] instances`: proxies that share the arrivals, each taking
+    /// 1/N; `None`: one proxy.
+    pub fleet: Option<u32>,
     /// Expected outcomes, asserted by the tests of shipped scenarios.
     pub expect: toml::Table,
 }
@@ -258,6 +268,11 @@ pub struct Measurement {
 // === impl Scenario ===
 
 impl Scenario {
+    /// The proxies the run simulates: 1 without `[fleet]`.
+    pub fn instances(&self) -> usize {
+        self.fleet.unwrap_or(1) as usize
+    }
+
     pub fn load(path: &Path) -> Result<Scenario, ConfigError> {
         let text = std::fs::read_to_string(path).map_err(|e| ConfigError {
             diagnostics: vec![crate::config::Diagnostic {
@@ -334,8 +349,23 @@ impl Validator<'_, '_> {
             load: self.load(&raw.load),
             faults,
             measurement,
+            fleet: raw.fleet.as_ref().and_then(|f| self.fleet(f)),
             expect: raw.expect.unwrap_or_default(),
         }
+    }
+
+    /// `[fleet] instances = N`, 2 to 64.
+    fn fleet(&mut self, raw: &S<RawSimFleet>) -> Option<u32> {
+        let n = &raw.get_ref().instances;
+        if !(2..=64).contains(n.get_ref()) {
+            self.rep.error(
+                n.span(),
+                format!("`fleet.instances` is {}; it must be 2 to 64", n.get_ref()),
+                Some("leave out [fleet] to simulate one proxy".into()),
+            );
+            return None;
+        }
+        Some(*n.get_ref())
     }
 
     /// `[measurement]`: how the simulated proxy observes its backends.

@@ -273,8 +273,9 @@ async fn shifts_and_reloads_under_load_lose_nothing() {
     let handle = proxy.handle();
     tokio::spawn(proxy.serve(std::future::pending()));
     let stop = Arc::new(AtomicBool::new(false));
+    let steps = Arc::new(std::sync::atomic::AtomicU32::new(0));
     let steering = {
-        let (stop, handle) = (stop.clone(), handle.clone());
+        let (stop, handle, steps) = (stop.clone(), handle.clone(), steps.clone());
         tokio::spawn(async move {
             let mut i = 0u32;
             while !stop.load(Ordering::Relaxed) {
@@ -291,14 +292,19 @@ async fn shifts_and_reloads_under_load_lose_nothing() {
                     handle.reload().await.expect("an unchanged file reloads");
                 }
                 i += 1;
+                steps.store(i, Ordering::Relaxed);
                 tokio::time::sleep(Duration::from_millis(20)).await;
             }
-            i
         })
     };
+    // At least 200 connections, and on until the weights have moved and
+    // the file reloaded several times under them (bounded).
     let mut set = tokio::task::JoinSet::new();
-    for k in 0..200u64 {
-        set.spawn(echo_roundtrip(addr, 64 * 1024 + k as usize * 97, k));
+    for k in 0..20_000u64 {
+        if k >= 200 && steps.load(Ordering::Relaxed) > 10 {
+            break;
+        }
+        set.spawn(echo_roundtrip(addr, 64 * 1024 + (k % 200) as usize * 97, k));
         if set.len() >= 40 {
             set.join_next()
                 .await
@@ -311,9 +317,10 @@ async fn shifts_and_reloads_under_load_lose_nothing() {
         r.unwrap().expect("no byte lost, no connection failed");
     }
     stop.store(true, Ordering::Relaxed);
-    let steps = steering.await.unwrap();
+    steering.await.unwrap();
+    let steps = steps.load(Ordering::Relaxed);
     assert!(
-        steps > 5,
+        steps > 10,
         "the weights moved during the load ({steps} steps)"
     );
 }

@@ -35,7 +35,7 @@ fn shipped_scenarios_meet_their_expected_outcomes() {
         );
         seen += 1;
     }
-    assert!(seen >= 7, "the seven shipped scenarios: {seen}");
+    assert!(seen >= 8, "the eight shipped scenarios: {seen}");
 }
 
 fn sim_cli(args: &[&str]) -> (i32, String, String) {
@@ -285,5 +285,53 @@ async fn recorded_trace_replays_in_the_simulator() {
     assert_eq!(
         report.runs[0].1.requests, 25,
         "every recorded arrival replayed"
+    );
+}
+
+/// `[fleet] instances = 10`: deciding alone, the instances shift on their
+/// own noisy windows and their weights drift apart; as one fleet they never
+/// differ and none shifts before the fault. The same seed gives the same
+/// figures.
+#[test]
+fn a_fleet_of_ten_diverges_alone_and_not_as_one() {
+    let run = || {
+        sim::run(&SimOptions {
+            scenario: repo_path("sim/fleet-of-ten.toml"),
+            ..SimOptions::default()
+        })
+        .unwrap()
+    };
+    let (a, b) = (run(), run());
+    assert_eq!(a.doc["fleet"], b.doc["fleet"], "deterministic per seed");
+    let f = &a.doc["fleet"];
+    assert_eq!(f["instances"], 10);
+    let early = |side: &str| {
+        f[side]["early_shift"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .filter(|e| e.as_bool() == Some(true))
+            .count()
+    };
+    assert!(early("local") >= 2, "{f}");
+    assert_eq!(early("fleet"), 0, "{f}");
+    assert!(
+        f["local"]["max_spread_pct"].as_f64().unwrap() >= 50.0,
+        "{f}"
+    );
+    assert_eq!(f["fleet"]["max_spread_pct"].as_f64().unwrap(), 0.0, "{f}");
+    assert!(a.text.contains("fleet of 10 instances"), "{}", a.text);
+    let shifted = |side: &str| {
+        f[side]["first_shift_s"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .filter(|t| t.is_f64())
+            .count()
+    };
+    assert_eq!(
+        shifted("fleet"),
+        10,
+        "every instance shifts for the real fault: {f}"
     );
 }
