@@ -145,7 +145,10 @@ impl Loop {
         if let Some(s) = f.adopt(&self.state.name, &self.engine.policy, now) {
             self.pstate = s;
         } else {
+            // As after a pin: the weights in force are the policy's own.
             self.pstate.weights = self.state.router.weights();
+            self.pstate.last_change = Some(now);
+            self.pstate.healthy_since = None;
         }
         let name = &self.state.name;
         match duty {
