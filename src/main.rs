@@ -18,10 +18,18 @@ use std::time::Duration;
 #[global_allocator]
 static ALLOC: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
+/// `--version`: the version and the commit it was built from.
+const VERSION: &str = concat!(
+    env!("CARGO_PKG_VERSION"),
+    " (commit ",
+    env!("PORTSHIFT_COMMIT"),
+    ")"
+);
+
 #[derive(Parser)]
 #[command(
     name = "portshift",
-    version,
+    version = VERSION,
     about = "Latency-aware adaptive L4 traffic shifter"
 )]
 struct Cli {
@@ -68,6 +76,20 @@ enum Command {
     Load(LoadArgs),
     /// A test backend: echo or HTTP, with a reply delay.
     Backend(BackendArgs),
+    /// Print a shell completion script: `portshift completions bash >
+    /// /etc/bash_completion.d/portshift`.
+    Completions {
+        #[arg(value_enum)]
+        shell: clap_complete::Shell,
+    },
+    /// Print the man pages (roff): `portshift man | man -l -`, or
+    /// `portshift man --dir DIR` for portshift.1 and one page per
+    /// subcommand.
+    Man {
+        /// Write each page to its own file here instead.
+        #[arg(long)]
+        dir: Option<PathBuf>,
+    },
 }
 
 #[derive(clap::Args)]
@@ -179,6 +201,63 @@ fn main() -> ExitCode {
             Ok(portshift::load::report_each_second(a.target, a.rate, a.duration).await?)
         }),
         Command::Backend(a) => on_runtime(|| backend(a)),
+        Command::Completions { shell } => {
+            use clap::CommandFactory;
+            clap_complete::generate(
+                shell,
+                &mut Cli::command(),
+                "portshift",
+                &mut std::io::stdout(),
+            );
+            ExitCode::SUCCESS
+        }
+        Command::Man { dir } => man(dir),
+    }
+}
+
+/// The man pages of the CLI, from the same definition `--help` prints:
+/// `portshift.1`, then `portshift-SUB.1` per subcommand.
+fn man_pages() -> std::io::Result<Vec<(String, Vec<u8>)>> {
+    use clap::CommandFactory;
+    let cmd = Cli::command();
+    let mut pages = Vec::new();
+    let mut top = Vec::new();
+    clap_mangen::Man::new(cmd.clone()).render(&mut top)?;
+    pages.push(("portshift.1".to_owned(), top));
+    for sub in cmd.get_subcommands().filter(|s| s.get_name() != "help") {
+        let name = sub.get_name().to_owned();
+        let sub = sub
+            .clone()
+            .version(VERSION)
+            .display_name(format!("portshift-{name}"))
+            .bin_name(format!("portshift {name}"));
+        let mut page = Vec::new();
+        clap_mangen::Man::new(sub).render(&mut page)?;
+        pages.push((format!("portshift-{name}.1"), page));
+    }
+    Ok(pages)
+}
+
+/// `portshift man`: every page on stdout, or each in its file under `dir`.
+fn man(dir: Option<PathBuf>) -> ExitCode {
+    use std::io::Write as _;
+    let written = man_pages().and_then(|pages| match &dir {
+        None => pages
+            .iter()
+            .try_for_each(|(_, page)| std::io::stdout().write_all(page)),
+        Some(d) => {
+            std::fs::create_dir_all(d)?;
+            pages
+                .iter()
+                .try_for_each(|(name, page)| std::fs::write(d.join(name), page))
+        }
+    });
+    match written {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("error: cannot write the man pages: {e}");
+            ExitCode::from(1)
+        }
     }
 }
 

@@ -93,7 +93,7 @@ pub fn prometheus() -> &'static PrometheusHandle {
         // crate never does; then metrics go there and /metrics is empty.
         let _ = metrics::set_global_recorder(recorder);
         describe();
-        metrics::gauge!(BUILD_INFO, "version" => env!("CARGO_PKG_VERSION")).set(1.0);
+        metrics::gauge!(BUILD_INFO, "version" => env!("CARGO_PKG_VERSION"), "commit" => env!("PORTSHIFT_COMMIT")).set(1.0);
         // Series that exist from the start: increase() cannot see the first
         // event of a counter that appears with it.
         for result in ["ok", "error"] {

@@ -777,3 +777,115 @@ fn json_logs_are_one_object_per_line() {
     assert_eq!(v["fields"]["message"], "listening", "{v}");
     assert!(v["fields"]["addr"].as_str().is_some(), "{v}");
 }
+
+/// Every subcommand the CLI has, from `--help`.
+fn subcommands() -> Vec<String> {
+    let out = Command::new(bin()).arg("--help").output().unwrap();
+    let help = String::from_utf8_lossy(&out.stdout).into_owned();
+    let list = help
+        .split("Commands:")
+        .nth(1)
+        .unwrap()
+        .split("Options:")
+        .next()
+        .unwrap();
+    let names: Vec<String> = list
+        .lines()
+        .filter_map(|l| l.split_whitespace().next())
+        .filter(|n| *n != "help")
+        .map(str::to_owned)
+        .collect();
+    assert!(names.len() >= 9, "{names:?}");
+    names
+}
+
+/// `portshift completions SHELL` prints a script that knows every
+/// subcommand, for bash, zsh and fish.
+#[test]
+fn completions_name_every_subcommand() {
+    let subs = subcommands();
+    for shell in ["bash", "zsh", "fish"] {
+        let out = Command::new(bin())
+            .args(["completions", shell])
+            .output()
+            .unwrap();
+        assert!(
+            out.status.success(),
+            "{shell}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        let script = String::from_utf8_lossy(&out.stdout);
+        assert!(script.len() > 1000, "{shell}: {} bytes", script.len());
+        for s in &subs {
+            assert!(
+                script.contains(s.as_str()),
+                "{shell} completion lacks `{s}`"
+            );
+        }
+    }
+    let out = Command::new(bin())
+        .args(["completions", "tcsh"])
+        .output()
+        .unwrap();
+    assert_eq!(
+        out.status.code(),
+        Some(2),
+        "an unknown shell is a usage error"
+    );
+}
+
+/// `portshift man --dir` writes portshift.1 and a page per subcommand,
+/// each a roff page naming its command; the top page lists them all.
+#[test]
+fn man_pages_cover_every_subcommand() {
+    let dir = tempfile::tempdir().unwrap();
+    let out = Command::new(bin())
+        .args(["man", "--dir"])
+        .arg(dir.path())
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let top = std::fs::read_to_string(dir.path().join("portshift.1")).unwrap();
+    assert!(
+        top.contains(".TH portshift 1"),
+        "{}",
+        &top[..200.min(top.len())]
+    );
+    for s in subcommands() {
+        assert!(
+            top.contains(&format!("portshift\\-{s}(1)")),
+            "portshift.1 lists `{s}`"
+        );
+        let page = std::fs::read_to_string(dir.path().join(format!("portshift-{s}.1")))
+            .unwrap_or_else(|e| panic!("portshift-{s}.1: {e}"));
+        assert!(
+            page.contains(&format!(".TH portshift-{s} 1")),
+            "portshift-{s}.1: {}",
+            &page[..200.min(page.len())]
+        );
+    }
+    // Without --dir: every page on stdout.
+    let out = Command::new(bin()).arg("man").output().unwrap();
+    assert!(String::from_utf8_lossy(&out.stdout).matches(".TH ").count() >= 10);
+}
+
+/// `--version` names the version and the commit the binary was built from.
+#[test]
+fn version_names_the_commit() {
+    let out = Command::new(bin()).arg("--version").output().unwrap();
+    let text = String::from_utf8_lossy(&out.stdout).into_owned();
+    let commit = text
+        .trim()
+        .strip_prefix(&format!("portshift {} (commit ", env!("CARGO_PKG_VERSION")))
+        .and_then(|r| r.strip_suffix(')'))
+        .unwrap_or_else(|| panic!("{text}"));
+    assert!(
+        commit == "unknown"
+            || (commit.len() == 12 && commit.chars().all(|c| c.is_ascii_hexdigit())),
+        "{commit}"
+    );
+}

@@ -218,7 +218,10 @@ async fn metrics_endpoint_exposes_histogram_and_counters() {
             "portshift_connections_total{{listener=\"metrics-test\",group=\"primary\",backend=\"{backend}\"}}"
         ),
         "portshift_accepted_connections_total{listener=\"metrics-test\"} 4",
-        "portshift_build_info{version=",
+        &format!(
+            "portshift_build_info{{version=\"{}\",commit=\"",
+            env!("CARGO_PKG_VERSION")
+        ),
     ] {
         assert!(body.contains(want), "missing {want:?} in /metrics:\n{body}");
     }
