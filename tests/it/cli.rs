@@ -473,15 +473,7 @@ fn demo_shifts_during_the_fault_and_returns_after_it() {
 #[test]
 fn shipped_example_config_checks_clean() {
     let path = concat!(env!("CARGO_MANIFEST_DIR"), "/examples/portshift.toml");
-    let out = Command::new(bin())
-        .args(["check", "-c", path])
-        .output()
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    stdout_of(&["check", "-c", path]);
 }
 
 /// Every shipped policy parses and validates, and `check` shows it.
@@ -778,10 +770,20 @@ fn json_logs_are_one_object_per_line() {
     assert!(v["fields"]["addr"].as_str().is_some(), "{v}");
 }
 
+/// Runs the binary with `args`, which must succeed; its stdout.
+fn stdout_of(args: &[&str]) -> String {
+    let out = Command::new(bin()).args(args).output().unwrap();
+    assert!(
+        out.status.success(),
+        "{args:?}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
 /// Every subcommand the CLI has, from `--help`.
 fn subcommands() -> Vec<String> {
-    let out = Command::new(bin()).arg("--help").output().unwrap();
-    let help = String::from_utf8_lossy(&out.stdout).into_owned();
+    let help = stdout_of(&["--help"]);
     let list = help
         .split("Commands:")
         .nth(1)
@@ -805,16 +807,7 @@ fn subcommands() -> Vec<String> {
 fn completions_name_every_subcommand() {
     let subs = subcommands();
     for shell in ["bash", "zsh", "fish"] {
-        let out = Command::new(bin())
-            .args(["completions", shell])
-            .output()
-            .unwrap();
-        assert!(
-            out.status.success(),
-            "{shell}: {}",
-            String::from_utf8_lossy(&out.stderr)
-        );
-        let script = String::from_utf8_lossy(&out.stdout);
+        let script = stdout_of(&["completions", shell]);
         assert!(script.len() > 1000, "{shell}: {} bytes", script.len());
         for s in &subs {
             assert!(
@@ -869,15 +862,13 @@ fn man_pages_cover_every_subcommand() {
         );
     }
     // Without --dir: every page on stdout.
-    let out = Command::new(bin()).arg("man").output().unwrap();
-    assert!(String::from_utf8_lossy(&out.stdout).matches(".TH ").count() >= 10);
+    assert!(stdout_of(&["man"]).matches(".TH ").count() >= 10);
 }
 
 /// `--version` names the version and the commit the binary was built from.
 #[test]
 fn version_names_the_commit() {
-    let out = Command::new(bin()).arg("--version").output().unwrap();
-    let text = String::from_utf8_lossy(&out.stdout).into_owned();
+    let text = stdout_of(&["--version"]);
     let commit = text
         .trim()
         .strip_prefix(&format!("portshift {} (commit ", env!("CARGO_PKG_VERSION")))
