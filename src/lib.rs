@@ -26,5 +26,6 @@ pub mod load;
 pub mod proxy;
 pub mod signals;
 pub mod sim;
+pub mod systemd;
 pub mod telemetry;
 pub mod trace;

@@ -102,18 +102,16 @@ impl Proxy {
     /// the first failure closes what was bound and reports which listener
     /// and port failed. Must run inside a tokio runtime.
     pub fn bind(config: &Config) -> Result<Proxy, StartError> {
+        // Sockets systemd passed (socket activation), taken once.
+        let mut passed = crate::systemd::passed_listeners();
         let admin = match &config.admin {
             None => None,
-            Some(a) => Some(
-                bind_one(a.listen, LISTEN_BACKLOG).map_err(|source| BindError {
-                    listener: "admin".into(),
-                    addr: a.listen,
-                    port: a.listen.port(),
-                    source,
-                })?,
-            ),
+            Some(a) => Some(admin_socket(a.listen, &mut passed)?),
         };
-        let shared = Arc::new(Shared::bind(config)?);
+        let shared = Arc::new(Shared::bind(config, &mut passed)?);
+        for addr in passed.keys() {
+            warn!(%addr, "socket activation: a passed socket matches no listener; it is closed");
+        }
         Ok(Proxy { shared, admin })
     }
 
@@ -168,7 +166,14 @@ impl Proxy {
                 .background
                 .spawn(admin::serve(admin, handle, shared.stop.clone()));
         }
+        crate::systemd::ready();
+        if let Some(period) = crate::systemd::watchdog_period() {
+            shared
+                .background
+                .spawn(watchdog(period, shared.stop.clone()));
+        }
         shutdown.await;
+        crate::systemd::stopping();
         shared.stop.cancel();
         shared.close_listeners().await;
         shared.background.close();
@@ -190,6 +195,27 @@ impl Proxy {
         let cut = shared.conns.len();
         warn!(cut, "drain deadline passed; closing remaining connections");
         DrainReport { cut }
+    }
+}
+
+/// The admin API's socket: passed by systemd, or bound.
+fn admin_socket(
+    addr: SocketAddr,
+    passed: &mut std::collections::HashMap<SocketAddr, std::net::TcpListener>,
+) -> Result<TcpListener, BindError> {
+    let error = |source| BindError {
+        listener: "admin".into(),
+        addr,
+        port: addr.port(),
+        source,
+    };
+    match passed.remove(&addr) {
+        Some(s) => {
+            info!(%addr, "socket activation: the admin API takes the passed socket");
+            s.set_nonblocking(true).map_err(error)?;
+            TcpListener::from_std(s).map_err(error)
+        }
+        None => bind_one(addr, LISTEN_BACKLOG).map_err(error),
     }
 }
 
@@ -216,6 +242,19 @@ async fn anchor_timers(stop: tokio_util::sync::CancellationToken) {
             biased;
             () = &mut cancelled => return,
             _ = tick.tick() => {}
+        }
+    }
+}
+
+/// Pings systemd's watchdog every `period` while the proxy runs: from the
+/// runtime itself, so a wedged runtime stops the pings.
+async fn watchdog(period: std::time::Duration, stop: tokio_util::sync::CancellationToken) {
+    info!(?period, "pinging the systemd watchdog");
+    let mut tick = tokio::time::interval(period);
+    loop {
+        tokio::select! {
+            () = stop.cancelled() => return,
+            _ = tick.tick() => crate::systemd::watchdog(),
         }
     }
 }

@@ -156,13 +156,22 @@ fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
 // === impl Shared ===
 
 impl Shared {
-    /// Binds every listener (all or nothing) without accepting yet.
-    pub fn bind(config: &Config) -> Result<Shared, StartError> {
+    /// Binds every listener (all or nothing) without accepting yet. An
+    /// address among `passed` (sockets from systemd's socket activation)
+    /// is taken from there instead of bound.
+    pub fn bind(
+        config: &Config,
+        passed: &mut HashMap<SocketAddr, std::net::TcpListener>,
+    ) -> Result<Shared, StartError> {
         let clock = Clock::start();
         let mut bound: HashMap<SocketAddr, Vec<TcpListener>> = HashMap::new();
         for l in &config.listeners {
             for &addr in &l.addrs {
-                bound.entry(addr).or_default().push(bind_for(l, addr)?);
+                let socket = match passed.remove(&addr) {
+                    Some(s) => take_passed(l, addr, s)?,
+                    None => bind_for(l, addr)?,
+                };
+                bound.entry(addr).or_default().push(socket);
             }
         }
         let audit =
@@ -296,7 +305,9 @@ impl Shared {
 
     async fn reload_serialized(self: &Arc<Self>) -> Result<ReloadReport, ReloadError> {
         let _one = self.reload_lock.lock().await;
+        crate::systemd::reloading();
         let result = self.reload_inner().await;
+        crate::systemd::reloaded(result.is_ok());
         crate::telemetry::reload(result.is_ok());
         match &result {
             Ok(r) => {
@@ -476,6 +487,24 @@ fn bind_fresh(
         }
     }
     Ok(fresh)
+}
+
+/// A socket systemd passed for listener `l`'s `addr`, made ready for
+/// tokio; its backlog is the socket unit's.
+fn take_passed(
+    l: &Listener,
+    addr: SocketAddr,
+    s: std::net::TcpListener,
+) -> Result<TcpListener, BindError> {
+    info!(listener = %l.name, %addr, "socket activation: taking the passed socket instead of binding");
+    s.set_nonblocking(true)
+        .and_then(|()| TcpListener::from_std(s))
+        .map_err(|source| BindError {
+            listener: l.name.clone(),
+            addr,
+            port: addr.port(),
+            source,
+        })
 }
 
 /// Binds one of listener `l`'s addresses, with its backlog; a failure

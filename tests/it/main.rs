@@ -19,4 +19,5 @@ mod policy;
 mod prometheus;
 mod proxy;
 mod sim;
+mod systemd;
 mod telemetry;

@@ -1,0 +1,187 @@
+//! systemd integration without systemd running: the notify protocol
+//! against a datagram socket of the test's own (`NOTIFY_SOCKET`), and
+//! socket activation through `systemd-socket-activate` (Debian's systemd
+//! package), which passes a listening socket the way systemd does.
+
+use crate::common::*;
+use std::os::unix::net::UnixDatagram;
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
+
+/// The next notification, within `PATIENCE`.
+fn next(sock: &UnixDatagram) -> String {
+    let mut buf = [0u8; 4096];
+    let n = sock
+        .recv(&mut buf)
+        .expect("a notification within the timeout");
+    String::from_utf8_lossy(&buf[..n]).into_owned()
+}
+
+/// Notifications until one contains `want`; all of them, in order.
+fn until(sock: &UnixDatagram, want: &str) -> Vec<String> {
+    let start = Instant::now();
+    let mut seen = Vec::new();
+    while !seen.last().is_some_and(|m: &String| m.contains(want)) {
+        assert!(start.elapsed() < PATIENCE, "no {want:?} in {seen:?}");
+        seen.push(next(sock));
+    }
+    seen
+}
+
+/// READY=1 once listening, WATCHDOG=1 at half of WATCHDOG_USEC,
+/// RELOADING=1 then READY=1 around a SIGHUP reload, STOPPING=1 at SIGTERM.
+#[test]
+fn the_notify_protocol_follows_the_proxys_life() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("notify.sock");
+    let sock = UnixDatagram::bind(&path).unwrap();
+    sock.set_read_timeout(Some(PATIENCE)).unwrap();
+    let config = write_config(dir.path(), &echo_config(dead_addr(), ""));
+    let (mut child, lines) = spawn_logging(
+        Command::new(bin())
+            .args(["run", "-c"])
+            .arg(&config)
+            .env("NOTIFY_SOCKET", &path)
+            .env("WATCHDOG_USEC", "400000"),
+    );
+    std::thread::spawn(move || lines.for_each(drop));
+    let start = until(&sock, "READY=1");
+    assert!(
+        start.last().unwrap().contains("STATUS=serving"),
+        "{start:?}"
+    );
+    let pings = until(&sock, "WATCHDOG=1");
+    assert!(
+        pings.len() <= 2,
+        "a watchdog ping soon after start: {pings:?}"
+    );
+    let pid = child.id().to_string();
+    assert!(
+        Command::new("kill")
+            .args(["-HUP", &pid])
+            .status()
+            .unwrap()
+            .success()
+    );
+    let reload = until(&sock, "RELOADING=1");
+    assert!(
+        reload.last().unwrap().contains("MONOTONIC_USEC="),
+        "{reload:?}"
+    );
+    until(&sock, "READY=1");
+    assert!(
+        Command::new("kill")
+            .args(["-TERM", &pid])
+            .status()
+            .unwrap()
+            .success()
+    );
+    until(&sock, "STOPPING=1");
+    assert!(child.wait().unwrap().success());
+}
+
+/// `systemd-socket-activate` binds the listener's address itself and
+/// passes the socket: portshift takes it (it could not bind the address,
+/// which is held), and serves the connection that woke it.
+#[test]
+fn a_socket_passed_by_systemd_is_taken_not_bound() {
+    if !have_tool("systemd-socket-activate", "systemd") {
+        return;
+    }
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    let backend = rt.block_on(named_backend("activated"));
+    let port = crate::prometheus::free_port();
+    let dir = tempfile::tempdir().unwrap();
+    let config = write_config(
+        dir.path(),
+        &format!(
+            "[[group]]\nname = \"g\"\nbackends = [\"{backend}\"]\n[[listener]]\nname = \"l\"\nlisten = [\"127.0.0.1:{port}\"]\nprimary = \"g\"\n"
+        ),
+    );
+    let log = dir.path().join("portshift.log");
+    let mut activator = Command::new("systemd-socket-activate")
+        .args([
+            "-l",
+            &format!("127.0.0.1:{port}"),
+            "-E",
+            "RUST_LOG=info",
+            "-E",
+            "NO_COLOR=1",
+        ])
+        .arg(bin())
+        .args(["run", "-c"])
+        .arg(&config)
+        .stdout(Stdio::null())
+        .stderr(std::fs::File::create(&log).unwrap())
+        .spawn()
+        .expect("systemd-socket-activate starts");
+    // The first connection wakes the service; it must be answered by it.
+    let start = Instant::now();
+    let answer = loop {
+        assert!(
+            start.elapsed() < PATIENCE,
+            "no answer on the activated port"
+        );
+        match rt.block_on(read_all(format!("127.0.0.1:{port}").parse().unwrap())) {
+            Ok(a) if !a.is_empty() => break a,
+            _ => std::thread::sleep(Duration::from_millis(50)),
+        }
+    };
+    assert_eq!(answer, b"activated");
+    let _ = Command::new("kill")
+        .args(["-TERM", &activator.id().to_string()])
+        .status();
+    let _ = activator.wait();
+    let text = std::fs::read_to_string(&log).unwrap();
+    assert!(
+        text.contains("socket activation: taking the passed socket instead of binding"),
+        "{text}"
+    );
+}
+
+/// The shipped units pass `systemd-analyze verify`, and the service's
+/// hardening keeps its exposure at most 2.5 of 10 ("OK"), checked offline.
+#[test]
+fn the_shipped_units_verify_and_are_hardened() {
+    if !have_tool("systemd-analyze", "systemd") {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let service = std::fs::read_to_string(repo_path("packaging/portshift.service"))
+        .unwrap()
+        .replace("/usr/bin/portshift", bin())
+        .replace(
+            "/etc/portshift/portshift.toml",
+            repo_path("examples/portshift.toml").to_str().unwrap(),
+        );
+    std::fs::write(dir.path().join("portshift.service"), service).unwrap();
+    std::fs::copy(
+        repo_path("packaging/portshift.socket"),
+        dir.path().join("portshift.socket"),
+    )
+    .unwrap();
+    let out = Command::new("systemd-analyze")
+        .args(["verify", "--man=no"])
+        .arg(dir.path().join("portshift.socket"))
+        .arg(dir.path().join("portshift.service"))
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success() && out.stderr.is_empty(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let out = Command::new("systemd-analyze")
+        .args(["security", "--offline=yes", "--no-pager"])
+        .arg(dir.path().join("portshift.service"))
+        .output()
+        .unwrap();
+    let text = String::from_utf8_lossy(&out.stdout);
+    let level: f64 = text
+        .lines()
+        .find_map(|l| l.split("portshift.service: ").nth(1))
+        .and_then(|r| r.split_whitespace().next())
+        .and_then(|n| n.parse().ok())
+        .unwrap_or_else(|| panic!("no exposure level in:\n{text}"));
+    assert!(level <= 2.5, "exposure {level}:\n{text}");
+}
