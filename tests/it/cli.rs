@@ -389,14 +389,7 @@ fn sigterm_stops_accepting_and_drains() {
     let mut buf = [0u8; 6];
     conn.read_exact(&mut buf).unwrap();
 
-    let pid = child.id().to_string();
-    assert!(
-        Command::new("kill")
-            .args(["-TERM", &pid])
-            .status()
-            .unwrap()
-            .success()
-    );
+    send_signal(child.id(), "-TERM");
     // Wait (bounded) until the proxy says it is draining.
     for line in lines.by_ref() {
         if line.unwrap().contains("draining") {
@@ -548,15 +541,7 @@ fn sighup_reloads_the_config_file() {
         panic!("proxy exited before logging {want:?}");
     };
     wait_for("listening");
-    let hup = || {
-        assert!(
-            Command::new("kill")
-                .args(["-HUP", &child.id().to_string()])
-                .status()
-                .unwrap()
-                .success()
-        )
-    };
+    let hup = || send_signal(child.id(), "-HUP");
 
     std::fs::write(&path, "this is not toml").unwrap();
     hup();

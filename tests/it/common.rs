@@ -314,3 +314,13 @@ pub fn have_tool(tool: &str, package: &str) -> bool {
     }
     found
 }
+
+/// Sends `sig` (e.g. "-HUP") to process `pid`, which must take it.
+pub fn send_signal(pid: u32, sig: &str) {
+    let ok = std::process::Command::new("kill")
+        .args([sig, &pid.to_string()])
+        .status()
+        .expect("kill runs")
+        .success();
+    assert!(ok, "kill {sig} {pid}");
+}

@@ -183,12 +183,7 @@ policy = "fast"
     }
 
     fn signal(&self, sig: &str) {
-        let ok = Command::new("kill")
-            .args([sig, &self.child.id().to_string()])
-            .status()
-            .expect("kill runs")
-            .success();
-        assert!(ok, "kill {sig} {}", self.name);
+        send_signal(self.child.id(), sig);
     }
 }
 

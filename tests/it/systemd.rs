@@ -55,27 +55,14 @@ fn the_notify_protocol_follows_the_proxys_life() {
         pings.len() <= 2,
         "a watchdog ping soon after start: {pings:?}"
     );
-    let pid = child.id().to_string();
-    assert!(
-        Command::new("kill")
-            .args(["-HUP", &pid])
-            .status()
-            .unwrap()
-            .success()
-    );
+    send_signal(child.id(), "-HUP");
     let reload = until(&sock, "RELOADING=1");
     assert!(
         reload.last().unwrap().contains("MONOTONIC_USEC="),
         "{reload:?}"
     );
     until(&sock, "READY=1");
-    assert!(
-        Command::new("kill")
-            .args(["-TERM", &pid])
-            .status()
-            .unwrap()
-            .success()
-    );
+    send_signal(child.id(), "-TERM");
     until(&sock, "STOPPING=1");
     assert!(child.wait().unwrap().success());
 }
@@ -128,9 +115,7 @@ fn a_socket_passed_by_systemd_is_taken_not_bound() {
         }
     };
     assert_eq!(answer, b"activated");
-    let _ = Command::new("kill")
-        .args(["-TERM", &activator.id().to_string()])
-        .status();
+    send_signal(activator.id(), "-TERM");
     let _ = activator.wait();
     let text = std::fs::read_to_string(&log).unwrap();
     assert!(
