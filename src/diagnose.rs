@@ -297,7 +297,7 @@ fn answer(addr: SocketAddr, p: &Probe) -> (Verdict, String) {
 }
 
 /// Every listening TCP socket on this machine with its owner, from /proc.
-fn listening_sockets() -> Vec<(SocketAddr, Option<(u32, String)>)> {
+pub(crate) fn listening_sockets() -> Vec<(SocketAddr, Option<(u32, String)>)> {
     let mut sockets = Vec::new();
     for (file, v6) in [("/proc/net/tcp", false), ("/proc/net/tcp6", true)] {
         let Ok(text) = std::fs::read_to_string(file) else {

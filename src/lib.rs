@@ -23,6 +23,7 @@ pub mod diagnose;
 pub mod etcd;
 pub mod http_client;
 pub mod load;
+pub mod port_audit;
 pub mod proxy;
 pub mod signals;
 pub mod sim;

@@ -76,6 +76,11 @@ enum Command {
     Load(LoadArgs),
     /// A test backend: echo or HTTP, with a reply delay.
     Backend(BackendArgs),
+    /// Audit the host's ports under a least-exposure rule: every listener's
+    /// addresses, ACL, TLS and traffic, every other listening socket and its
+    /// process, and sensitive ports reachable without an ACL. Exit 1 when
+    /// something should be acted on.
+    Audit(AuditArgs),
     /// Print a shell completion script: `portshift completions bash >
     /// /etc/bash_completion.d/portshift`.
     Completions {
@@ -122,6 +127,19 @@ struct DiagnoseArgs {
     /// The client address to test the ACL with.
     #[arg(long, default_value = "127.0.0.1")]
     source: std::net::IpAddr,
+}
+
+#[derive(clap::Args)]
+struct AuditArgs {
+    #[arg(short, long, default_value = "portshift.toml")]
+    config: PathBuf,
+    /// The running instance's admin API, e.g. http://127.0.0.1:9900
+    /// (default: the config's [admin] address).
+    #[arg(long)]
+    admin: Option<String>,
+    /// Print one JSON document instead of text.
+    #[arg(long)]
+    json: bool,
 }
 
 #[derive(clap::Args)]
@@ -186,6 +204,7 @@ fn main() -> ExitCode {
         Command::Check { config } => check(&config),
         Command::Run { config, record } => on_runtime(|| run(config, record)),
         Command::Diagnose(a) => diagnose(&a.config, a.listener.as_deref(), a.source),
+        Command::Audit(a) => audit(a),
         Command::Sim(a) => sim(a),
         Command::Demo(a) => {
             let opts = portshift::demo::DemoOptions {
@@ -315,6 +334,42 @@ fn diagnose(path: &std::path::Path, listener: Option<&str>, source: std::net::Ip
             ExitCode::from(u8::from(failed))
         }
     }
+}
+
+/// `portshift audit`: exit 0 with no finding, 1 with findings, 2 for a bad
+/// config.
+fn audit(a: AuditArgs) -> ExitCode {
+    use portshift::config::TokenSource;
+    let c = match Config::load(&a.config) {
+        Ok(c) => c,
+        Err(e) => return config_failed(&e),
+    };
+    // The config's own admin address (a wildcard bind is asked on loopback)
+    // and token, unless told otherwise.
+    let admin = a.admin.or_else(|| {
+        c.admin.as_ref().map(|ad| {
+            let mut addr = ad.listen;
+            if addr.ip().is_unspecified() {
+                addr.set_ip(std::net::Ipv4Addr::LOCALHOST.into());
+            }
+            format!("http://{addr}")
+        })
+    });
+    let token = c
+        .admin
+        .as_ref()
+        .and_then(|ad| ad.token.as_ref())
+        .and_then(|t| match &t.source {
+            TokenSource::File(p) => std::fs::read_to_string(p).ok(),
+            TokenSource::Env(v) => std::env::var(v).ok(),
+        });
+    let report = portshift::port_audit::run(&c, admin.as_deref(), token.as_deref().map(str::trim));
+    if a.json {
+        println!("{:#}", portshift::port_audit::json(&report));
+    } else {
+        print!("{}", portshift::port_audit::render(&report));
+    }
+    ExitCode::from(u8::from(!report.findings.is_empty()))
 }
 
 fn sim(a: SimArgs) -> ExitCode {

@@ -38,6 +38,7 @@ const ALLOWED: &[(&str, &[&str])] = &[
     ("backend", &[]),
     ("load", &["backend"]),
     ("diagnose", &["config", "core", "telemetry", "etcd"]),
+    ("port_audit", &["config", "diagnose", "http_client"]),
     (
         "demo",
         &[

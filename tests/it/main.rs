@@ -16,6 +16,7 @@ mod fleet;
 mod hardening;
 mod netns;
 mod policy;
+mod port_audit;
 mod prometheus;
 mod proxy;
 mod sim;
