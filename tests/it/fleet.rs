@@ -542,6 +542,19 @@ async fn members_decide_alone_without_etcd_and_rejoin() {
     let mut f = Fleet::shifted().await;
     f.etcd.stop();
     let stopped = Instant::now();
+    // A pin cannot reach the fleet: refused in JSON, nothing changed.
+    let (status, body) = admin_request(
+        f.members[0].admin,
+        "PUT",
+        "/routes/l/weights",
+        r#"{"primary": 100, "backup": 0}"#,
+        None,
+    )
+    .await
+    .unwrap();
+    assert_eq!(status, 503, "{body}");
+    assert!(body.contains("nothing changed on any member"), "{body}");
+    assert_eq!(f.members[0].weights().await, (50.0, 50.0));
     // Before stale_after: the weights hold and their age grows.
     tokio::time::sleep(STALE_AFTER / 2).await;
     for m in &f.members {
