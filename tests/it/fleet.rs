@@ -163,6 +163,14 @@ policy = "fast"
         )
     }
 
+    /// Pins listener `l` through this member's admin API.
+    async fn pin(&self, primary: u32, backup: u32) -> (u16, String) {
+        let body = format!(r#"{{"primary": {primary}, "backup": {backup}}}"#);
+        admin_request(self.admin, "PUT", "/routes/l/weights", &body, None)
+            .await
+            .expect("the admin API answers")
+    }
+
     async fn role(&self) -> String {
         self.status().await["fleet"]["role"]
             .as_str()
@@ -382,15 +390,7 @@ async fn members_shift_as_one_and_carry_a_pin() {
     .await;
 
     // A pin through member 2 holds on 1 and 3.
-    let (status, body) = admin_request(
-        f.members[1].admin,
-        "PUT",
-        "/routes/l/weights",
-        r#"{"primary": 30, "backup": 70}"#,
-        None,
-    )
-    .await
-    .unwrap();
+    let (status, body) = f.members[1].pin(30, 70).await;
     assert_eq!(status, 200, "{body}");
     f.until("the pin on every member", PATIENCE, async |f| {
         f.all_at(&[0, 1, 2], (30.0, 70.0)).await
@@ -543,15 +543,7 @@ async fn members_decide_alone_without_etcd_and_rejoin() {
     f.etcd.stop();
     let stopped = Instant::now();
     // A pin cannot reach the fleet: refused in JSON, nothing changed.
-    let (status, body) = admin_request(
-        f.members[0].admin,
-        "PUT",
-        "/routes/l/weights",
-        r#"{"primary": 100, "backup": 0}"#,
-        None,
-    )
-    .await
-    .unwrap();
+    let (status, body) = f.members[0].pin(100, 0).await;
     assert_eq!(status, 503, "{body}");
     assert!(body.contains("nothing changed on any member"), "{body}");
     assert_eq!(f.members[0].weights().await, (50.0, 50.0));
