@@ -1,5 +1,5 @@
 //! An etcd v3 client over etcd's JSON gateway (`/v3/...`, part of every
-//! etcd server since 3.3): leases, keys, transactions, watches and the
+//! etcd server since 3.4): leases, keys, transactions, watches and the
 //! election service. Over HTTP/1 with hyper, so building portshift needs
 //! no protobuf compiler and no gRPC stack; see ARCHITECTURE.md.
 //!
