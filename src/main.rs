@@ -58,6 +58,12 @@ enum Command {
         /// `portshift sim` to replay.
         #[arg(long)]
         record: Option<PathBuf>,
+        /// Take over from the running portshift without refusing a
+        /// connection: receive its listening sockets and policy state over
+        /// the upgrade socket, accept, then let it drain and exit. Exit 2,
+        /// leaving it serving, if anything fails before accepting.
+        #[arg(long)]
+        upgrade: bool,
     },
     /// Validate a config and print what would run; exit 2 on any problem.
     Check {
@@ -202,7 +208,11 @@ fn main() -> ExitCode {
     init_logging(cli.log_format, level);
     match cli.command {
         Command::Check { config } => check(&config),
-        Command::Run { config, record } => on_runtime(|| run(config, record)),
+        Command::Run {
+            config,
+            record,
+            upgrade,
+        } => on_runtime(|| run(config, record, upgrade)),
         Command::Diagnose(a) => diagnose(&a.config, a.listener.as_deref(), a.source),
         Command::Audit(a) => audit(a),
         Command::Sim(a) => sim(a),
@@ -310,11 +320,23 @@ fn check(path: &std::path::Path) -> ExitCode {
 /// `run`: SIGHUP is caught before the config is read or anything binds (its
 /// default action would end the process); one that arrives while starting
 /// becomes a reload once serving.
-async fn run(config: PathBuf, record: Option<PathBuf>) -> Result<(), Failure> {
+async fn run(config: PathBuf, record: Option<PathBuf>, upgrade: bool) -> Result<(), Failure> {
     let hup = portshift::signals::hangup().context("cannot install the SIGHUP handler")?;
+    let usr2 = portshift::signals::upgrade().context("cannot install the SIGUSR2 handler")?;
     let config = Config::load(&config).map_err(Failure::Config)?;
-    portshift::proxy::run(config, record, hup).await?;
-    Ok(())
+    let opts = portshift::proxy::RunOptions {
+        record,
+        upgrade,
+        hup,
+        usr2,
+    };
+    match portshift::proxy::run(config, opts).await {
+        Ok(_) => Ok(()),
+        // Before it accepts, a new binary that fails leaves the old one
+        // serving and says so with exit 2.
+        Err(e) if upgrade => Err(Failure::Refused(e.into())),
+        Err(e) => Err(e.into()),
+    }
 }
 
 fn diagnose(path: &std::path::Path, listener: Option<&str>, source: std::net::IpAddr) -> ExitCode {
@@ -425,6 +447,8 @@ async fn backend(a: BackendArgs) -> Result<(), Failure> {
 enum Failure {
     Config(portshift::config::ConfigError),
     Runtime(anyhow::Error),
+    /// Refused before anything changed (exit 2).
+    Refused(anyhow::Error),
 }
 
 impl<E: Into<anyhow::Error>> From<E> for Failure {
@@ -449,6 +473,10 @@ where
         Err(Failure::Runtime(e)) => {
             eprintln!("error: {e:#}");
             ExitCode::from(1)
+        }
+        Err(Failure::Refused(e)) => {
+            eprintln!("error: {e:#}");
+            ExitCode::from(2)
         }
     }
 }

@@ -19,3 +19,9 @@ pub async fn shutdown() {
 pub fn hangup() -> std::io::Result<Signal> {
     signal(SignalKind::hangup())
 }
+
+/// The SIGUSR2 stream: a binary upgrade. Installed as early as SIGHUP, for
+/// the same reason (its default action ends the process).
+pub fn upgrade() -> std::io::Result<Signal> {
+    signal(SignalKind::user_defined2())
+}

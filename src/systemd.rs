@@ -44,6 +44,15 @@ pub fn reloaded(ok: bool) {
     send(&[NotifyState::Ready, NotifyState::Status(status)]);
 }
 
+/// A binary upgrade's successor, `pid`, is the service's main process
+/// from now on (this one drains and exits).
+pub fn main_pid(pid: u32) {
+    send(&[
+        NotifyState::MainPid(pid),
+        NotifyState::Status("handed over to a new binary; draining"),
+    ]);
+}
+
 /// Draining begins.
 pub fn stopping() {
     send(&[NotifyState::Stopping, NotifyState::Status("draining")]);

@@ -58,6 +58,9 @@ pub struct Config {
     /// Append-only JSON-lines log of policy decisions (relative paths are
     /// resolved against the config file's folder).
     pub audit_log: Option<PathBuf>,
+    /// The binary upgrade's Unix socket (relative paths are resolved
+    /// against the config file's folder); `None`: the default place.
+    pub upgrade_socket: Option<PathBuf>,
     /// The admin listener (`/metrics`), if configured.
     pub admin: Option<Admin>,
     /// `[fleet]`: decide as one with the other members, on etcd.

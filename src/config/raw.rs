@@ -16,6 +16,8 @@ pub struct RawConfig {
     pub drain_timeout: Option<S<String>>,
     /// Where policy decisions are appended as JSON lines.
     pub audit_log: Option<String>,
+    /// The Unix socket a new binary takes the listening sockets from.
+    pub upgrade_socket: Option<String>,
     pub admin: Option<S<RawAdmin>>,
     pub fleet: Option<S<RawFleet>>,
     pub stats: Option<RawStats>,

@@ -67,6 +67,10 @@ impl Validator<'_, '_> {
                 .audit_log
                 .as_ref()
                 .map(|p| self.path.parent().unwrap_or(Path::new(".")).join(p)),
+            upgrade_socket: raw
+                .upgrade_socket
+                .as_ref()
+                .map(|p| self.path.parent().unwrap_or(Path::new(".")).join(p)),
             admin,
             fleet,
             stats,

@@ -55,7 +55,12 @@ pub async fn run(
     stop: CancellationToken,
 ) {
     let engine = Engine::new(policy);
-    let pstate = PolicyState::new(&engine.policy, state.stats.len());
+    // After a binary upgrade, the engine continues where the old process
+    // left off.
+    let pstate = state
+        .carried
+        .take_inherited(&engine.policy, state.clock.now())
+        .unwrap_or_else(|| PolicyState::new(&engine.policy, state.stats.len()));
     state
         .route_metrics
         .register_decisions(&engine.policy.rules(), engine.policy.dry_run);
@@ -74,6 +79,7 @@ pub async fn run(
         fleet,
         duty: None,
     };
+    l.state.carried.publish(&l.pstate);
     loop {
         tokio::select! {
             () = stop.cancelled() => return,
@@ -85,6 +91,15 @@ pub async fn run(
 
 impl Loop {
     async fn tick(&mut self) {
+        // A binary upgrade is taking this state over: nothing may move.
+        if self.state.carried.is_frozen() {
+            return;
+        }
+        self.evaluate().await;
+        self.state.carried.publish(&self.pstate);
+    }
+
+    async fn evaluate(&mut self) {
         let now = self.state.clock.now();
         if let Some(f) = &self.fleet {
             crate::telemetry::fleet::weights_age(

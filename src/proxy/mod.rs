@@ -18,12 +18,13 @@ mod process;
 mod runtime;
 mod state;
 mod throttle;
+pub mod upgrade;
 
 pub use clock::Clock;
 pub use copy::{BUFFER_BYTES, Copied};
 pub use decisions::RecentDecisions;
 pub use outcome::{ConnectFailure, End, OutcomeCounts, Outcomes};
-pub use process::{RunError, run};
+pub use process::{RunError, RunOptions, run};
 pub use runtime::{ReloadError, ReloadOutcome, ReloadReport};
 pub use state::{GroupView, ListenerState};
 
@@ -33,6 +34,7 @@ use socket2::{Domain, Protocol, Socket, Type};
 use std::future::Future;
 use std::io;
 use std::net::SocketAddr;
+use std::os::fd::AsFd;
 use std::sync::Arc;
 use tokio::net::TcpListener;
 use tracing::{info, warn};
@@ -80,6 +82,9 @@ fn bind_hint(e: &io::Error) -> &'static str {
 pub struct Proxy {
     shared: Arc<Shared>,
     admin: Option<TcpListener>,
+    /// Run once every listener accepts (a binary upgrade's signal to the
+    /// old process).
+    on_accepting: Option<Box<dyn FnOnce() + Send>>,
 }
 
 /// How serving ended.
@@ -102,17 +107,41 @@ impl Proxy {
     /// the first failure closes what was bound and reports which listener
     /// and port failed. Must run inside a tokio runtime.
     pub fn bind(config: &Config) -> Result<Proxy, StartError> {
+        Proxy::bind_with(config, std::collections::HashMap::new())
+    }
+
+    /// As `bind`, taking the sockets in `inherited` (from the process a
+    /// binary upgrade replaces) by address, as those systemd passes.
+    pub fn bind_with(
+        config: &Config,
+        inherited: std::collections::HashMap<SocketAddr, std::net::TcpListener>,
+    ) -> Result<Proxy, StartError> {
         // Sockets systemd passed (socket activation), taken once.
         let mut passed = crate::systemd::passed_listeners();
+        passed.extend(inherited);
         let admin = match &config.admin {
             None => None,
             Some(a) => Some(admin_socket(a.listen, &mut passed)?),
         };
         let shared = Arc::new(Shared::bind(config, &mut passed)?);
-        for addr in passed.keys() {
-            warn!(%addr, "socket activation: a passed socket matches no listener; it is closed");
+        if let Some(a) = &admin
+            && let (Ok(addr), Ok(fd)) = (a.local_addr(), a.as_fd().try_clone_to_owned())
+        {
+            let _ = shared.admin_fd.set((addr, fd));
         }
-        Ok(Proxy { shared, admin })
+        for addr in passed.keys() {
+            warn!(%addr, "a passed socket matches no listener; it is closed");
+        }
+        Ok(Proxy {
+            shared,
+            admin,
+            on_accepting: None,
+        })
+    }
+
+    /// Runs `f` once every listener accepts, in `serve`.
+    pub fn when_accepting(&mut self, f: impl FnOnce() + Send + 'static) {
+        self.on_accepting = Some(Box::new(f));
     }
 
     /// Each listener's name with the addresses it actually bound (port 0 in
@@ -165,6 +194,9 @@ impl Proxy {
             shared
                 .background
                 .spawn(admin::serve(admin, handle, shared.stop.clone()));
+        }
+        if let Some(f) = self.on_accepting {
+            f();
         }
         crate::systemd::ready();
         if let Some(period) = crate::systemd::watchdog_period() {

@@ -13,6 +13,7 @@ use crate::config::{Config, Group, Listener};
 use crate::core::stats::WindowConfig;
 use std::collections::HashMap;
 use std::net::SocketAddr;
+use std::os::fd::{AsFd, OwnedFd};
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, Ordering::Relaxed};
 use std::sync::{Arc, Mutex};
@@ -60,6 +61,9 @@ struct BoundSocket {
     configured: SocketAddr,
     local: SocketAddr,
     slot: Slot,
+    /// A duplicate of the socket's descriptor, to pass to a new binary
+    /// while the accept loop holds the socket.
+    fd: Option<OwnedFd>,
 }
 
 struct Running {
@@ -147,6 +151,8 @@ pub(crate) struct Shared {
     pub last_reload: Mutex<Option<ReloadOutcome>>,
     /// Set once, before the listeners start, in fleet mode.
     pub fleet: std::sync::OnceLock<Arc<super::fleet::Fleet>>,
+    /// The admin API's socket, duplicated, to pass to a new binary.
+    pub admin_fd: std::sync::OnceLock<(SocketAddr, OwnedFd)>,
 }
 
 fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
@@ -213,6 +219,7 @@ impl Shared {
             serving: AtomicBool::new(false),
             last_reload: Mutex::new(None),
             fleet: std::sync::OnceLock::new(),
+            admin_fd: std::sync::OnceLock::new(),
         })
     }
 
@@ -280,6 +287,32 @@ impl Shared {
                 )
             })
             .collect()
+    }
+
+    /// Every listening socket a new binary may take over: the admin API's
+    /// (as listener `admin`) and every listener's with a fixed port (port
+    /// 0 means any free port, which the new process picks afresh).
+    pub fn handover_sockets(&self) -> Vec<(String, SocketAddr, std::io::Result<OwnedFd>)> {
+        let mut out = Vec::new();
+        if let Some((addr, fd)) = self.admin_fd.get() {
+            out.push(("admin".to_owned(), *addr, fd.try_clone()));
+        }
+        for r in lock(&self.listeners).iter() {
+            for s in r.sockets.iter().filter(|s| s.configured.port() != 0) {
+                let fd = match &s.fd {
+                    Some(fd) => fd.try_clone(),
+                    None => Err(std::io::Error::other("no duplicate was kept")),
+                };
+                out.push((r.state.name.clone(), s.local, fd));
+            }
+        }
+        out
+    }
+
+    /// Holds off reloads while a binary upgrade hands over (from a
+    /// blocking thread).
+    pub fn hold_reloads(&self) -> tokio::sync::MutexGuard<'_, ()> {
+        self.reload_lock.blocking_lock()
     }
 
     /// Stops every accept loop and closes every listening socket.
@@ -380,6 +413,10 @@ impl Shared {
         // changed [fleet] applies at the next start.
         if lock(&self.config).fleet != new.fleet {
             report.restart_required.push("fleet".to_owned());
+        }
+        // The upgrade socket is bound once, at start.
+        if lock(&self.config).upgrade_socket != new.upgrade_socket {
+            report.restart_required.push("upgrade_socket".to_owned());
         }
         let mut keep = Vec::new();
         for l in &new.listeners {
@@ -541,10 +578,12 @@ fn new_running(
             let _ = socket2::SockRef::from(&socket)
                 .listen(l.socket.backlog.min(i32::MAX as u32) as i32);
             let local = socket.local_addr().unwrap_or(configured);
+            let fd = socket.as_fd().try_clone_to_owned().ok();
             BoundSocket {
                 configured,
                 local,
                 slot: Slot::Idle(socket),
+                fd,
             }
         })
         .collect();

@@ -61,6 +61,8 @@ pub struct ListenerState {
     sources: Arc<Mutex<HashMap<IpAddr, u32>>>,
     /// Refused connections are logged once a second, not once a connection.
     denied_log: OncePerSecond,
+    /// What a binary upgrade hands over, and its freeze of the policy.
+    pub(super) carried: super::upgrade::Carried,
 }
 
 /// Why a connection was closed at accept.
@@ -194,6 +196,7 @@ impl ListenerState {
             sources: Arc::clone(&occupancy.per_source),
             denied_log: OncePerSecond::default(),
             steering: AtomicU64::new(0),
+            carried: super::upgrade::Carried::default(),
         }
     }
 
