@@ -243,7 +243,7 @@ fn admin_socket(
     };
     match passed.remove(&addr) {
         Some(s) => {
-            info!(%addr, "socket activation: the admin API takes the passed socket");
+            info!(%addr, "the admin API takes a passed socket (socket activation or a binary upgrade)");
             s.set_nonblocking(true).map_err(error)?;
             TcpListener::from_std(s).map_err(error)
         }

@@ -25,7 +25,7 @@ pub enum RunError {
         #[source]
         source: std::io::Error,
     },
-    #[error("binary upgrade: {0}; the running process serves on unchanged")]
+    #[error("binary upgrade: the running process serves on unchanged")]
     Takeover(#[from] TakeoverError),
     #[error("binary upgrade: {0}; the running process serves on unchanged")]
     TakeoverStart(StartError),
@@ -66,7 +66,9 @@ pub async fn run(config: Config, opts: RunOptions) -> Result<DrainReport, RunErr
                     for l in std::mem::take(&mut t.listeners) {
                         match p.listener(&l.listener) {
                             Some(s) => l.apply(&s),
-                            None => info!(listener = %l.listener, "not in the new config; its state is dropped"),
+                            None => {
+                                info!(listener = %l.listener, "not in the new config; its state is dropped")
+                            }
                         }
                     }
                     p

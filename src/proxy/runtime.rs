@@ -533,7 +533,7 @@ fn take_passed(
     addr: SocketAddr,
     s: std::net::TcpListener,
 ) -> Result<TcpListener, BindError> {
-    info!(listener = %l.name, %addr, "socket activation: taking the passed socket instead of binding");
+    info!(listener = %l.name, %addr, "taking a passed socket instead of binding (socket activation or a binary upgrade)");
     s.set_nonblocking(true)
         .and_then(|()| TcpListener::from_std(s))
         .map_err(|source| BindError {

@@ -22,3 +22,4 @@ mod proxy;
 mod sim;
 mod systemd;
 mod telemetry;
+mod upgrade;

@@ -119,7 +119,7 @@ fn a_socket_passed_by_systemd_is_taken_not_bound() {
     let _ = activator.wait();
     let text = std::fs::read_to_string(&log).unwrap();
     assert!(
-        text.contains("socket activation: taking the passed socket instead of binding"),
+        text.contains("taking a passed socket instead of binding"),
         "{text}"
     );
 }

@@ -474,6 +474,9 @@ async fn status(State(h): State<ProxyHandle>) -> Response {
         StatusCode::OK,
         json!({
             "version": env!("CARGO_PKG_VERSION"),
+            "commit": env!("PORTSHIFT_COMMIT"),
+            // Which process answers: it changes with a binary upgrade.
+            "pid": std::process::id(),
             "uptime_s": h.uptime().as_secs_f64(),
             "last_reload": last_reload,
             "fleet": h.fleet().map(|f| f.status()),

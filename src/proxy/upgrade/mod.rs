@@ -46,17 +46,19 @@ pub fn socket_path(configured: Option<&Path>) -> PathBuf {
     }
     let folder = if let Some(d) = std::env::var_os("RUNTIME_DIRECTORY") {
         // systemd may list several, separated by colons: the first is ours.
-        let d = d.to_string_lossy().split(':').next().unwrap_or("").to_owned();
+        let d = d
+            .to_string_lossy()
+            .split(':')
+            .next()
+            .unwrap_or("")
+            .to_owned();
         PathBuf::from(d)
     } else if rustix::process::getuid().is_root() {
         PathBuf::from("/run/portshift")
     } else if let Some(d) = std::env::var_os("XDG_RUNTIME_DIR") {
         PathBuf::from(d).join("portshift")
     } else {
-        std::env::temp_dir().join(format!(
-            "portshift-{}",
-            rustix::process::getuid().as_raw()
-        ))
+        std::env::temp_dir().join(format!("portshift-{}", rustix::process::getuid().as_raw()))
     };
     folder.join("upgrade.sock")
 }
@@ -111,7 +113,9 @@ fn peer_allowed(stream: &UnixStream) -> Result<u32, String> {
 pub fn spawn_successor() {
     let mut args = std::env::args_os();
     let Some(program) = args.next() else {
-        warn!("SIGUSR2: this process's own command line is unknown; run `portshift run --upgrade` instead");
+        warn!(
+            "SIGUSR2: this process's own command line is unknown; run `portshift run --upgrade` instead"
+        );
         return;
     };
     let mut args: Vec<_> = args.collect();

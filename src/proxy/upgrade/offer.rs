@@ -45,7 +45,11 @@ pub async fn serve(
             () = stop.cancelled() => break,
             a = listener.accept() => a,
         };
-        let stream = match accepted.and_then(|(s, _)| s.into_std()) {
+        // The conversation runs on a blocking thread.
+        let stream = match accepted
+            .and_then(|(s, _)| s.into_std())
+            .and_then(|s| s.set_nonblocking(false).map(|()| s))
+        {
             Ok(s) => s,
             Err(e) => {
                 warn!(error = %e, "upgrade socket: accept failed");
@@ -95,7 +99,12 @@ fn hand_over(stream: UnixStream, handle: &ProxyHandle, path: &Path) -> bool {
             // The new process accepts: stop offering, start the drain.
             remove(path);
             crate::systemd::main_pid(new_pid);
-            info!(new_pid, peer, took_ms = started.elapsed().as_millis() as u64, "binary upgrade: the new process accepts; this one stops accepting and drains");
+            info!(
+                new_pid,
+                peer,
+                took_ms = started.elapsed().as_millis() as u64,
+                "binary upgrade: the new process accepts; this one stops accepting and drains"
+            );
             true
         }
         Ok(None) => {
@@ -118,13 +127,21 @@ fn hand_over(stream: UnixStream, handle: &ProxyHandle, path: &Path) -> bool {
 /// when it gave up (with its reason logged).
 fn converse(conn: &mut Conn, handle: &ProxyHandle) -> io::Result<Option<u32>> {
     let new_pid = match conn.recv()? {
-        Message::Hello { protocol, pid, version } if protocol == PROTOCOL => {
+        Message::Hello {
+            protocol,
+            pid,
+            version,
+        } if protocol == PROTOCOL => {
             info!(new_pid = pid, %version, "binary upgrade requested");
             pid
         }
         Message::Hello { protocol, .. } => {
-            let reason = format!("this process speaks upgrade protocol {PROTOCOL}, the new one {protocol}; stop and start instead");
-            conn.send(&Message::Refused { reason: reason.clone() })?;
+            let reason = format!(
+                "this process speaks upgrade protocol {PROTOCOL}, the new one {protocol}; stop and start instead"
+            );
+            conn.send(&Message::Refused {
+                reason: reason.clone(),
+            })?;
             warn!(%reason, "binary upgrade refused");
             return Ok(None);
         }
@@ -183,7 +200,9 @@ fn sockets(handle: &ProxyHandle) -> (Vec<SocketOffer>, Vec<OwnedFd>) {
                 offers.push(SocketOffer { listener, addr });
                 fds.push(fd);
             }
-            Err(e) => warn!(%listener, %addr, error = %e, "cannot duplicate a listening socket; the new process binds it afresh"),
+            Err(e) => {
+                warn!(%listener, %addr, error = %e, "cannot duplicate a listening socket; the new process binds it afresh")
+            }
         }
     }
     (offers, fds)

@@ -21,7 +21,7 @@ const STEP_TIMEOUT: Duration = Duration::from_secs(10);
 #[derive(Debug, thiserror::Error)]
 pub enum TakeoverError {
     #[error(
-        "no running portshift offers upgrades on {}: {source} (is it running, with the same `upgrade_socket`?)",
+        "no running portshift offers upgrades on {} (is it running, with the same `upgrade_socket`?)",
         path.display()
     )]
     Connect {
@@ -31,7 +31,7 @@ pub enum TakeoverError {
     },
     #[error("the running portshift refused the upgrade: {0}")]
     Refused(String),
-    #[error("the upgrade conversation with the running portshift failed: {0}")]
+    #[error("the upgrade conversation with the running portshift failed")]
     Io(#[from] io::Error),
 }
 
@@ -141,8 +141,12 @@ fn by_address(
             Ok(a) if a == offer.addr => {
                 out.insert(a, socket);
             }
-            Ok(a) => warn!(listener = %offer.listener, offered = %offer.addr, bound = %a, "a passed socket is bound elsewhere than offered; ignored"),
-            Err(e) => warn!(listener = %offer.listener, addr = %offer.addr, error = %e, "a passed descriptor is not a TCP socket; ignored"),
+            Ok(a) => {
+                warn!(listener = %offer.listener, offered = %offer.addr, bound = %a, "a passed socket is bound elsewhere than offered; ignored")
+            }
+            Err(e) => {
+                warn!(listener = %offer.listener, addr = %offer.addr, error = %e, "a passed descriptor is not a TCP socket; ignored")
+            }
         }
     }
     Ok(out)

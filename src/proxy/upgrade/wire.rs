@@ -110,10 +110,13 @@ impl Conn {
     /// Passes `fds`, in order, in batches the kernel accepts.
     pub fn send_fds(&mut self, fds: &[BorrowedFd<'_>]) -> io::Result<()> {
         for batch in fds.chunks(FDS_PER_MESSAGE) {
-            let mut space = vec![MaybeUninit::uninit(); rustix::cmsg_space!(ScmRights(batch.len()))];
+            let mut space =
+                vec![MaybeUninit::uninit(); rustix::cmsg_space!(ScmRights(batch.len()))];
             let mut control = rustix::net::SendAncillaryBuffer::new(&mut space);
             if !control.push(rustix::net::SendAncillaryMessage::ScmRights(batch)) {
-                return Err(io::Error::other("the descriptors do not fit the control buffer"));
+                return Err(io::Error::other(
+                    "the descriptors do not fit the control buffer",
+                ));
             }
             rustix::net::sendmsg(
                 self.stream(),
@@ -212,10 +215,7 @@ mod tests {
         let (a, b) = UnixStream::pair().unwrap();
         drop(a);
         let mut new = Conn::new(b, Duration::from_secs(5)).unwrap();
-        assert_eq!(
-            new.recv().unwrap_err().kind(),
-            io::ErrorKind::UnexpectedEof
-        );
+        assert_eq!(new.recv().unwrap_err().kind(), io::ErrorKind::UnexpectedEof);
         assert_eq!(
             new.recv_fds(1).unwrap_err().kind(),
             io::ErrorKind::UnexpectedEof
