@@ -47,23 +47,17 @@ impl ListenerSpec {
     }
 }
 
-enum Slot {
-    /// Bound, not accepting yet (before `serve`).
-    Idle(TcpListener),
-    /// Its accept loop hands the socket back when cancelled.
-    Accepting(JoinHandle<TcpListener>),
-    /// Only while a slot is being moved from one state to the next.
-    Moving,
-}
-
 struct BoundSocket {
     /// As written in the config (port 0 stays 0), the key for reuse.
     configured: SocketAddr,
     local: SocketAddr,
-    slot: Slot,
-    /// A duplicate of the socket's descriptor, to pass to a new binary
-    /// while the accept loop holds the socket.
-    fd: Option<OwnedFd>,
+    /// Shared with its accept loop, so a binary upgrade can duplicate the
+    /// descriptor at hand-over time (keeping a duplicate all along would
+    /// double the descriptors a listener holds).
+    listener: Arc<TcpListener>,
+    /// Its accept loop, once serving; the loop drops its share when
+    /// cancelled, and the socket, still bound, can be reused on reload.
+    accepting: Option<JoinHandle<()>>,
 }
 
 struct Running {
@@ -248,17 +242,16 @@ impl Shared {
                 r.token.clone(),
             ));
         }
-        for s in r.sockets.iter_mut() {
-            s.slot = match std::mem::replace(&mut s.slot, Slot::Moving) {
-                Slot::Idle(l) => {
-                    info!(listener = %r.state.name, addr = %s.local, "listening");
-                    connection::prepare_listener(&l, &r.state.socket);
-                    let task =
-                        accept_loop(l, Arc::clone(&r.state), self.conns.clone(), r.token.clone());
-                    Slot::Accepting(tokio::spawn(task))
-                }
-                other => other,
-            };
+        for s in r.sockets.iter_mut().filter(|s| s.accepting.is_none()) {
+            info!(listener = %r.state.name, addr = %s.local, "listening");
+            connection::prepare_listener(&s.listener, &r.state.socket);
+            let task = accept_loop(
+                Arc::clone(&s.listener),
+                Arc::clone(&r.state),
+                self.conns.clone(),
+                r.token.clone(),
+            );
+            s.accepting = Some(tokio::spawn(task));
         }
     }
 
@@ -299,10 +292,7 @@ impl Shared {
         }
         for r in lock(&self.listeners).iter() {
             for s in r.sockets.iter().filter(|s| s.configured.port() != 0) {
-                let fd = match &s.fd {
-                    Some(fd) => fd.try_clone(),
-                    None => Err(std::io::Error::other("no duplicate was kept")),
-                };
+                let fd = s.listener.as_fd().try_clone_to_owned();
                 out.push((r.state.name.clone(), s.local, fd));
             }
         }
@@ -578,12 +568,11 @@ fn new_running(
             let _ = socket2::SockRef::from(&socket)
                 .listen(l.socket.backlog.min(i32::MAX as u32) as i32);
             let local = socket.local_addr().unwrap_or(configured);
-            let fd = socket.as_fd().try_clone_to_owned().ok();
             BoundSocket {
                 configured,
                 local,
-                slot: Slot::Idle(socket),
-                fd,
+                listener: Arc::new(socket),
+                accepting: None,
             }
         })
         .collect();
@@ -606,12 +595,11 @@ async fn stop_running(r: Running) -> Vec<(SocketAddr, TcpListener)> {
     r.token.cancel();
     let mut out = Vec::new();
     for s in r.sockets {
-        let socket = match s.slot {
-            Slot::Idle(l) => Some(l),
-            Slot::Accepting(h) => h.await.ok(),
-            Slot::Moving => None,
-        };
-        if let Some(l) = socket {
+        if let Some(h) = s.accepting {
+            let _ = h.await;
+        }
+        // The loop has ended and dropped its share.
+        if let Ok(l) = Arc::try_unwrap(s.listener) {
             out.push((s.configured, l));
         }
     }
@@ -619,11 +607,11 @@ async fn stop_running(r: Running) -> Vec<(SocketAddr, TcpListener)> {
 }
 
 async fn accept_loop(
-    listener: TcpListener,
+    listener: Arc<TcpListener>,
     state: Arc<ListenerState>,
     conns: TaskTracker,
     stop: CancellationToken,
-) -> TcpListener {
+) {
     // One cancellation future for the loop's life: making one per accept
     // would add and remove a waiter under the token's lock every time.
     let cancelled = stop.cancelled();
@@ -631,7 +619,7 @@ async fn accept_loop(
     loop {
         let accepted = tokio::select! {
             biased;
-            () = &mut cancelled => return listener,
+            () = &mut cancelled => return,
             r = listener.accept() => r,
         };
         match accepted {
