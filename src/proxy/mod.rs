@@ -205,7 +205,14 @@ impl Proxy {
                 .spawn(watchdog(period, shared.stop.clone()));
         }
         shutdown.await;
-        crate::systemd::stopping();
+        // After a hand-over the unit lives on in the new process, which
+        // is already its MAINPID; STOPPING=1 from here would stop it.
+        if !shared
+            .handed_over
+            .load(std::sync::atomic::Ordering::Relaxed)
+        {
+            crate::systemd::stopping();
+        }
         shared.stop.cancel();
         shared.close_listeners().await;
         shared.background.close();

@@ -147,6 +147,9 @@ pub(crate) struct Shared {
     pub fleet: std::sync::OnceLock<Arc<super::fleet::Fleet>>,
     /// The admin API's socket, duplicated, to pass to a new binary.
     pub admin_fd: std::sync::OnceLock<(SocketAddr, OwnedFd)>,
+    /// A new binary took over: the drain that follows is not the unit
+    /// stopping, so systemd must not hear STOPPING=1 from this process.
+    pub handed_over: AtomicBool,
 }
 
 fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
@@ -214,6 +217,7 @@ impl Shared {
             last_reload: Mutex::new(None),
             fleet: std::sync::OnceLock::new(),
             admin_fd: std::sync::OnceLock::new(),
+            handed_over: AtomicBool::new(false),
         })
     }
 

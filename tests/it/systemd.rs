@@ -67,6 +67,71 @@ fn the_notify_protocol_follows_the_proxys_life() {
     assert!(child.wait().unwrap().success());
 }
 
+/// A binary upgrade by SIGUSR2 inside a unit: the old process tells
+/// systemd the successor's MAINPID and never says STOPPING=1 (which
+/// would stop the unit the successor now runs); the successor says
+/// READY=1, and STOPPING=1 only when it is stopped itself.
+#[test]
+fn a_binary_upgrade_moves_mainpid_without_stopping_the_unit() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("notify.sock");
+    let sock = UnixDatagram::bind(&path).unwrap();
+    sock.set_read_timeout(Some(PATIENCE)).unwrap();
+    let text = format!(
+        "upgrade_socket = \"{}\"\n{}",
+        dir.path().join("upgrade.sock").display(),
+        echo_config(dead_addr(), "")
+    );
+    let config = write_config(dir.path(), &text);
+    let (mut old, lines) = spawn_logging(
+        Command::new(bin())
+            .args(["run", "-c"])
+            .arg(&config)
+            .env("NOTIFY_SOCKET", &path),
+    );
+    std::thread::spawn(move || lines.for_each(drop));
+    until(&sock, "READY=1");
+    // The upgrade socket is offered once serving.
+    let start = Instant::now();
+    while !dir.path().join("upgrade.sock").exists() {
+        assert!(start.elapsed() < PATIENCE, "no upgrade socket");
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    send_signal(old.id(), "-USR2");
+    let mut seen = until(&sock, "MAINPID=");
+    let successor: u32 = seen
+        .last()
+        .unwrap()
+        .split("MAINPID=")
+        .nth(1)
+        .and_then(|r| r.lines().next())
+        .and_then(|p| p.parse().ok())
+        .expect("a MAINPID number");
+    assert_ne!(successor, old.id());
+    // Everything the old process says until it has exited.
+    sock.set_read_timeout(Some(Duration::from_millis(100)))
+        .unwrap();
+    let mut buf = [0u8; 4096];
+    while old.try_wait().unwrap().is_none() {
+        assert!(start.elapsed() < PATIENCE * 2, "the old process exits");
+        if let Ok(n) = sock.recv(&mut buf) {
+            seen.push(String::from_utf8_lossy(&buf[..n]).into_owned());
+        }
+    }
+    assert!(old.wait().unwrap().success());
+    assert!(
+        seen.iter().any(|m| m.contains("READY=1")),
+        "the successor is ready: {seen:?}"
+    );
+    assert!(
+        !seen.iter().any(|m| m.contains("STOPPING=1")),
+        "no STOPPING=1 across the upgrade: {seen:?}"
+    );
+    sock.set_read_timeout(Some(PATIENCE)).unwrap();
+    send_signal(successor, "-TERM");
+    until(&sock, "STOPPING=1");
+}
+
 /// `systemd-socket-activate` binds the listener's address itself and
 /// passes the socket: portshift takes it (it could not bind the address,
 /// which is held), and serves the connection that woke it.

@@ -98,6 +98,10 @@ fn hand_over(stream: UnixStream, handle: &ProxyHandle, path: &Path) -> bool {
         Ok(Some(new_pid)) => {
             // The new process accepts: stop offering, start the drain.
             remove(path);
+            handle
+                .shared
+                .handed_over
+                .store(true, std::sync::atomic::Ordering::Relaxed);
             crate::systemd::main_pid(new_pid);
             info!(
                 new_pid,
