@@ -98,6 +98,19 @@ fn listener(out: &mut String, l: &Listener) {
         format!("; deny {}", acl(&l.acl.deny))
     };
     let _ = writeln!(out, "  allow    {allow}{deny}");
+    if let Some(pp) = &l.proxy_protocol {
+        let versions = match pp.versions {
+            super::ProxyVersions::V1 => "v1",
+            super::ProxyVersions::V2 => "v2",
+            super::ProxyVersions::Any => "v1 or v2",
+        };
+        let _ = writeln!(
+            out,
+            "  header   PROXY protocol {versions} from {} only, within {}; the client it names is the client",
+            acl(&pp.from),
+            duration(pp.timeout)
+        );
+    }
     let _ = writeln!(out, "  copy     {}", copy_mode(l));
     let lim = |v: Option<u32>| v.map_or("unlimited".to_string(), |n| n.to_string());
     let first = l.first_byte_timeout.map_or("off".to_string(), duration);
@@ -152,6 +165,17 @@ fn group(out: &mut String, group: &Group, primary: bool) {
         group.name,
         group.balance.name()
     );
+    if let Some(v) = group.send_proxy_protocol {
+        let v = if v == super::ProxyVersion::V1 {
+            "v1"
+        } else {
+            "v2"
+        };
+        let _ = writeln!(
+            out,
+            "    sends a PROXY protocol {v} header naming the client"
+        );
+    }
     if let Some(p) = &group.probe {
         let _ = writeln!(out, "    probe {}", probe(p));
     }

@@ -7,6 +7,7 @@ pub(crate) mod diagnostic;
 mod fleet;
 mod listen;
 pub mod policy;
+mod proxy_protocol;
 mod raw;
 pub mod shipped;
 mod validate;
@@ -15,6 +16,9 @@ pub use crate::core::backend::{Backend, Balance};
 pub use diagnostic::{ConfigError, Diagnostic};
 pub use fleet::{DEFAULT_LEASE_TTL, DEFAULT_STALE_AFTER, Fleet, FleetSignal, MemberToken};
 pub use listen::{addrs_collide, parse_listen};
+pub use proxy_protocol::{
+    DEFAULT_PROXY_PROTOCOL_TIMEOUT, ProxyProtocolAccept, ProxyVersion, ProxyVersions,
+};
 
 use ipnet::IpNet;
 use std::net::{IpAddr, SocketAddr};
@@ -81,6 +85,9 @@ pub struct Group {
     pub backends: Vec<Backend>,
     pub balance: Balance,
     pub probe: Option<Probe>,
+    /// A PROXY protocol header before the client's bytes on every
+    /// connection to these backends (and a LOCAL one before a probe's).
+    pub send_proxy_protocol: Option<ProxyVersion>,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -224,6 +231,8 @@ pub struct Listener {
     /// slow-loris guard; leave unset for server-speaks-first protocols).
     pub first_byte_timeout: Option<Duration>,
     pub socket: SocketOptions,
+    /// Take a PROXY protocol header from trusted load balancers.
+    pub proxy_protocol: Option<ProxyProtocolAccept>,
 }
 
 /// Connection limits of a listener; past them new connections are closed
@@ -294,7 +303,7 @@ impl Acl {
 
 /// An IPv4 client seen on a dual-stack socket arrives as `::ffff:a.b.c.d`;
 /// ACLs are written in IPv4, so compare in IPv4.
-fn canonical_ip(ip: IpAddr) -> IpAddr {
+pub(crate) fn canonical_ip(ip: IpAddr) -> IpAddr {
     match ip {
         IpAddr::V6(v6) => v6.to_ipv4_mapped().map_or(ip, IpAddr::V4),
         v4 => v4,

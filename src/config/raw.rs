@@ -34,6 +34,7 @@ pub struct RawGroup {
     pub backends: S<Vec<S<RawBackend>>>,
     pub balance: Option<S<String>>,
     pub probe: Option<S<RawProbe>>,
+    pub send_proxy_protocol: Option<S<String>>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -154,6 +155,9 @@ pub struct RawListener {
     pub keepalive: Option<S<RawKeepalive>>,
     pub send_buffer: Option<S<u32>>,
     pub recv_buffer: Option<S<u32>>,
+    pub proxy_protocol: Option<S<String>>,
+    pub proxy_protocol_from: Option<Vec<S<String>>>,
+    pub proxy_protocol_timeout: Option<S<String>>,
 }
 
 /// TCP keepalive probes on both sides of a proxied connection.

@@ -162,6 +162,7 @@ impl Validator<'_, '_> {
             backends,
             balance,
             probe: raw.probe.as_ref().map(|p| self.probe(name, p)),
+            send_proxy_protocol: self.send_proxy_protocol(name, raw.send_proxy_protocol.as_ref()),
         }
     }
 
@@ -404,6 +405,7 @@ impl Validator<'_, '_> {
                 .as_ref()
                 .map(|d| self.duration(Some(d), "first_byte_timeout", DEFAULT_CONNECT_TIMEOUT)),
             socket: self.socket_options(raw),
+            proxy_protocol: self.proxy_protocol(raw),
             name,
             addrs: addrs.into_iter().map(|(a, _)| a).collect(),
             listen: raw
@@ -611,7 +613,7 @@ impl Validator<'_, '_> {
         None
     }
 
-    fn cidrs(&mut self, listener: &str, raw: &[S<String>], key: &str) -> Vec<IpNet> {
+    pub(super) fn cidrs(&mut self, listener: &str, raw: &[S<String>], key: &str) -> Vec<IpNet> {
         let mut nets = Vec::new();
         for entry in raw {
             let text = entry.get_ref();

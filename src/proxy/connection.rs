@@ -3,6 +3,7 @@
 
 use super::copy;
 use super::outcome::{ConnectFailure, End};
+use super::proxy_protocol;
 use super::state::{Admission, ListenerState};
 use crate::config::SocketOptions;
 use crate::core::blame::Blame;
@@ -12,15 +13,88 @@ use crate::core::turns::{Side, Turn};
 use crate::telemetry::ErrorKind;
 use crate::trace::TraceRecord;
 use std::io;
+use std::net::SocketAddr;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
 use std::time::Duration;
 use tokio::net::TcpStream;
 use tracing::debug;
 
+/// Who is at the other end of a client connection: the TCP peer, or the
+/// client a trusted load balancer's PROXY protocol header names.
+#[derive(Debug, Clone, Copy)]
+pub struct Peer {
+    pub client: SocketAddr,
+    /// The address the client connected to, as the header gave it; read
+    /// from the socket only when a backend is to be told.
+    pub destination: Option<SocketAddr>,
+}
+
+impl Peer {
+    pub fn direct(client: SocketAddr) -> Peer {
+        Peer {
+            client,
+            destination: None,
+        }
+    }
+
+    fn addresses(&self, socket: &TcpStream) -> io::Result<proxy_protocol::Addresses> {
+        Ok(proxy_protocol::Addresses {
+            source: self.client,
+            destination: match self.destination {
+                Some(d) => d,
+                None => socket.local_addr()?,
+            },
+        })
+    }
+}
+
+/// A connection to a listener behind load balancers: its header first
+/// (the accept loop has checked the peer is trusted), then the listener's
+/// admission for the client the header names, then as any other.
+pub async fn handle_behind_proxy(
+    state: Arc<ListenerState>,
+    mut client: TcpStream,
+    peer: SocketAddr,
+) {
+    let Some(pp) = state.proxy_protocol.as_ref() else {
+        return;
+    };
+    let named = match proxy_protocol::read_header(&mut client, pp.versions, pp.timeout).await {
+        Ok(named) => named,
+        Err(why) => {
+            state.note_proxy_rejected(peer, why);
+            return;
+        }
+    };
+    let peer = match named {
+        Some(a) => Peer {
+            client: a.source,
+            destination: Some(a.destination),
+        },
+        None => Peer::direct(peer),
+    };
+    match state.admit(peer.client.ip()) {
+        Ok(slot) => {
+            state.outcomes.accepted();
+            state.listener_metrics.accepted.increment(1);
+            handle(state, client, slot, peer).await;
+        }
+        Err(reason) => {
+            state.outcomes.denied();
+            state.note_denied(peer.client, reason);
+        }
+    }
+}
+
 /// `_admitted` holds the connection's place under the listener's limits
 /// until this returns.
-pub async fn handle(state: Arc<ListenerState>, client: TcpStream, _admitted: Admission) {
+pub async fn handle(
+    state: Arc<ListenerState>,
+    client: TcpStream,
+    _admitted: Admission,
+    peer: Peer,
+) {
     let arrived = state.clock.now();
     apply_socket_options(&client, &state.socket, Side::Client);
     if let Some(limit) = state.first_byte_timeout {
@@ -54,6 +128,13 @@ pub async fn handle(state: Arc<ListenerState>, client: TcpStream, _admitted: Adm
             }
         };
         let attempt = plan[i];
+        if let Some(version) = state.send_proxy_protocol[attempt.group]
+            && let Err(e) = send_header(version, &peer, &client, &upstream).await
+        {
+            last = resend_failed(&state, attempt, &e);
+            from = i + 1;
+            continue;
+        }
         if let Some(r) = replay.take() {
             // The previous backend reset before answering: give this one
             // what the client had sent.
@@ -87,6 +168,18 @@ pub async fn handle(state: Arc<ListenerState>, client: TcpStream, _admitted: Adm
             None => return,
         }
     }
+}
+
+/// The PROXY protocol header a backend of this group is sent before any
+/// of the client's bytes.
+async fn send_header(
+    version: crate::config::ProxyVersion,
+    peer: &Peer,
+    client: &TcpStream,
+    upstream: &TcpStream,
+) -> io::Result<()> {
+    let header = proxy_protocol::encode(version, peer.addresses(client)?);
+    copy::write_all(upstream, &header).await
 }
 
 /// Every attempt failed: count, log, trace. When portshift itself could

@@ -15,6 +15,7 @@ pub mod fleet;
 mod outcome;
 mod probe;
 mod process;
+mod proxy_protocol;
 mod runtime;
 mod state;
 mod throttle;

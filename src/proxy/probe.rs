@@ -47,6 +47,9 @@ async fn run(
     let stats = &state.stats[group].backends[backend];
     let metrics = &state.metrics[group][backend];
     let mut health = ProbeHealth::new(probe.rise, probe.fall);
+    // Backends that require a PROXY protocol header get the form that
+    // names no client.
+    let header = state.send_proxy_protocol[group].map(super::proxy_protocol::local);
     metrics.probe_up.set(1.0);
     let mut tick = tokio::time::interval(probe.interval);
     tick.set_missed_tick_behavior(MissedTickBehavior::Delay);
@@ -57,7 +60,7 @@ async fn run(
         }
         let started = state.clock.now();
         let ok = matches!(
-            tokio::time::timeout(probe.timeout, check(addr, &probe)).await,
+            tokio::time::timeout(probe.timeout, check(addr, &probe, header.as_deref())).await,
             Ok(Ok(()))
         );
         let now = state.clock.now();
@@ -85,8 +88,11 @@ async fn run(
 }
 
 /// One probe round: connect, send, expect. The caller bounds it in time.
-async fn check(addr: SocketAddr, probe: &Probe) -> io::Result<()> {
+async fn check(addr: SocketAddr, probe: &Probe, header: Option<&[u8]>) -> io::Result<()> {
     let mut s = TcpStream::connect(addr).await?;
+    if let Some(h) = header {
+        s.write_all(h).await?;
+    }
     if let Some(send) = &probe.send {
         s.write_all(send).await?;
     }

@@ -92,10 +92,13 @@ pub async fn run(config: Config, opts: RunOptions) -> Result<DrainReport, RunErr
     let upgraded = CancellationToken::new();
     let offering = CancellationToken::new();
     let handle = proxy.handle();
+    // Tracked, so the socket file is gone before the process exits.
+    let offers = tokio_util::task::TaskTracker::new();
     let offer = {
         let (handle, upgraded, offering) = (handle.clone(), upgraded.clone(), offering.clone());
+        let offers = offers.clone();
         move || {
-            tokio::spawn(upgrade::serve(socket, handle, upgraded, offering));
+            offers.spawn(upgrade::serve(socket, handle, upgraded, offering));
         }
     };
     match takeover {
@@ -125,6 +128,8 @@ pub async fn run(config: Config, opts: RunOptions) -> Result<DrainReport, RunErr
     };
     let report = proxy.serve(shutdown).await;
     offering.cancel();
+    offers.close();
+    offers.wait().await;
     for (state, _) in stopped.await.unwrap_or_default() {
         log_totals(&state);
     }

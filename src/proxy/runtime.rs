@@ -7,6 +7,7 @@
 
 use super::audit::AuditLog;
 use super::clock::Clock;
+use super::proxy_protocol::Rejected;
 use super::state::{ListenerState, Occupancy, TraceSlot};
 use super::{BindError, StartError, bind_one, connection, control, probe};
 use crate::config::{Config, Group, Listener};
@@ -627,11 +628,24 @@ async fn accept_loop(
             r = listener.accept() => r,
         };
         match accepted {
+            Ok((client, peer)) if state.proxy_protocol.is_some() => {
+                if state.trusts_proxy(peer.ip()) {
+                    conns.spawn(connection::handle_behind_proxy(
+                        Arc::clone(&state),
+                        client,
+                        peer,
+                    ));
+                } else {
+                    drop(client);
+                    state.note_proxy_rejected(peer, Rejected::Untrusted);
+                }
+            }
             Ok((client, peer)) => match state.admit(peer.ip()) {
                 Ok(slot) => {
                     state.outcomes.accepted();
                     state.listener_metrics.accepted.increment(1);
-                    conns.spawn(connection::handle(Arc::clone(&state), client, slot));
+                    let peer = connection::Peer::direct(peer);
+                    conns.spawn(connection::handle(Arc::clone(&state), client, slot, peer));
                 }
                 Err(reason) => {
                     // Closed here, before any backend is touched.

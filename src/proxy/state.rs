@@ -4,8 +4,11 @@
 use super::clock::Clock;
 use super::decisions::RecentDecisions;
 use super::outcome::Outcomes;
+use super::proxy_protocol::Rejected;
 use super::throttle::OncePerSecond;
-use crate::config::{Acl, Config, Limits, Listener, Probe, SocketOptions};
+use crate::config::{
+    Acl, Config, Limits, Listener, Probe, ProxyProtocolAccept, ProxyVersion, SocketOptions,
+};
 use crate::core::policy::{GroupInput, Policy};
 use crate::core::routes::{GroupRoutes, Router, Weights, WeightsError};
 use crate::core::stats::{GroupStats, Signal, Snapshot};
@@ -63,6 +66,12 @@ pub struct ListenerState {
     denied_log: OncePerSecond,
     /// What a binary upgrade hands over, and its freeze of the policy.
     pub(super) carried: super::upgrade::Carried,
+    /// Behind load balancers: the header to take, from whom.
+    pub(super) proxy_protocol: Option<ProxyProtocolAccept>,
+    /// Per group: the header its backends are sent, if any.
+    pub(super) send_proxy_protocol: Vec<Option<ProxyVersion>>,
+    /// Per `Rejected::ALL` reason (empty without `proxy_protocol`).
+    proxy_rejected: Vec<metrics::Counter>,
 }
 
 /// Why a connection was closed at accept.
@@ -197,6 +206,15 @@ impl ListenerState {
             denied_log: OncePerSecond::default(),
             steering: AtomicU64::new(0),
             carried: super::upgrade::Carried::default(),
+            proxy_rejected: match &l.proxy_protocol {
+                Some(_) => Rejected::ALL
+                    .iter()
+                    .map(|r| crate::telemetry::proxy_protocol_rejected(&l.name, r.name()))
+                    .collect(),
+                None => Vec::new(),
+            },
+            proxy_protocol: l.proxy_protocol.clone(),
+            send_proxy_protocol: groups.iter().map(|g| g.send_proxy_protocol).collect(),
         }
     }
 
@@ -243,6 +261,25 @@ impl ListenerState {
         counter.increment(1);
         if let Some(held) = self.denied_log.allow(self.clock.now()) {
             tracing::warn!(listener = %self.name, %peer, reason, not_logged = held, "connection refused at accept (logged at most once a second)");
+        }
+    }
+
+    /// Whether `peer` may send this listener a PROXY protocol header.
+    pub(super) fn trusts_proxy(&self, peer: IpAddr) -> bool {
+        self.proxy_protocol.as_ref().is_some_and(|p| p.trusts(peer))
+    }
+
+    /// Counts a connection closed for its PROXY protocol header (or for
+    /// coming from a peer not trusted to send one) and logs it, at most
+    /// once a second.
+    pub(super) fn note_proxy_rejected(&self, peer: SocketAddr, why: Rejected) {
+        self.outcomes.denied();
+        let i = Rejected::ALL.iter().position(|&r| r == why);
+        if let Some(c) = i.and_then(|i| self.proxy_rejected.get(i)) {
+            c.increment(1);
+        }
+        if let Some(held) = self.denied_log.allow(self.clock.now()) {
+            tracing::warn!(listener = %self.name, %peer, reason = why.name(), not_logged = held, "connection closed: PROXY protocol header refused (logged at most once a second)");
         }
     }
 

@@ -34,6 +34,7 @@ pub const ROUTE_PINNED: &str = "portshift_route_pinned";
 pub const POLICY_PAUSED: &str = "portshift_policy_paused";
 pub const RELOADS: &str = "portshift_config_reloads_total";
 pub const ADMIN_REJECTED: &str = "portshift_admin_rejected_total";
+pub const PROXY_PROTOCOL_REJECTED: &str = "portshift_proxy_protocol_rejected_total";
 
 /// Per-backend outcome kinds counted in `portshift_errors_total{kind}`.
 /// Only the backend's own failures (connect_*, reset, probe_failure) are
@@ -160,6 +161,10 @@ fn describe() {
     metrics::describe_counter!(
         ADMIN_REJECTED,
         "Admin connections closed at accept (reason max_connections or descriptors) and admin calls refused for a missing or wrong token (unauthorized)"
+    );
+    metrics::describe_counter!(
+        PROXY_PROTOCOL_REJECTED,
+        "Connections to a proxy_protocol listener closed before their header was taken, by reason: untrusted (peer not in proxy_protocol_from), missing, wrong_version, malformed, oversized, timeout, closed"
     );
     metrics::describe_counter!(
         RELOADS,
@@ -339,6 +344,13 @@ pub fn admin_rejected(reason: &'static str) {
 pub fn reload(ok: bool) {
     prometheus();
     metrics::counter!(RELOADS, "result" => if ok { "ok" } else { "error" }).increment(1);
+}
+
+/// A listener's counter of connections refused for their PROXY protocol
+/// header, for one reason.
+pub fn proxy_protocol_rejected(listener: &str, reason: &'static str) -> Counter {
+    prometheus();
+    metrics::counter!(PROXY_PROTOCOL_REJECTED, "listener" => listener.to_owned(), "reason" => reason)
 }
 
 /// Counts one failed upstream connect by its errno name.

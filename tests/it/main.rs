@@ -19,6 +19,7 @@ mod policy;
 mod port_audit;
 mod prometheus;
 mod proxy;
+mod proxy_protocol;
 mod sim;
 mod systemd;
 mod telemetry;

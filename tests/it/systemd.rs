@@ -67,6 +67,19 @@ fn the_notify_protocol_follows_the_proxys_life() {
     assert!(child.wait().unwrap().success());
 }
 
+/// Kills a process that is not the test's child when the test ends,
+/// passed or failed.
+struct KillOnDrop(u32);
+
+impl Drop for KillOnDrop {
+    fn drop(&mut self) {
+        let _ = Command::new("kill")
+            .args(["-KILL", &self.0.to_string()])
+            .stderr(Stdio::null())
+            .status();
+    }
+}
+
 /// A binary upgrade by SIGUSR2 inside a unit: the old process tells
 /// systemd the successor's MAINPID and never says STOPPING=1 (which
 /// would stop the unit the successor now runs); the successor says
@@ -108,6 +121,7 @@ fn a_binary_upgrade_moves_mainpid_without_stopping_the_unit() {
         .and_then(|p| p.parse().ok())
         .expect("a MAINPID number");
     assert_ne!(successor, old.id());
+    let _reaper = KillOnDrop(successor);
     // Everything the old process says until it has exited.
     sock.set_read_timeout(Some(Duration::from_millis(100)))
         .unwrap();

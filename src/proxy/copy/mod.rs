@@ -22,7 +22,7 @@ mod replay;
 mod splice;
 
 use replay::ReplayLog;
-pub use replay::{Replay, resend};
+pub use replay::{Replay, resend, write_all};
 
 /// Bytes per direction buffer: large enough for bulk flows to move in few
 /// syscalls, small enough that 10k idle connections stay cheap.
