@@ -14,6 +14,7 @@
 //!   the demo, the tests and for operators rehearsing in staging.
 //! - [`demo`]: `portshift demo`, the whole thing on an embedded default.
 
+pub mod access_log;
 pub mod backend;
 pub mod config;
 pub mod core;
@@ -29,4 +30,3 @@ pub mod signals;
 pub mod sim;
 pub mod systemd;
 pub mod telemetry;
-pub mod trace;

@@ -54,8 +54,8 @@ enum Command {
         /// Config file.
         #[arg(short, long, default_value = "portshift.toml")]
         config: PathBuf,
-        /// Record every proxied connection to this trace file (CSV), for
-        /// `portshift sim` to replay.
+        /// Record every connection of every listener to this file, created
+        /// afresh (access-log JSON lines), for `portshift sim` to replay.
         #[arg(long)]
         record: Option<PathBuf>,
         /// Take over from the running portshift without refusing a

@@ -233,6 +233,10 @@ pub struct Listener {
     pub socket: SocketOptions,
     /// Take a PROXY protocol header from trusted load balancers.
     pub proxy_protocol: Option<ProxyProtocolAccept>,
+    /// Where its connections are logged as they end (its own
+    /// `access_log`, else the top-level one), relative to the config's
+    /// folder.
+    pub access_log: Option<PathBuf>,
 }
 
 /// Connection limits of a listener; past them new connections are closed

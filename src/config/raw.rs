@@ -16,6 +16,8 @@ pub struct RawConfig {
     pub drain_timeout: Option<S<String>>,
     /// Where policy decisions are appended as JSON lines.
     pub audit_log: Option<String>,
+    /// Where every listener appends one JSON line per connection.
+    pub access_log: Option<String>,
     /// The Unix socket a new binary takes the listening sockets from.
     pub upgrade_socket: Option<String>,
     pub admin: Option<S<RawAdmin>>,
@@ -158,6 +160,8 @@ pub struct RawListener {
     pub proxy_protocol: Option<S<String>>,
     pub proxy_protocol_from: Option<Vec<S<String>>>,
     pub proxy_protocol_timeout: Option<S<String>>,
+    /// This listener's own access log, instead of the top-level one.
+    pub access_log: Option<String>,
 }
 
 /// TCP keepalive probes on both sides of a proxied connection.

@@ -47,10 +47,19 @@ impl Validator<'_, '_> {
             .iter()
             .map(|g| g.name.get_ref().as_str())
             .collect();
+        let here = self.path.parent().unwrap_or(Path::new(".")).to_path_buf();
+        let access_log = raw.access_log.as_ref().map(|p| here.join(p));
         let listeners: Vec<Listener> = raw
             .listeners
             .iter()
-            .map(|l| self.listener(l, &group_names, &groups))
+            .map(|l| Listener {
+                access_log: l
+                    .access_log
+                    .as_ref()
+                    .map(|p| here.join(p))
+                    .or_else(|| access_log.clone()),
+                ..self.listener(l, &group_names, &groups)
+            })
             .collect();
         self.conflicts(&raw.listeners, &listeners);
         let admin = raw.admin.as_ref().and_then(|a| self.admin(a, &listeners));
@@ -406,6 +415,7 @@ impl Validator<'_, '_> {
                 .map(|d| self.duration(Some(d), "first_byte_timeout", DEFAULT_CONNECT_TIMEOUT)),
             socket: self.socket_options(raw),
             proxy_protocol: self.proxy_protocol(raw),
+            access_log: None,
             name,
             addrs: addrs.into_iter().map(|(a, _)| a).collect(),
             listen: raw

@@ -5,13 +5,13 @@ use super::copy;
 use super::outcome::{ConnectFailure, End};
 use super::proxy_protocol;
 use super::state::{Admission, ListenerState};
+use crate::access_log::AccessRecord;
 use crate::config::SocketOptions;
 use crate::core::blame::Blame;
 use crate::core::routes::{Attempt, GroupRoutes};
 use crate::core::stats::Signal;
 use crate::core::turns::{Side, Turn};
 use crate::telemetry::ErrorKind;
-use crate::trace::TraceRecord;
 use std::io;
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -123,7 +123,7 @@ pub async fn handle(
             Ok(connected) => connected,
             Err(last) => {
                 // Every attempt failed: close the client now rather than let it hang.
-                no_backend(&state, arrived, plan.len(), last);
+                no_backend(&state, &peer, arrived, plan.len(), last);
                 return;
             }
         };
@@ -148,13 +148,17 @@ pub async fn handle(
         // Replay only when another attempt is left; otherwise an early
         // reset is an ordinary reset of this backend.
         let can_retry = i + 1 < plan.len();
+        let start = Start {
+            peer,
+            arrived,
+            connect,
+        };
         let copied = proxy_one(
             &state,
             &table.groups,
             attempt,
             (&client, &upstream),
-            connect,
-            arrived,
+            start,
             can_retry,
         )
         .await;
@@ -185,7 +189,7 @@ async fn send_header(
 /// Every attempt failed: count, log, trace. When portshift itself could
 /// not make an attempt (out of descriptors or local ports), the client's
 /// closing is counted as a local error, not as backends being down.
-fn no_backend(state: &ListenerState, arrived: Duration, attempts: usize, last: Blame) {
+fn no_backend(state: &ListenerState, peer: &Peer, arrived: Duration, attempts: usize, last: Blame) {
     let outcome = if last == Blame::Local {
         state.outcomes.local_error();
         state.listener_metrics.local_error.increment(1);
@@ -197,17 +201,22 @@ fn no_backend(state: &ListenerState, arrived: Duration, attempts: usize, last: B
         debug!(listener = %state.name, attempts, "no backend reachable; closing client");
         "no_backend"
     };
-    if let Some(trace) = state.trace.load().as_ref() {
-        trace.write(&TraceRecord {
-            t: arrived,
+    if state.logs_connections() {
+        let now = state.clock.now();
+        state.log_connection(&AccessRecord {
+            time: state.clock.wall(arrived),
+            t_s: arrived,
             listener: &state.name,
+            route: None,
+            client: peer.client,
             group: "",
             backend: "",
-            connect: None,
-            first_byte: None,
-            outcome,
+            connect_ms: None,
+            first_byte_ms: None,
+            total_ms: Some(now.saturating_sub(arrived)),
             bytes_to_backend: 0,
             bytes_to_client: 0,
+            outcome,
             ended_by: last.name(),
         });
     }
@@ -220,8 +229,7 @@ async fn proxy_one(
     groups: &[Arc<GroupRoutes>],
     attempt: Attempt,
     (client, upstream): (&TcpStream, &TcpStream),
-    connect: Duration,
-    arrived: Duration,
+    start: Start,
     can_retry: bool,
 ) -> copy::Copied {
     state.outcomes.connected();
@@ -258,16 +266,16 @@ async fn proxy_one(
     if copied.replay.is_none() {
         state.outcomes.ended(copied.end, copied.up, copied.down);
     }
-    if let Some(trace) = state.trace.load().as_ref() {
+    if state.logs_connections() {
         let fb = first_byte_us.load(Relaxed);
-        let leg = Leg {
-            routes: &groups[attempt.group],
-            backend: attempt.backend,
-            arrived,
-            connect,
-            first_byte: (fb > 0).then(|| Duration::from_micros(fb)),
-        };
-        trace_one(trace, state, &leg, &copied);
+        let first_byte = (fb > 0).then(|| Duration::from_micros(fb));
+        log_one(
+            state,
+            (&groups[attempt.group], attempt.backend),
+            &start,
+            first_byte,
+            &copied,
+        );
     }
     copied
 }
@@ -291,29 +299,33 @@ fn count_end(state: &ListenerState, attempt: Attempt, end: End) {
     }
 }
 
-/// Where a connection went and when: what its trace line names.
-struct Leg<'a> {
-    routes: &'a GroupRoutes,
-    backend: usize,
+/// Who came when, and how long its upstream connect took.
+struct Start {
+    peer: Peer,
     arrived: Duration,
     connect: Duration,
-    first_byte: Option<Duration>,
 }
 
-/// One trace line for a connection that reached a backend.
-fn trace_one(
-    trace: &crate::trace::TraceWriter,
+/// The access-log line of a connection that reached a backend.
+fn log_one(
     state: &ListenerState,
-    leg: &Leg<'_>,
+    (routes, backend): (&GroupRoutes, usize),
+    start: &Start,
+    first_byte: Option<Duration>,
     copied: &copy::Copied,
 ) {
-    trace.write(&TraceRecord {
-        t: leg.arrived,
+    let now = state.clock.now();
+    state.log_connection(&AccessRecord {
+        time: state.clock.wall(start.arrived),
+        t_s: start.arrived,
         listener: &state.name,
-        group: &leg.routes.name,
-        backend: &leg.routes.addr(leg.backend).to_string(),
-        connect: Some(leg.connect),
-        first_byte: leg.first_byte,
+        route: None,
+        client: start.peer.client,
+        group: &routes.name,
+        backend: &routes.addr(backend).to_string(),
+        connect_ms: Some(start.connect),
+        first_byte_ms: first_byte,
+        total_ms: Some(now.saturating_sub(start.arrived)),
         outcome: if copied.replay.is_some() {
             "reset_retried"
         } else {

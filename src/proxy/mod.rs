@@ -54,6 +54,12 @@ pub enum StartError {
         #[source]
         source: io::Error,
     },
+    #[error("cannot open access log {path}: {source}")]
+    AccessLog {
+        path: std::path::PathBuf,
+        #[source]
+        source: io::Error,
+    },
 }
 
 /// A listener that could not be bound; nothing else was left running.
@@ -325,7 +331,7 @@ impl ProxyHandle {
     }
 
     /// Records every connection that ends from now on to `trace`.
-    pub fn set_trace(&self, trace: Arc<crate::trace::TraceWriter>) {
+    pub fn set_trace(&self, trace: Arc<crate::access_log::AccessLog>) {
         self.shared.trace.store(Some(trace));
     }
 

@@ -5,8 +5,8 @@
 
 use super::upgrade::{self, Takeover, TakeoverError};
 use super::{DrainReport, Proxy, ProxyHandle, StartError};
+use crate::access_log::AccessLog;
 use crate::config::Config;
-use crate::trace::TraceWriter;
 use std::path::PathBuf;
 use std::sync::Arc;
 use tokio::signal::unix::Signal;
@@ -82,12 +82,12 @@ pub async fn run(config: Config, opts: RunOptions) -> Result<DrainReport, RunErr
         }
     };
     if let Some(path) = opts.record {
-        let writer = TraceWriter::create(&path).map_err(|source| RunError::Trace {
+        let writer = AccessLog::create(&path).map_err(|source| RunError::Trace {
             path: path.clone(),
             source,
         })?;
         proxy.handle().set_trace(Arc::new(writer));
-        info!(path = %path.display(), "recording a trace of every connection");
+        info!(path = %path.display(), "recording every connection (access-log lines, replayable by portshift sim)");
     }
     let upgraded = CancellationToken::new();
     let offering = CancellationToken::new();
@@ -119,11 +119,14 @@ pub async fn run(config: Config, opts: RunOptions) -> Result<DrainReport, RunErr
     // The listeners in force when the signal comes (after any reloads)
     // are the ones whose totals are logged.
     let (at_stop, stopped) = tokio::sync::oneshot::channel();
+    let no_more_offers = offering.clone();
     let shutdown = async move {
         tokio::select! {
             () = crate::signals::shutdown() => {}
             () = upgraded.cancelled() => info!("handed over to the new binary"),
         }
+        // A draining process has nothing to hand over.
+        no_more_offers.cancel();
         let _ = at_stop.send(handle.listeners());
     };
     let report = proxy.serve(shutdown).await;

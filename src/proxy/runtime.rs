@@ -10,6 +10,7 @@ use super::clock::Clock;
 use super::proxy_protocol::Rejected;
 use super::state::{ListenerState, Occupancy, TraceSlot};
 use super::{BindError, StartError, bind_one, connection, control, probe};
+use crate::access_log::AccessLog;
 use crate::config::{Config, Group, Listener};
 use crate::core::stats::WindowConfig;
 use std::collections::HashMap;
@@ -84,6 +85,12 @@ pub enum ReloadError {
         #[source]
         source: std::io::Error,
     },
+    #[error("cannot open access log {}: {source}", path.display())]
+    AccessLog {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
     /// The new file leaves the admin plane without a token while it keeps
     /// serving on a non-loopback address (the address changes only on
     /// restart).
@@ -151,6 +158,8 @@ pub(crate) struct Shared {
     /// A new binary took over: the drain that follows is not the unit
     /// stopping, so systemd must not hear STOPPING=1 from this process.
     pub handed_over: AtomicBool,
+    /// Every open access log by path, shared by the listeners naming it.
+    access_logs: Mutex<HashMap<PathBuf, Arc<AccessLog>>>,
 }
 
 fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
@@ -184,6 +193,12 @@ impl Shared {
                 source,
             })?;
         let trace = TraceSlot::default();
+        let files = open_access_logs(config, &HashMap::new())
+            .map_err(|(path, source)| StartError::AccessLog { path, source })?;
+        let sinks = Sinks {
+            trace: &trace,
+            files: &files,
+        };
         let listeners = config
             .listeners
             .iter()
@@ -192,7 +207,7 @@ impl Shared {
                     config,
                     l,
                     clock,
-                    &trace,
+                    &sinks,
                     CancellationToken::new(),
                     &mut bound,
                     None,
@@ -219,6 +234,7 @@ impl Shared {
             fleet: std::sync::OnceLock::new(),
             admin_fd: std::sync::OnceLock::new(),
             handed_over: AtomicBool::new(false),
+            access_logs: Mutex::new(files),
         })
     }
 
@@ -334,6 +350,14 @@ impl Shared {
     async fn reload_serialized(self: &Arc<Self>) -> Result<ReloadReport, ReloadError> {
         let _one = self.reload_lock.lock().await;
         crate::systemd::reloading();
+        // SIGHUP after logrotate: whatever the new file says, lines go to
+        // fresh files at the same paths from now on.
+        for log in lock(&self.access_logs).values() {
+            log.reopen();
+        }
+        if let Some(t) = self.trace.load().as_ref() {
+            t.reopen();
+        }
         let result = self.reload_inner().await;
         crate::systemd::reloaded(result.is_ok());
         crate::telemetry::reload(result.is_ok());
@@ -358,13 +382,19 @@ impl Shared {
         let new = Config::load(&path)?;
         // Plan and bind without touching anything running; then commit.
         let mut plan = self.plan_reload(&new)?;
+        let files = open_access_logs(&new, &lock(&self.access_logs))
+            .map_err(|(path, source)| ReloadError::AccessLog { path, source })?;
         self.audit
             .reopen(new.audit_log.as_deref())
             .map_err(|source| ReloadError::AuditLog {
                 path: new.audit_log.clone().unwrap_or_default(),
                 source,
             })?;
-        self.commit_reload(&new, &plan.keep, &mut plan.fresh).await;
+        self.commit_reload(&new, &plan.keep, &mut plan.fresh, &files)
+            .await;
+        // Files no listener names any more are closed (their queued lines
+        // written) as the last listener holding one goes.
+        *lock(&self.access_logs) = files;
         // The new token (read and checked when the file was loaded) takes
         // over at once: the old one is refused from the next call on.
         self.admin_token.store(
@@ -445,6 +475,7 @@ impl Shared {
         new: &Config,
         keep: &[String],
         fresh: &mut HashMap<SocketAddr, Vec<TcpListener>>,
+        files: &HashMap<PathBuf, Arc<AccessLog>>,
     ) {
         let current = std::mem::take(&mut *lock(&self.listeners));
         let (mut kept, gone): (Vec<Running>, Vec<Running>) = current
@@ -473,7 +504,11 @@ impl Shared {
             }
             let token = self.stop.child_token();
             let carried = occupancy.remove(&l.name);
-            let mut r = new_running(new, l, self.clock, &self.trace, token, fresh, carried);
+            let sinks = Sinks {
+                trace: &self.trace,
+                files,
+            };
+            let mut r = new_running(new, l, self.clock, &sinks, token, fresh, carried);
             if serving {
                 self.start_running(&mut r);
             }
@@ -551,11 +586,41 @@ fn bind_for(l: &Listener, addr: SocketAddr) -> Result<TcpListener, BindError> {
 }
 
 /// A listener's running parts, taking its sockets from `bound`.
+/// Where a listener's finished connections go.
+struct Sinks<'a> {
+    trace: &'a TraceSlot,
+    files: &'a HashMap<PathBuf, Arc<AccessLog>>,
+}
+
+/// Every access log `config` names: the one already open at a path is
+/// kept (its queue and thread too), the others opened for appending.
+fn open_access_logs(
+    config: &Config,
+    open: &HashMap<PathBuf, Arc<AccessLog>>,
+) -> Result<HashMap<PathBuf, Arc<AccessLog>>, (PathBuf, std::io::Error)> {
+    let mut out = HashMap::new();
+    for path in config
+        .listeners
+        .iter()
+        .filter_map(|l| l.access_log.as_ref())
+    {
+        if out.contains_key(path) {
+            continue;
+        }
+        let log = match open.get(path) {
+            Some(log) => Arc::clone(log),
+            None => Arc::new(AccessLog::append(path).map_err(|e| (path.clone(), e))?),
+        };
+        out.insert(path.clone(), log);
+    }
+    Ok(out)
+}
+
 fn new_running(
     config: &Config,
     l: &Listener,
     clock: Clock,
-    trace: &TraceSlot,
+    sinks: &Sinks<'_>,
     token: CancellationToken,
     bound: &mut HashMap<SocketAddr, Vec<TcpListener>>,
     occupancy: Option<Occupancy>,
@@ -586,7 +651,11 @@ fn new_running(
             config,
             l,
             clock,
-            Arc::clone(trace),
+            Arc::clone(sinks.trace),
+            l.access_log
+                .as_ref()
+                .and_then(|p| sinks.files.get(p))
+                .cloned(),
             &occupancy.unwrap_or_default(),
         )),
         spec: ListenerSpec::of(config, l),

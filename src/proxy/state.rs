@@ -6,6 +6,7 @@ use super::decisions::RecentDecisions;
 use super::outcome::Outcomes;
 use super::proxy_protocol::Rejected;
 use super::throttle::OncePerSecond;
+use crate::access_log::{AccessLog, AccessRecord};
 use crate::config::{
     Acl, Config, Limits, Listener, Probe, ProxyProtocolAccept, ProxyVersion, SocketOptions,
 };
@@ -19,8 +20,9 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering::Relaxed};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-/// The optional trace file, settable while running.
-pub type TraceSlot = Arc<arc_swap::ArcSwapOption<crate::trace::TraceWriter>>;
+/// The recording every listener writes to (`run --record`), settable while
+/// running; an access log of its own.
+pub type TraceSlot = Arc<arc_swap::ArcSwapOption<AccessLog>>;
 
 #[derive(Debug)]
 pub struct ListenerState {
@@ -53,6 +55,10 @@ pub struct ListenerState {
     /// Where finished connections are recorded (`run --record`), shared by
     /// every listener.
     pub(super) trace: TraceSlot,
+    /// This listener's `access_log`, shared with the others that name the
+    /// same file.
+    pub(super) access_log: Option<Arc<AccessLog>>,
+    access_log_dropped: metrics::Counter,
     /// Bumped by every pin and release, so the policy loop knows to take
     /// the weights in force as its own again.
     steering: AtomicU64,
@@ -146,6 +152,7 @@ impl ListenerState {
         l: &Listener,
         clock: Clock,
         trace: TraceSlot,
+        access_log: Option<Arc<AccessLog>>,
         occupancy: &Occupancy,
     ) -> Self {
         let shards = std::thread::available_parallelism().map_or(2, |n| n.get());
@@ -214,6 +221,8 @@ impl ListenerState {
                 None => Vec::new(),
             },
             proxy_protocol: l.proxy_protocol.clone(),
+            access_log,
+            access_log_dropped: crate::telemetry::access_log_dropped(&l.name),
             send_proxy_protocol: groups.iter().map(|g| g.send_proxy_protocol).collect(),
         }
     }
@@ -261,6 +270,28 @@ impl ListenerState {
         counter.increment(1);
         if let Some(held) = self.denied_log.allow(self.clock.now()) {
             tracing::warn!(listener = %self.name, %peer, reason, not_logged = held, "connection refused at accept (logged at most once a second)");
+        }
+    }
+
+    /// Whether connections are logged as they end at all (then their
+    /// records are worth building).
+    pub(super) fn logs_connections(&self) -> bool {
+        self.access_log.is_some() || self.trace.load().is_some()
+    }
+
+    /// Writes one finished connection to the access log and the recording,
+    /// whichever are on; a line the writer had no room for is counted.
+    pub(super) fn log_connection(&self, r: &AccessRecord<'_>) {
+        let trace = self.trace.load();
+        let logs = self.access_log.iter().chain(trace.as_ref());
+        let Ok(mut line) = serde_json::to_string(r) else {
+            return;
+        };
+        line.push('\n');
+        for log in logs {
+            if !log.write_line(line.clone()) {
+                self.access_log_dropped.increment(1);
+            }
         }
     }
 

@@ -7,7 +7,7 @@
 //! - `engine`: the discrete-event loop.
 //! - `report`, `chart`: tables, timeline CSV/JSON, the `--json` document,
 //!   the SVG chart.
-//! - `trace`: recording (`portshift run --record`) and replay.
+//! - `trace`: replaying a recording (an access log, or `portshift run --record`).
 
 pub mod chart;
 pub mod engine;

@@ -628,7 +628,7 @@ impl Validator<'_, '_> {
             self.rep.error(
                 raw.span(),
                 "trace load needs `file`",
-                Some("a trace recorded by `portshift run --record FILE`".into()),
+                Some("an access log, or a recording by `portshift run --record FILE`".into()),
             );
             return Load::Trace {
                 file: PathBuf::new(),
@@ -636,7 +636,7 @@ impl Validator<'_, '_> {
             };
         };
         let file = self.dir.join(f.get_ref());
-        match crate::trace::read_arrivals(&file) {
+        match crate::access_log::read_arrivals(&file) {
             Ok(arrivals) => Load::Trace { file, arrivals },
             Err(e) => {
                 self.rep.error(

@@ -35,6 +35,7 @@ pub const POLICY_PAUSED: &str = "portshift_policy_paused";
 pub const RELOADS: &str = "portshift_config_reloads_total";
 pub const ADMIN_REJECTED: &str = "portshift_admin_rejected_total";
 pub const PROXY_PROTOCOL_REJECTED: &str = "portshift_proxy_protocol_rejected_total";
+pub const ACCESS_LOG_DROPPED: &str = "portshift_access_log_dropped_total";
 
 /// Per-backend outcome kinds counted in `portshift_errors_total{kind}`.
 /// Only the backend's own failures (connect_*, reset, probe_failure) are
@@ -165,6 +166,10 @@ fn describe() {
     metrics::describe_counter!(
         PROXY_PROTOCOL_REJECTED,
         "Connections to a proxy_protocol listener closed before their header was taken, by reason: untrusted (peer not in proxy_protocol_from), missing, wrong_version, malformed, oversized, timeout, closed"
+    );
+    metrics::describe_counter!(
+        ACCESS_LOG_DROPPED,
+        "Access-log lines dropped because the writer's queue was full (a disk slower than the connections)"
     );
     metrics::describe_counter!(
         RELOADS,
@@ -351,6 +356,12 @@ pub fn reload(ok: bool) {
 pub fn proxy_protocol_rejected(listener: &str, reason: &'static str) -> Counter {
     prometheus();
     metrics::counter!(PROXY_PROTOCOL_REJECTED, "listener" => listener.to_owned(), "reason" => reason)
+}
+
+/// A listener's counter of access-log lines dropped for a full queue.
+pub fn access_log_dropped(listener: &str) -> Counter {
+    prometheus();
+    metrics::counter!(ACCESS_LOG_DROPPED, "listener" => listener.to_owned())
 }
 
 /// Counts one failed upstream connect by its errno name.

@@ -9,12 +9,12 @@ use std::collections::{BTreeMap, BTreeSet};
 use std::path::{Path, PathBuf};
 
 /// Each top-level module and the modules it may name.
-/// core ← config ← proxy/sim ← CLI, with telemetry and trace beside.
+/// core ← config ← proxy/sim ← CLI, with telemetry and access_log beside.
 const ALLOWED: &[(&str, &[&str])] = &[
     ("core", &[]),
     ("config", &["core"]),
     ("telemetry", &["core"]),
-    ("trace", &[]),
+    ("access_log", &[]),
     ("signals", &[]),
     ("systemd", &[]),
     ("http_client", &[]),
@@ -26,7 +26,7 @@ const ALLOWED: &[(&str, &[&str])] = &[
             "core",
             "config",
             "telemetry",
-            "trace",
+            "access_log",
             "signals",
             "decision_record",
             "etcd",
@@ -34,7 +34,7 @@ const ALLOWED: &[(&str, &[&str])] = &[
             "systemd",
         ],
     ),
-    ("sim", &["core", "config", "trace", "decision_record"]),
+    ("sim", &["core", "config", "access_log", "decision_record"]),
     ("backend", &[]),
     ("load", &["backend"]),
     ("diagnose", &["config", "core", "telemetry", "etcd"]),

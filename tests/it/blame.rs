@@ -47,7 +47,7 @@ struct Setup {
     addr: SocketAddr,
     state: Arc<ListenerState>,
     /// Every connection's outcome and who ended it.
-    trace: Arc<portshift::trace::TraceWriter>,
+    trace: Arc<portshift::access_log::AccessLog>,
 }
 
 async fn setup(primary: SocketAddr, backup: SocketAddr) -> Setup {
@@ -55,7 +55,7 @@ async fn setup(primary: SocketAddr, backup: SocketAddr) -> Setup {
     let text = two_group_config(&[primary], &[backup], "policy = \"fast\"");
     let (addr, state, handle) = serve_config_in(dir.path(), &text, Some(POLICY)).await;
     let trace =
-        Arc::new(portshift::trace::TraceWriter::create(&dir.path().join("trace.csv")).unwrap());
+        Arc::new(portshift::access_log::AccessLog::create(&dir.path().join("access.log")).unwrap());
     handle.set_trace(trace.clone());
     Setup {
         dir,
@@ -191,13 +191,18 @@ async fn aborting_clients_do_not_move_traffic() {
     assert_eq!(window.errors, 0, "nothing in the primary's window");
     // The trace says who ended each connection: the aborting clients.
     s.trace.flush();
-    let text = std::fs::read_to_string(s.dir.path().join("trace.csv")).unwrap();
+    let text = std::fs::read_to_string(s.dir.path().join("access.log")).unwrap();
     let aborted: Vec<&str> = text
         .lines()
-        .filter(|l| l.contains(",client_reset,"))
+        .filter(|l| l.contains("\"outcome\":\"client_reset\""))
         .collect();
     assert_eq!(aborted.len() as u64, c.client_reset, "{text}");
-    assert!(aborted.iter().all(|l| l.ends_with(",client")), "{text}");
+    assert!(
+        aborted
+            .iter()
+            .all(|l| l.contains("\"ended_by\":\"client\"")),
+        "{text}"
+    );
     assert!(window.count >= 100, "the polite replies were measured");
 }
 

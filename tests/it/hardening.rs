@@ -594,8 +594,8 @@ async fn backend_churn_causes_no_client_errors() {
     .await;
     // Every connection's outcome, to say what happened if a client failed.
     let trace_dir = tempfile::tempdir().unwrap();
-    let trace_path = trace_dir.path().join("trace.csv");
-    let trace = Arc::new(portshift::trace::TraceWriter::create(&trace_path).unwrap());
+    let trace_path = trace_dir.path().join("access.log");
+    let trace = Arc::new(portshift::access_log::AccessLog::create(&trace_path).unwrap());
     proxy.handle.set_trace(trace.clone());
     let stats = Arc::new(portshift::load::LoadStats::default());
     let stop = tokio_util::sync::CancellationToken::new();
@@ -632,8 +632,7 @@ async fn backend_churn_causes_no_client_errors() {
     let unusual: Vec<String> = std::fs::read_to_string(&trace_path)
         .unwrap()
         .lines()
-        .skip(1)
-        .filter(|l| !l.contains(",closed,"))
+        .filter(|l| !l.contains("\"outcome\":\"closed\""))
         .map(str::to_owned)
         .collect();
     assert_eq!(

@@ -5,6 +5,7 @@
 
 mod common;
 
+mod access_log;
 mod admin;
 mod architecture;
 mod blame;

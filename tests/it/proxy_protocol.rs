@@ -11,7 +11,7 @@ use portshift::config::Config;
 use portshift::proxy::Proxy;
 use std::net::SocketAddr;
 use std::path::Path;
-use std::process::{Child, Command};
+use std::process::Command;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
 use std::time::{Duration, Instant};
@@ -476,16 +476,6 @@ async fn probes_send_the_local_form() {
     }
 }
 
-/// A child process, killed when dropped.
-struct Peer(Child);
-
-impl Drop for Peer {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
-}
-
 /// Waits (bounded) until something accepts on `port`.
 fn wait_listening(port: u16) {
     let deadline = Instant::now() + PATIENCE;
@@ -541,7 +531,7 @@ fn haproxy_sends_and_nginx_reads_what_portshift_carries() {
              proxy_protocol = \"v2\"\nproxy_protocol_from = [\"127.0.0.1\"]\n"
         ),
     );
-    let _nginx = Peer(
+    let _nginx = Reaped(
         Command::new("nginx")
             .args(["-p", &dir.path().display().to_string(), "-e"])
             .arg(dir.path().join("error.log"))
@@ -550,7 +540,7 @@ fn haproxy_sends_and_nginx_reads_what_portshift_carries() {
             .spawn()
             .unwrap(),
     );
-    let _haproxy = Peer(
+    let _haproxy = Reaped(
         Command::new("haproxy")
             .args(["-db", "-f"])
             .arg(&hap_conf)
@@ -559,7 +549,7 @@ fn haproxy_sends_and_nginx_reads_what_portshift_carries() {
             .unwrap(),
     );
     let (child, lines) = spawn_logging(Command::new(bin()).args(["run", "-c"]).arg(&ps_conf));
-    let _portshift = Peer(child);
+    let _portshift = Reaped(child);
     std::thread::spawn(move || lines.for_each(drop));
     for port in [ngx_port, hap_port, ps_port] {
         wait_listening(port);

@@ -241,8 +241,8 @@ fn event_cap_bounds_a_run() {
 async fn recorded_trace_replays_in_the_simulator() {
     let b = named_backend("b").await;
     let dir = tempfile::tempdir().unwrap();
-    let trace = dir.path().join("trace.csv");
-    let writer = std::sync::Arc::new(portshift::trace::TraceWriter::create(&trace).unwrap());
+    let trace = dir.path().join("access.log");
+    let writer = std::sync::Arc::new(portshift::access_log::AccessLog::create(&trace).unwrap());
     let config =
         portshift::config::Config::parse(Path::new("t.toml"), &two_group_config(&[b], &[b], ""))
             .unwrap();
@@ -256,25 +256,24 @@ async fn recorded_trace_replays_in_the_simulator() {
     tokio::time::sleep(std::time::Duration::from_millis(100)).await;
     writer.flush();
     let text = std::fs::read_to_string(&trace).unwrap();
-    assert_eq!(
-        text.lines().count(),
-        26,
-        "header and one line per connection:\n{text}"
-    );
-    let first = text.lines().nth(1).unwrap();
-    assert!(first.contains(",l,primary,"), "{text}");
-    // The backend answers and closes first: it ended the connection.
+    assert_eq!(text.lines().count(), 25, "one line per connection:\n{text}");
+    let first: Value = serde_json::from_str(text.lines().next().unwrap()).unwrap();
+    assert_eq!(first["listener"], "l", "{text}");
+    assert_eq!(first["group"], "primary", "{text}");
     assert!(
-        first.contains(",closed,") && first.ends_with(",upstream"),
+        first["client"].as_str().unwrap().starts_with("127.0.0.1:"),
         "{text}"
     );
+    // The backend answers and closes first: it ended the connection.
+    assert_eq!(first["outcome"], "closed", "{text}");
+    assert_eq!(first["ended_by"], "upstream", "{text}");
 
     let scenario = dir.path().join("replay.toml");
     let sc = std::fs::read_to_string(repo_path("sim/latency-spike.toml"))
         .unwrap()
         .replace(
             "model = \"poisson\"\nrate = 300",
-            "model = \"trace\"\nfile = \"trace.csv\"",
+            "model = \"trace\"\nfile = \"access.log\"",
         );
     std::fs::write(&scenario, sc).unwrap();
     let report = sim::run(&SimOptions {
