@@ -15,13 +15,14 @@ use std::io::{self, BufRead, BufReader, BufWriter, Write};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering::Relaxed};
-use std::sync::mpsc::{Receiver, RecvTimeoutError, SyncSender, sync_channel};
+use std::sync::mpsc::{Receiver, SyncSender, TryRecvError, sync_channel};
 use std::time::{Duration, Instant, SystemTime};
 
 /// Lines queued for the writer at most; past it lines are dropped.
 pub const QUEUE_LINES: usize = 65_536;
-/// How long a written line may sit in the writer's buffer.
-const FLUSH_EVERY: Duration = Duration::from_millis(200);
+/// How often the writer drains the queue and flushes: how long a line may
+/// wait before it is in the file.
+const TICK: Duration = Duration::from_millis(100);
 
 /// One finished connection.
 #[derive(Debug, Clone, Serialize)]
@@ -176,7 +177,14 @@ impl AccessLog {
         let Some(tx) = &self.tx else { return };
         let (ack, done) = sync_channel(1);
         if tx.send(Msg::Flush(ack)).is_ok() {
+            self.wake();
             let _ = done.recv_timeout(Duration::from_secs(5));
+        }
+    }
+
+    fn wake(&self) {
+        if let Some(t) = &self.thread {
+            t.thread().unpark();
         }
     }
 }
@@ -184,6 +192,7 @@ impl AccessLog {
 impl Drop for AccessLog {
     fn drop(&mut self) {
         self.tx.take();
+        self.wake();
         if let Some(t) = self.thread.take() {
             let _ = t.join();
         }
@@ -208,31 +217,30 @@ struct Writer {
 }
 
 impl Writer {
+    /// Wakes every `TICK` (or when unparked) and drains the queue. It
+    /// never blocks on the queue itself: a sender finds no sleeping
+    /// receiver to wake, so queueing a line costs no system call.
     fn run(mut self, rx: &Receiver<Msg>) {
-        let mut flushed = Instant::now();
         loop {
-            let msg = rx.recv_timeout(FLUSH_EVERY);
-            // Before the line: one that arrives after `reopen()` returned
-            // belongs in the new file.
+            std::thread::park_timeout(TICK);
             if self.reopen.swap(false, Relaxed) {
                 self.reopen_file();
             }
-            match msg {
-                Ok(Msg::Line(l)) => self.write(l.as_bytes()),
-                Ok(Msg::Flush(ack)) => {
-                    self.flush();
-                    let _ = ack.send(());
-                }
-                Err(RecvTimeoutError::Timeout) => {}
-                Err(RecvTimeoutError::Disconnected) => {
-                    self.flush();
-                    return;
+            loop {
+                match rx.try_recv() {
+                    Ok(Msg::Line(l)) => self.write(l.as_bytes()),
+                    Ok(Msg::Flush(ack)) => {
+                        self.flush();
+                        let _ = ack.send(());
+                    }
+                    Err(TryRecvError::Empty) => break,
+                    Err(TryRecvError::Disconnected) => {
+                        self.flush();
+                        return;
+                    }
                 }
             }
-            if flushed.elapsed() >= FLUSH_EVERY {
-                self.flush();
-                flushed = Instant::now();
-            }
+            self.flush();
         }
     }
 

@@ -111,6 +111,17 @@ fn listener(out: &mut String, l: &Listener) {
             duration(pp.timeout)
         );
     }
+    if let Some(k) = &l.knock {
+        let ports: Vec<String> = k.sequence.iter().map(ToString::to_string).collect();
+        let _ = writeln!(
+            out,
+            "  knock    ports {} in order within {}, then open for {} (at most {} sources tracked)",
+            ports.join(", "),
+            duration(k.within),
+            duration(k.open_for),
+            k.max_sources
+        );
+    }
     let _ = writeln!(out, "  copy     {}", copy_mode(l));
     let lim = |v: Option<u32>| v.map_or("unlimited".to_string(), |n| n.to_string());
     let first = l.first_byte_timeout.map_or("off".to_string(), duration);

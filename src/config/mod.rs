@@ -5,6 +5,7 @@
 mod describe;
 pub(crate) mod diagnostic;
 mod fleet;
+mod knock;
 mod listen;
 pub mod policy;
 mod proxy_protocol;
@@ -15,6 +16,7 @@ mod validate;
 pub use crate::core::backend::{Backend, Balance};
 pub use diagnostic::{ConfigError, Diagnostic};
 pub use fleet::{DEFAULT_LEASE_TTL, DEFAULT_STALE_AFTER, Fleet, FleetSignal, MemberToken};
+pub use knock::{DEFAULT_KNOCK_MAX_SOURCES, DEFAULT_KNOCK_OPEN_FOR, DEFAULT_KNOCK_WITHIN, Knock};
 pub use listen::{addrs_collide, parse_listen};
 pub use proxy_protocol::{
     DEFAULT_PROXY_PROTOCOL_TIMEOUT, ProxyProtocolAccept, ProxyVersion, ProxyVersions,
@@ -237,6 +239,8 @@ pub struct Listener {
     /// `access_log`, else the top-level one), relative to the config's
     /// folder.
     pub access_log: Option<PathBuf>,
+    /// Admit a source only after it knocked on these ports in order.
+    pub knock: Option<Knock>,
 }
 
 /// Connection limits of a listener; past them new connections are closed

@@ -162,6 +162,17 @@ pub struct RawListener {
     pub proxy_protocol_timeout: Option<S<String>>,
     /// This listener's own access log, instead of the top-level one.
     pub access_log: Option<String>,
+    pub knock: Option<S<RawKnock>>,
+}
+
+/// Port knocking: the ports, in order, that open the listener to a source.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawKnock {
+    pub sequence: S<Vec<S<u32>>>,
+    pub within: Option<S<String>>,
+    pub open_for: Option<S<String>>,
+    pub max_sources: Option<S<u32>>,
 }
 
 /// TCP keepalive probes on both sides of a proxied connection.

@@ -416,6 +416,7 @@ impl Validator<'_, '_> {
             socket: self.socket_options(raw),
             proxy_protocol: self.proxy_protocol(raw),
             access_log: None,
+            knock: self.knock(raw),
             name,
             addrs: addrs.into_iter().map(|(a, _)| a).collect(),
             listen: raw
@@ -540,7 +541,7 @@ impl Validator<'_, '_> {
         let mut claimed: Vec<(SocketAddr, usize)> = Vec::new();
         for (li, l) in listeners.iter().enumerate() {
             let mut reported = Vec::new();
-            for &addr in &l.addrs {
+            for addr in l.all_addrs() {
                 let Some(&(other, oi)) = claimed.iter().find(|(a, _)| addrs_collide(*a, addr))
                 else {
                     claimed.push((addr, li));
@@ -550,15 +551,21 @@ impl Validator<'_, '_> {
                     continue;
                 }
                 reported.push(oi);
+                let knock = [(li, addr), (oi, other)]
+                    .into_iter()
+                    .find(|&(i, a)| listeners[i].knock_addrs().contains(&a))
+                    .map_or(String::new(), |(i, a)| {
+                        format!("; {a} is a knock port of `{}`", listeners[i].name)
+                    });
                 let message = if oi == li {
                     format!(
-                        "listener `{}` claims port {} twice ({other} and {addr})",
+                        "listener `{}` claims port {} twice ({other} and {addr}){knock}",
                         l.name,
                         addr.port()
                     )
                 } else {
                     format!(
-                        "listeners `{}` and `{}` both claim port {} ({other} and {addr})",
+                        "listeners `{}` and `{}` both claim port {} ({other} and {addr}){knock}",
                         listeners[oi].name,
                         l.name,
                         addr.port()

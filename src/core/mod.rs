@@ -5,6 +5,7 @@
 pub mod backend;
 pub mod blame;
 pub mod fleet;
+pub mod knock;
 pub mod policy;
 pub mod probe;
 pub mod routes;

@@ -60,6 +60,9 @@ struct BoundSocket {
     /// Its accept loop, once serving; the loop drops its share when
     /// cancelled, and the socket, still bound, can be reused on reload.
     accepting: Option<JoinHandle<()>>,
+    /// A knock port: connections to it only move a source's knock
+    /// sequence, and are closed at once.
+    knock: bool,
 }
 
 struct Running {
@@ -179,7 +182,7 @@ impl Shared {
         let clock = Clock::start();
         let mut bound: HashMap<SocketAddr, Vec<TcpListener>> = HashMap::new();
         for l in &config.listeners {
-            for &addr in &l.addrs {
+            for addr in l.all_addrs() {
                 let socket = match passed.remove(&addr) {
                     Some(s) => take_passed(l, addr, s)?,
                     None => bind_for(l, addr)?,
@@ -264,23 +267,33 @@ impl Shared {
             ));
         }
         for s in r.sockets.iter_mut().filter(|s| s.accepting.is_none()) {
-            info!(listener = %r.state.name, addr = %s.local, "listening");
-            connection::prepare_listener(&s.listener, &r.state.socket);
-            let task = accept_loop(
+            let (listener, state, token) = (
                 Arc::clone(&s.listener),
                 Arc::clone(&r.state),
-                self.conns.clone(),
                 r.token.clone(),
             );
+            if s.knock {
+                info!(listener = %r.state.name, addr = %s.local, "knock port listening");
+                s.accepting = Some(tokio::spawn(knock_loop(listener, state, token)));
+                continue;
+            }
+            info!(listener = %r.state.name, addr = %s.local, "listening");
+            connection::prepare_listener(&s.listener, &r.state.socket);
+            let task = accept_loop(listener, state, self.conns.clone(), token);
             s.accepting = Some(tokio::spawn(task));
         }
     }
 
-    /// Every listener's name and bound addresses.
+    /// Every listener's name and bound addresses (not its knock ports).
     pub fn local_addrs(&self) -> Vec<(String, SocketAddr)> {
         lock(&self.listeners)
             .iter()
-            .flat_map(|r| r.sockets.iter().map(|s| (r.state.name.clone(), s.local)))
+            .flat_map(|r| {
+                r.sockets
+                    .iter()
+                    .filter(|s| !s.knock)
+                    .map(|s| (r.state.name.clone(), s.local))
+            })
             .collect()
     }
 
@@ -297,7 +310,11 @@ impl Shared {
             .map(|r| {
                 (
                     Arc::clone(&r.state),
-                    r.sockets.iter().map(|s| s.local).collect(),
+                    r.sockets
+                        .iter()
+                        .filter(|s| !s.knock)
+                        .map(|s| s.local)
+                        .collect(),
                 )
             })
             .collect()
@@ -546,7 +563,7 @@ fn bind_fresh(
     }
     let mut fresh: HashMap<SocketAddr, Vec<TcpListener>> = HashMap::new();
     for l in new.listeners.iter().filter(|l| !keep.contains(&l.name)) {
-        for &addr in &l.addrs {
+        for addr in l.all_addrs() {
             match handed_over.get_mut(&addr) {
                 Some(n) if *n > 0 => *n -= 1,
                 _ => fresh.entry(addr).or_default().push(bind_for(l, addr)?),
@@ -585,7 +602,6 @@ fn bind_for(l: &Listener, addr: SocketAddr) -> Result<TcpListener, BindError> {
     })
 }
 
-/// A listener's running parts, taking its sockets from `bound`.
 /// Where a listener's finished connections go.
 struct Sinks<'a> {
     trace: &'a TraceSlot,
@@ -616,6 +632,7 @@ fn open_access_logs(
     Ok(out)
 }
 
+/// A listener's running parts, taking its sockets from `bound`.
 fn new_running(
     config: &Config,
     l: &Listener,
@@ -625,10 +642,12 @@ fn new_running(
     bound: &mut HashMap<SocketAddr, Vec<TcpListener>>,
     occupancy: Option<Occupancy>,
 ) -> Running {
+    let own = l.addrs.len();
     let sockets = l
-        .addrs
-        .iter()
-        .map(|&configured| {
+        .all_addrs()
+        .into_iter()
+        .enumerate()
+        .map(|(i, configured)| {
             let socket = bound
                 .get_mut(&configured)
                 .and_then(Vec::pop)
@@ -643,6 +662,7 @@ fn new_running(
                 local,
                 listener: Arc::new(socket),
                 accepting: None,
+                knock: i >= own,
             }
         })
         .collect();
@@ -680,11 +700,71 @@ async fn stop_running(r: Running) -> Vec<(SocketAddr, TcpListener)> {
     out
 }
 
+/// A knock port: every connection is one knock, then reset at once (no
+/// byte is read or sent, so to a scanner it looks like nothing is there).
+async fn knock_loop(
+    listener: Arc<TcpListener>,
+    state: Arc<ListenerState>,
+    stop: CancellationToken,
+) {
+    let port = listener.local_addr().map_or(0, |a| a.port());
+    let s = Arc::clone(&state);
+    accept_until(&listener, &state, stop, |sock, peer| {
+        // Counted before the reset reaches the source, so its next knock
+        // always finds this one.
+        s.note_knock(peer, port);
+        let _ = socket2::SockRef::from(&sock).set_linger(Some(Duration::ZERO));
+    })
+    .await;
+}
+
 async fn accept_loop(
     listener: Arc<TcpListener>,
     state: Arc<ListenerState>,
     conns: TaskTracker,
     stop: CancellationToken,
+) {
+    let s = Arc::clone(&state);
+    accept_until(&listener, &state, stop, |client, peer| {
+        if s.proxy_protocol.is_some() {
+            if s.trusts_proxy(peer.ip()) {
+                conns.spawn(connection::handle_behind_proxy(
+                    Arc::clone(&s),
+                    client,
+                    peer,
+                ));
+            } else {
+                drop(client);
+                s.note_proxy_rejected(peer, Rejected::Untrusted);
+            }
+            return;
+        }
+        match s.admit(peer.ip()) {
+            Ok(slot) => {
+                s.outcomes.accepted();
+                s.listener_metrics.accepted.increment(1);
+                let peer = connection::Peer::direct(peer);
+                conns.spawn(connection::handle(Arc::clone(&s), client, slot, peer));
+            }
+            Err(reason) => {
+                // Closed here, before any backend is touched.
+                drop(client);
+                s.outcomes.denied();
+                s.note_denied(peer, reason);
+            }
+        }
+    })
+    .await;
+}
+
+/// Accepts until `stop`, handing each connection to `on_accept`; a failed
+/// accept (EMFILE, ENFILE and friends) is counted and backed off from, and
+/// the listener survives it.
+async fn accept_until(
+    listener: &TcpListener,
+    state: &ListenerState,
+    stop: CancellationToken,
+    mut on_accept: impl FnMut(tokio::net::TcpStream, SocketAddr),
 ) {
     // One cancellation future for the loop's life: making one per accept
     // would add and remove a waiter under the token's lock every time.
@@ -697,34 +777,8 @@ async fn accept_loop(
             r = listener.accept() => r,
         };
         match accepted {
-            Ok((client, peer)) if state.proxy_protocol.is_some() => {
-                if state.trusts_proxy(peer.ip()) {
-                    conns.spawn(connection::handle_behind_proxy(
-                        Arc::clone(&state),
-                        client,
-                        peer,
-                    ));
-                } else {
-                    drop(client);
-                    state.note_proxy_rejected(peer, Rejected::Untrusted);
-                }
-            }
-            Ok((client, peer)) => match state.admit(peer.ip()) {
-                Ok(slot) => {
-                    state.outcomes.accepted();
-                    state.listener_metrics.accepted.increment(1);
-                    let peer = connection::Peer::direct(peer);
-                    conns.spawn(connection::handle(Arc::clone(&state), client, slot, peer));
-                }
-                Err(reason) => {
-                    // Closed here, before any backend is touched.
-                    drop(client);
-                    state.outcomes.denied();
-                    state.note_denied(peer, reason);
-                }
-            },
+            Ok((sock, peer)) => on_accept(sock, peer),
             Err(e) => {
-                // EMFILE/ENFILE and friends: the listener survives, backs off.
                 state.note_accept_error(&e);
                 tokio::time::sleep(ACCEPT_ERROR_BACKOFF).await;
             }

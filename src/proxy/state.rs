@@ -10,6 +10,7 @@ use crate::access_log::{AccessLog, AccessRecord};
 use crate::config::{
     Acl, Config, Limits, Listener, Probe, ProxyProtocolAccept, ProxyVersion, SocketOptions,
 };
+use crate::core::knock::{Knocked, Knocks};
 use crate::core::policy::{GroupInput, Policy};
 use crate::core::routes::{GroupRoutes, Router, Weights, WeightsError};
 use crate::core::stats::{GroupStats, Signal, Snapshot};
@@ -78,12 +79,30 @@ pub struct ListenerState {
     pub(super) send_proxy_protocol: Vec<Option<ProxyVersion>>,
     /// Per `Rejected::ALL` reason (empty without `proxy_protocol`).
     proxy_rejected: Vec<metrics::Counter>,
+    /// Port knocking: who knocked how far, who is let in.
+    pub(super) knock: Option<KnockGate>,
+}
+
+/// A listener's knock state and its counters.
+#[derive(Debug)]
+pub struct KnockGate {
+    state: Mutex<Knocks>,
+    /// Per `Knocked::ALL`.
+    counted: Vec<metrics::Counter>,
+    opened_log: OncePerSecond,
+}
+
+fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|p| p.into_inner())
 }
 
 /// Why a connection was closed at accept.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Denied {
     Acl,
+    /// A knock listener, and the source has not knocked (or its opening
+    /// ran out).
+    Knock,
     MaxConnections,
     MaxPerSource,
 }
@@ -221,6 +240,19 @@ impl ListenerState {
                 None => Vec::new(),
             },
             proxy_protocol: l.proxy_protocol.clone(),
+            knock: l.knock.as_ref().map(|k| KnockGate {
+                state: Mutex::new(Knocks::new(
+                    k.sequence.clone(),
+                    k.within,
+                    k.open_for,
+                    k.max_sources as usize,
+                )),
+                counted: Knocked::ALL
+                    .iter()
+                    .map(|r| crate::telemetry::knocks(&l.name, r.name()))
+                    .collect(),
+                opened_log: OncePerSecond::default(),
+            }),
             access_log,
             access_log_dropped: crate::telemetry::access_log_dropped(&l.name),
             send_proxy_protocol: groups.iter().map(|g| g.send_proxy_protocol).collect(),
@@ -234,6 +266,11 @@ impl ListenerState {
     pub(super) fn admit(self: &Arc<Self>, ip: IpAddr) -> Result<Admission, Denied> {
         if !self.acl.admits(ip) {
             return Err(Denied::Acl);
+        }
+        if let Some(k) = &self.knock
+            && !lock(&k.state).admits(crate::config::canonical_ip(ip), self.clock.now())
+        {
+            return Err(Denied::Knock);
         }
         if !self.outcomes.try_open(self.limits.max_connections) {
             return Err(Denied::MaxConnections);
@@ -261,6 +298,7 @@ impl ListenerState {
     pub(super) fn note_denied(&self, peer: SocketAddr, why: Denied) {
         let (counter, reason) = match why {
             Denied::Acl => (&self.listener_metrics.denied_acl, "acl"),
+            Denied::Knock => (&self.listener_metrics.denied_knock, "knock"),
             Denied::MaxConnections => (&self.listener_metrics.denied_max, "max_connections"),
             Denied::MaxPerSource => (
                 &self.listener_metrics.denied_per_source,
@@ -291,6 +329,27 @@ impl ListenerState {
         for log in logs {
             if !log.write_line(line.clone()) {
                 self.access_log_dropped.increment(1);
+            }
+        }
+    }
+
+    /// A connection to knock port `port`: the sequence moves on (or
+    /// starts over), counted; an opening is logged.
+    pub(super) fn note_knock(&self, peer: SocketAddr, port: u16) {
+        let Some(k) = &self.knock else { return };
+        let ip = crate::config::canonical_ip(peer.ip());
+        let result = lock(&k.state).knock(ip, port, self.clock.now());
+        if let Some(c) = Knocked::ALL.iter().position(|&r| r == result) {
+            k.counted[c].increment(1);
+        }
+        match result {
+            Knocked::Opened => {
+                if let Some(held) = k.opened_log.allow(self.clock.now()) {
+                    tracing::info!(listener = %self.name, source = %ip, not_logged = held, "knock sequence complete: the source is admitted (logged at most once a second)");
+                }
+            }
+            r => {
+                tracing::debug!(listener = %self.name, source = %ip, port, result = r.name(), "knock")
             }
         }
     }

@@ -36,6 +36,7 @@ pub const RELOADS: &str = "portshift_config_reloads_total";
 pub const ADMIN_REJECTED: &str = "portshift_admin_rejected_total";
 pub const PROXY_PROTOCOL_REJECTED: &str = "portshift_proxy_protocol_rejected_total";
 pub const ACCESS_LOG_DROPPED: &str = "portshift_access_log_dropped_total";
+pub const KNOCKS: &str = "portshift_knocks_total";
 
 /// Per-backend outcome kinds counted in `portshift_errors_total{kind}`.
 /// Only the backend's own failures (connect_*, reset, probe_failure) are
@@ -129,7 +130,7 @@ fn describe() {
     );
     metrics::describe_counter!(
         DENIED,
-        "Client connections closed at accept, by reason: acl, max_connections, max_connections_per_source"
+        "Client connections closed at accept, by reason: acl, knock (the source has not knocked), max_connections, max_connections_per_source"
     );
     metrics::describe_counter!(
         CONNECT_ERRNO,
@@ -168,6 +169,10 @@ fn describe() {
         "Connections to a proxy_protocol listener closed before their header was taken, by reason: untrusted (peer not in proxy_protocol_from), missing, wrong_version, malformed, oversized, timeout, closed"
     );
     metrics::describe_counter!(
+        KNOCKS,
+        "Connections to a listener's knock ports, by result: progress (the next port of the sequence), opened (the last: the source is admitted), reset (out of order or too slow)"
+    );
+    metrics::describe_counter!(
         ACCESS_LOG_DROPPED,
         "Access-log lines dropped because the writer's queue was full (a disk slower than the connections)"
     );
@@ -184,6 +189,7 @@ pub struct ListenerMetrics {
     pub denied_acl: Counter,
     pub denied_max: Counter,
     pub denied_per_source: Counter,
+    pub denied_knock: Counter,
     pub first_byte_timeout: Counter,
     pub no_backend: Counter,
     pub accept_error: Counter,
@@ -202,6 +208,7 @@ impl ListenerMetrics {
             denied_acl: metrics::counter!(DENIED, "listener" => l.clone(), "reason" => "acl"),
             denied_max: metrics::counter!(DENIED, "listener" => l.clone(), "reason" => "max_connections"),
             denied_per_source: metrics::counter!(DENIED, "listener" => l.clone(), "reason" => "max_connections_per_source"),
+            denied_knock: metrics::counter!(DENIED, "listener" => l.clone(), "reason" => "knock"),
             first_byte_timeout: err("first_byte_timeout"),
             no_backend: err("no_backend"),
             accept_error: err("accept_error"),
@@ -356,6 +363,12 @@ pub fn reload(ok: bool) {
 pub fn proxy_protocol_rejected(listener: &str, reason: &'static str) -> Counter {
     prometheus();
     metrics::counter!(PROXY_PROTOCOL_REJECTED, "listener" => listener.to_owned(), "reason" => reason)
+}
+
+/// A listener's counter of knocks with one result.
+pub fn knocks(listener: &str, result: &'static str) -> Counter {
+    prometheus();
+    metrics::counter!(KNOCKS, "listener" => listener.to_owned(), "result" => result)
 }
 
 /// A listener's counter of access-log lines dropped for a full queue.

@@ -15,7 +15,7 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 
 /// The file's records once it holds `n` lines (bounded wait: lines are
-/// flushed within 200 ms). Blocking: from a runtime, `records_async`.
+/// flushed within 100 ms). Blocking: from a runtime, `records_async`.
 fn records(path: &Path, n: usize) -> Vec<serde_json::Value> {
     let deadline = Instant::now() + PATIENCE;
     loop {

@@ -15,6 +15,7 @@ mod etcd;
 mod fidelity;
 mod fleet;
 mod hardening;
+mod knock;
 mod netns;
 mod policy;
 mod port_audit;

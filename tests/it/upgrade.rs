@@ -452,8 +452,16 @@ fn sigusr2_hands_over_to_a_successor_and_the_successor_can_do_it_again() {
         pids.push(logged_number(&started, "pid") as u32);
         first.wait_for("binary upgrade complete");
         first.wait_for("offering binary upgrades");
-        let st = rt.block_on(status(s.admin));
-        assert_eq!(st["pid"], pids[round + 1], "round {round}");
+        // The old process stops accepting as it confirms its drain; a
+        // call already queued to it may still be answered by it.
+        let deadline = Instant::now() + PATIENCE;
+        while rt.block_on(status(s.admin))["pid"] != pids[round + 1] {
+            assert!(
+                Instant::now() < deadline,
+                "round {round}: the new process answers"
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        }
         rt.block_on(async { exchange(s.a, round as u64).await.expect("serving") });
     }
     assert_eq!(first.exit_code(), 0);

@@ -93,11 +93,12 @@ fn hand_over(stream: UnixStream, handle: &ProxyHandle, path: &Path) -> bool {
     for (s, _) in &listeners {
         s.carried.freeze(true);
     }
-    let result = Conn::new(stream, STEP_TIMEOUT).and_then(|mut conn| converse(&mut conn, handle));
+    let result =
+        Conn::new(stream, STEP_TIMEOUT).and_then(|mut conn| converse(&mut conn, handle, path));
     match result {
         Ok(Some(new_pid)) => {
-            // The new process accepts: stop offering, start the drain.
-            remove(path);
+            // The new process accepts (and the socket file is gone):
+            // stop offering, start the drain.
             handle
                 .shared
                 .handed_over
@@ -129,7 +130,7 @@ fn hand_over(stream: UnixStream, handle: &ProxyHandle, path: &Path) -> bool {
 
 /// The conversation: `Some(pid)` of a new process that accepts, `None`
 /// when it gave up (with its reason logged).
-fn converse(conn: &mut Conn, handle: &ProxyHandle) -> io::Result<Option<u32>> {
+fn converse(conn: &mut Conn, handle: &ProxyHandle, path: &Path) -> io::Result<Option<u32>> {
     let new_pid = match conn.recv()? {
         Message::Hello {
             protocol,
@@ -175,9 +176,18 @@ fn converse(conn: &mut Conn, handle: &ProxyHandle) -> io::Result<Option<u32>> {
         Message::Abort { reason } => return Ok(gave_up(&reason)),
         other => return Err(unexpected(&other)),
     }
-    conn.send(&Message::Draining {
+    // Stop accepting (listeners and the admin API) before saying so: once
+    // the new process hears `Draining`, it alone takes new connections.
+    // From here the hand-over is done whatever happens to this message:
+    // the new process said it accepts. The socket file goes first: the
+    // new process offers upgrades at the same path once it hears back.
+    remove(path);
+    handle.shared.stop.cancel();
+    if let Err(e) = conn.send(&Message::Draining {
         in_flight: handle.shared.conns.len(),
-    })?;
+    }) {
+        warn!(error = %e, "binary upgrade: the new process accepts, but did not take the drain confirmation");
+    }
     Ok(Some(new_pid))
 }
 
