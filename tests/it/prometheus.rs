@@ -308,7 +308,21 @@ policy = "flappy"
 name = "nobackend"
 listen = ["127.0.0.1:0"]
 primary = "void"
+
+[[listener]]
+name = "edge"
+listen = ["127.0.0.1:0"]
+primary = "main"
+proxy_protocol = "v2"
+proxy_protocol_from = ["127.0.0.1"]
+
+[[listener]]
+name = "knocked"
+listen = ["127.0.0.1:0"]
+primary = "main"
+knock = {{ sequence = [{knock}] }}
 "#,
+        knock = free_port(),
         fast = fast.addr(),
         slow = slow.addr(),
         toggling = toggling.addr(),
