@@ -278,8 +278,15 @@ impl Writer {
     }
 }
 
+/// Connections refused before any backend was tried (an ACL, a knock, a
+/// limit, a bad PROXY header): logged, but never traffic a policy routes.
+fn refused(outcome: &str) -> bool {
+    outcome.starts_with("denied_") || outcome.starts_with("proxy_header_")
+}
+
 /// The arrival times of a recording, sorted: an access log (JSON lines, by
-/// `t_s`), or the CSV trace older versions wrote (`t_s` first).
+/// `t_s`), or the CSV trace older versions wrote (`t_s` first). Refused
+/// connections are left out: they never reached the routing.
 pub fn read_arrivals(path: &Path) -> io::Result<Vec<Duration>> {
     let bad = |line: usize, why: &str| {
         io::Error::new(io::ErrorKind::InvalidData, format!("line {line}: {why}"))
@@ -294,6 +301,9 @@ pub fn read_arrivals(path: &Path) -> io::Result<Vec<Duration>> {
         let t = if line.starts_with('{') {
             let v: serde_json::Value = serde_json::from_str(line)
                 .map_err(|e| bad(i + 1, &format!("not a JSON access-log record ({e})")))?;
+            if v["outcome"].as_str().is_some_and(refused) {
+                continue;
+            }
             v["t_s"].as_f64()
         } else {
             line.split(',').next().and_then(|f| f.trim().parse().ok())
@@ -365,6 +375,12 @@ mod tests {
             read_arrivals(&csv).unwrap(),
             [0.25, 0.5].map(Duration::from_secs_f64)
         );
+        std::fs::write(
+            &csv,
+            "{\"t_s\":4,\"outcome\":\"denied_acl\"}\n{\"t_s\":1}\n",
+        )
+        .unwrap();
+        assert_eq!(read_arrivals(&csv).unwrap(), [Duration::from_secs(1)]);
         std::fs::write(&csv, "{\"t_s\":1}\n{\"t_s\":-1}\n").unwrap();
         let e = read_arrivals(&csv).unwrap_err().to_string();
         assert!(e.contains("line 2"), "{e}");

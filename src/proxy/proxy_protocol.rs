@@ -56,6 +56,19 @@ impl Rejected {
         Rejected::Closed,
     ];
 
+    /// The access log's `outcome` for a connection closed for this.
+    pub fn outcome(self) -> &'static str {
+        match self {
+            Rejected::Untrusted => "proxy_header_untrusted",
+            Rejected::Missing => "proxy_header_missing",
+            Rejected::WrongVersion => "proxy_header_wrong_version",
+            Rejected::Malformed => "proxy_header_malformed",
+            Rejected::Oversized => "proxy_header_oversized",
+            Rejected::Timeout => "proxy_header_timeout",
+            Rejected::Closed => "proxy_header_closed",
+        }
+    }
+
     /// The `reason` label.
     pub fn name(self) -> &'static str {
         match self {

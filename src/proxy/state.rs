@@ -309,6 +309,39 @@ impl ListenerState {
         if let Some(held) = self.denied_log.allow(self.clock.now()) {
             tracing::warn!(listener = %self.name, %peer, reason, not_logged = held, "connection refused at accept (logged at most once a second)");
         }
+        if self.logs_connections() {
+            self.log_refused(
+                peer,
+                match why {
+                    Denied::Acl => "denied_acl",
+                    Denied::Knock => "denied_knock",
+                    Denied::MaxConnections => "denied_max_connections",
+                    Denied::MaxPerSource => "denied_max_connections_per_source",
+                },
+            );
+        }
+    }
+
+    /// The access-log line of a connection closed before any backend was
+    /// tried: who, when, and why (`outcome`).
+    fn log_refused(&self, peer: SocketAddr, outcome: &'static str) {
+        let now = self.clock.now();
+        self.log_connection(&AccessRecord {
+            time: self.clock.wall(now),
+            t_s: now,
+            listener: &self.name,
+            route: None,
+            client: peer,
+            group: "",
+            backend: "",
+            connect_ms: None,
+            first_byte_ms: None,
+            total_ms: None,
+            bytes_to_backend: 0,
+            bytes_to_client: 0,
+            outcome,
+            ended_by: "local",
+        });
     }
 
     /// Whether connections are logged as they end at all (then their
@@ -370,6 +403,9 @@ impl ListenerState {
         }
         if let Some(held) = self.denied_log.allow(self.clock.now()) {
             tracing::warn!(listener = %self.name, %peer, reason = why.name(), not_logged = held, "connection closed: PROXY protocol header refused (logged at most once a second)");
+        }
+        if self.logs_connections() {
+            self.log_refused(peer, why.outcome());
         }
     }
 

@@ -47,8 +47,9 @@ async fn echo_once(addr: SocketAddr, prefix: &[u8]) {
     assert_eq!(&back, b"hello");
 }
 
-/// A direct client, a client named by a PROXY protocol header, and one no
-/// backend took: one line each, in the documented shape.
+/// A direct client, a client named by a PROXY protocol header, one refused
+/// for a missing header and one no backend took: one line each, in the
+/// documented shape.
 #[tokio::test]
 async fn every_connection_ends_as_one_line_naming_the_real_client() {
     let echo = echo_backend().await;
@@ -81,11 +82,16 @@ async fn every_connection_ends_as_one_line_naming_the_real_client() {
         b"PROXY TCP4 203.0.113.7 10.0.0.1 5000 443\r\n",
     )
     .await;
-    let mut s = TcpStream::connect(at("nowhere")).await.unwrap();
+    // Refused before any backend: logged with why.
+    let mut bad = TcpStream::connect(at("behind")).await.unwrap();
+    let bad_peer = bad.local_addr().unwrap();
+    bad.write_all(b"GET / HTTP/1.1\r\n\r\n").await.unwrap();
     let mut buf = [0u8; 8];
+    let _ = tokio::time::timeout(PATIENCE, bad.read(&mut buf)).await;
+    let mut s = TcpStream::connect(at("nowhere")).await.unwrap();
     let _ = tokio::time::timeout(PATIENCE, s.read(&mut buf)).await;
 
-    let lines = records_async(&dir.path().join("access.log"), 3).await;
+    let lines = records_async(&dir.path().join("access.log"), 4).await;
     let by = |listener: &str, client: &str| {
         lines
             .iter()
@@ -104,6 +110,10 @@ async fn every_connection_ends_as_one_line_naming_the_real_client() {
     assert_eq!(named["bytes_to_backend"], 5);
     assert_eq!(named["bytes_to_client"], 5);
     assert!(named["total_ms"].as_f64().unwrap() >= named["connect_ms"].as_f64().unwrap());
+    let refused = by("behind", &bad_peer.to_string());
+    assert_eq!(refused["outcome"], "proxy_header_missing");
+    assert_eq!(refused["ended_by"], "local");
+    assert_eq!(refused["backend"], "");
     let none = &records_async(&dir.path().join("nowhere.log"), 1).await[0];
     assert_eq!(none["outcome"], "no_backend");
     assert_eq!(none["group"], "");
