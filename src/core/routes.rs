@@ -449,6 +449,28 @@ mod tests {
         }
     }
 
+    /// Several backends down: they follow every one that is up, in the
+    /// order they would have been tried.
+    #[test]
+    fn down_backends_keep_their_order_after_the_up_ones() {
+        let primary = Arc::new(GroupRoutes::new(
+            "p",
+            backends(&[1, 1, 1, 1]),
+            Balance::RoundRobin,
+        ));
+        let backup = Arc::new(GroupRoutes::new("b", backends(&[1]), Balance::RoundRobin));
+        primary.set_up(0, false);
+        primary.set_up(1, false);
+        let router = Router::new(vec![primary, backup]);
+        let order = |max| -> Vec<(usize, usize)> {
+            let plan = router.plan_next(max).1;
+            plan.iter().map(|a| (a.group, a.backend)).collect()
+        };
+        assert_eq!(order(8), vec![(0, 2), (0, 3), (1, 0), (0, 0), (0, 1)]);
+        // The next turn starts at backend 1: 2, 3, then the backup, then 1, 0.
+        assert_eq!(order(4), vec![(0, 2), (0, 3), (1, 0), (0, 1)]);
+    }
+
     #[test]
     fn publish_rejects_wrong_length_and_applies_next() {
         let g = || Arc::new(GroupRoutes::new("g", backends(&[1]), Balance::RoundRobin));
