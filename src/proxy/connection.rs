@@ -149,7 +149,7 @@ pub async fn handle(
         // reset is an ordinary reset of this backend.
         let can_retry = i + 1 < plan.len();
         let start = Start {
-            peer,
+            client: peer.client,
             arrived,
             connect,
         };
@@ -301,7 +301,7 @@ fn count_end(state: &ListenerState, attempt: Attempt, end: End) {
 
 /// Who came when, and how long its upstream connect took.
 struct Start {
-    peer: Peer,
+    client: SocketAddr,
     arrived: Duration,
     connect: Duration,
 }
@@ -320,7 +320,7 @@ fn log_one(
         t_s: start.arrived,
         listener: &state.name,
         route: None,
-        client: start.peer.client,
+        client: start.client,
         group: &routes.name,
         backend: &routes.addr(backend).to_string(),
         connect_ms: Some(start.connect),
