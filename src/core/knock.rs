@@ -31,16 +31,13 @@ impl Knocked {
     }
 }
 
-#[derive(Debug, Clone, Copy)]
-enum Source {
-    /// `next` ports of the sequence knocked, the first at `started`.
-    Knocking {
-        next: usize,
-        started: Duration,
-    },
-    Open {
-        until: Duration,
-    },
+/// One source: how far into the sequence it is, and until when it is
+/// admitted. Knocking again while admitted keeps the opening.
+#[derive(Debug, Clone, Copy, Default)]
+struct Source {
+    /// Ports of the sequence knocked so far, and when the first came.
+    knocking: Option<(usize, Duration)>,
+    open_until: Option<Duration>,
 }
 
 /// One listener's knock state.
@@ -77,48 +74,42 @@ impl Knocks {
 
     /// A connection from `ip` to knock port `port` at `now`.
     pub fn knock(&mut self, ip: IpAddr, port: u16, now: Duration) -> Knocked {
-        let next = match self.sources.get(&ip).map(|s| s.0) {
-            Some(Source::Knocking { next, started })
-                if now.saturating_sub(started) <= self.within =>
-            {
-                Some((next, started))
-            }
-            _ => None,
-        };
+        let mut source = self.sources.get(&ip).map(|s| s.0).unwrap_or_default();
+        let next = source
+            .knocking
+            .filter(|&(_, started)| now.saturating_sub(started) <= self.within);
         let (done, started) = match next {
             Some((n, started)) if self.sequence.get(n) == Some(&port) => (n + 1, started),
             // A knock on the first port always starts over from it.
             _ if self.sequence.first() == Some(&port) => (1, now),
             _ => {
-                if matches!(self.sources.get(&ip), Some((Source::Knocking { .. }, _))) {
+                source.knocking = None;
+                if source.open_until.is_some_and(|t| now < t) {
+                    self.sources.entry(ip).and_modify(|e| e.0 = source);
+                } else {
                     self.sources.remove(&ip);
                 }
                 return Knocked::Reset;
             }
         };
-        if done == self.sequence.len() {
-            self.put(
-                ip,
-                Source::Open {
-                    until: now + self.open_for,
-                },
-            );
+        let result = if done == self.sequence.len() {
+            source.knocking = None;
+            source.open_until = Some(now + self.open_for);
             Knocked::Opened
         } else {
-            self.put(
-                ip,
-                Source::Knocking {
-                    next: done,
-                    started,
-                },
-            );
+            source.knocking = Some((done, started));
             Knocked::Progress
-        }
+        };
+        self.put(ip, source);
+        result
     }
 
     /// Whether `ip` knocked its way in and its opening still holds.
     pub fn admits(&self, ip: IpAddr, now: Duration) -> bool {
-        matches!(self.sources.get(&ip), Some((Source::Open { until }, _)) if now < *until)
+        self.sources
+            .get(&ip)
+            .and_then(|s| s.0.open_until)
+            .is_some_and(|t| now < t)
     }
 
     /// Sources tracked now (knocking or open).
@@ -196,6 +187,24 @@ mod tests {
         k.knock(ip(1), 7001, 12 * S);
         k.knock(ip(1), 7002, 13 * S);
         assert_eq!(k.knock(ip(1), 7003, 14 * S), Knocked::Opened);
+    }
+
+    #[test]
+    fn knocking_again_while_admitted_keeps_the_opening() {
+        let mut k = knocks();
+        for (i, p) in [7001, 7002, 7003].into_iter().enumerate() {
+            k.knock(ip(1), p, S * i as u32);
+        }
+        assert!(k.admits(ip(1), 3 * S));
+        assert_eq!(k.knock(ip(1), 7001, 4 * S), Knocked::Progress);
+        assert_eq!(k.knock(ip(1), 7003, 5 * S), Knocked::Reset);
+        assert!(k.admits(ip(1), 6 * S), "a stray knock does not close it");
+        assert!(!k.admits(ip(1), 33 * S));
+        // The sequence again renews it.
+        for p in [7001, 7002, 7003] {
+            k.knock(ip(1), p, 20 * S);
+        }
+        assert!(k.admits(ip(1), 45 * S));
     }
 
     #[test]
