@@ -125,36 +125,49 @@ impl Etcd {
         body: Value,
         timeout: Option<Duration>,
     ) -> Result<Value, EtcdError> {
+        let t = timeout.unwrap_or(Duration::from_secs(365 * 24 * 3600));
+        let body = &body;
+        self.failover(|endpoint| {
+            let url = format!("http://{endpoint}{path}");
+            async move {
+                match self
+                    .http
+                    .json(Method::POST, &url, Some(body), None, t)
+                    .await
+                {
+                    Ok(v) => Ok(v),
+                    // etcd answered: another endpoint would answer the same.
+                    Err(source @ HttpError::Status { .. }) => Err(Failover::Final(source)),
+                    Err(source) => Err(Failover::Next(source)),
+                }
+            }
+        })
+        .await
+    }
+
+    /// Tries the endpoints in turn, from the one that answered last, until
+    /// one gives a result or a final answer; remembers the one that did.
+    async fn failover<T, F: Future<Output = Result<T, Failover>>>(
+        &self,
+        mut attempt: impl FnMut(&str) -> F,
+    ) -> Result<T, EtcdError> {
         let n = self.endpoints.len();
         let start = self.current.load(Relaxed);
         let mut last = None;
         for i in 0..n {
             let at = (start + i) % n;
             let endpoint = &self.endpoints[at];
-            let url = format!("http://{endpoint}{path}");
-            let t = timeout.unwrap_or(Duration::from_secs(365 * 24 * 3600));
-            match self
-                .http
-                .json(Method::POST, &url, Some(&body), None, t)
-                .await
-            {
+            let failed = |source| EtcdError::Http {
+                endpoint: endpoint.clone(),
+                source,
+            };
+            match attempt(endpoint).await {
                 Ok(v) => {
                     self.current.store(at, Relaxed);
                     return Ok(v);
                 }
-                // etcd answered: another endpoint would answer the same.
-                Err(source @ HttpError::Status { .. }) => {
-                    return Err(EtcdError::Http {
-                        endpoint: endpoint.clone(),
-                        source,
-                    });
-                }
-                Err(source) => {
-                    last = Some(EtcdError::Http {
-                        endpoint: endpoint.clone(),
-                        source,
-                    })
-                }
+                Err(Failover::Final(source)) => return Err(failed(source)),
+                Err(Failover::Next(source)) => last = Some(failed(source)),
             }
         }
         Err(last.expect("at least one endpoint"))
@@ -293,37 +306,34 @@ impl Etcd {
             "range_end": b64(prefix_end(prefix)),
             "start_revision": from.to_string(),
         }});
-        let n = self.endpoints.len();
-        let start = self.current.load(Relaxed);
-        let mut last = None;
-        for i in 0..n {
-            let endpoint = &self.endpoints[(start + i) % n];
+        let body = &body;
+        self.failover(|endpoint| {
             let url = format!("http://{endpoint}/v3/watch");
-            match self
-                .http
-                .send(Method::POST, &url, Some(&body), None, Some(CALL_TIMEOUT))
-                .await
-            {
-                Ok(resp) if resp.status().is_success() => return Ok(Watch::new(resp.into_body())),
-                Ok(resp) => {
-                    last = Some(EtcdError::Http {
-                        endpoint: endpoint.clone(),
-                        source: HttpError::Status {
-                            status: resp.status(),
-                            body: String::new(),
-                        },
-                    })
-                }
-                Err(source) => {
-                    last = Some(EtcdError::Http {
-                        endpoint: endpoint.clone(),
-                        source,
-                    })
+            async move {
+                match self
+                    .http
+                    .send(Method::POST, &url, Some(body), None, Some(CALL_TIMEOUT))
+                    .await
+                {
+                    Ok(resp) if resp.status().is_success() => Ok(Watch::new(resp.into_body())),
+                    Ok(resp) => Err(Failover::Next(HttpError::Status {
+                        status: resp.status(),
+                        body: String::new(),
+                    })),
+                    Err(source) => Err(Failover::Next(source)),
                 }
             }
-        }
-        Err(last.expect("at least one endpoint"))
+        })
+        .await
     }
+}
+
+/// How one endpoint's attempt failed: `Final` when etcd itself answered
+/// (another endpoint would say the same), `Next` when this endpoint could
+/// not be reached or used.
+enum Failover {
+    Final(HttpError),
+    Next(HttpError),
 }
 
 #[cfg(test)]

@@ -391,8 +391,11 @@ fn sigterm_stops_accepting_and_drains() {
 
     send_signal(child.id(), "-TERM");
     // Wait (bounded) until the proxy says it is draining.
+    let mut seen = Vec::new();
     for line in lines.by_ref() {
-        if line.unwrap().contains("draining") {
+        let line = line.unwrap();
+        seen.push(line.clone());
+        if line.contains("draining") {
             break;
         }
     }
@@ -401,7 +404,15 @@ fn sigterm_stops_accepting_and_drains() {
         "no new connections while draining"
     );
     conn.write_all(b"during").unwrap();
-    conn.read_exact(&mut buf).unwrap();
+    if let Err(e) = conn.read_exact(&mut buf) {
+        // Say what the proxy did, not just that the echo failed.
+        let _ = child.kill();
+        let rest: Vec<String> = lines.map_while(Result::ok).collect();
+        panic!(
+            "the in-flight connection broke while draining ({e}); the proxy logged after the signal:\n{}",
+            rest.join("\n")
+        );
+    }
     assert_eq!(&buf, b"during", "the in-flight connection still works");
     drop(conn);
 

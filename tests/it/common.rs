@@ -35,9 +35,20 @@ pub fn spawn_logging(
     std::io::Lines<std::io::BufReader<std::process::ChildStderr>>,
 ) {
     use std::io::BufRead;
+    // Each process its own runtime directory, so its default upgrade
+    // socket is its own: test processes never probe or offer each other
+    // upgrades (nor an installed portshift's in /run/portshift).
+    static N: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+    let runtime = std::env::temp_dir().join(format!(
+        "portshift-test-{}-{}",
+        std::process::id(),
+        N.fetch_add(1, std::sync::atomic::Ordering::Relaxed)
+    ));
+    std::fs::create_dir_all(&runtime).expect("the temp dir is writable");
     let mut child = cmd
         .env("RUST_LOG", "info")
         .env("NO_COLOR", "1")
+        .env("RUNTIME_DIRECTORY", &runtime)
         .stderr(std::process::Stdio::piped())
         .spawn()
         .expect("the portshift binary starts");
