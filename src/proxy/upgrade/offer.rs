@@ -14,7 +14,7 @@ use std::os::unix::net::UnixStream;
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 use tokio_util::sync::CancellationToken;
-use tracing::{info, warn};
+use tracing::{debug, info, warn};
 
 /// How long each step of the conversation may take before this process
 /// gives up on the new one and serves on.
@@ -90,9 +90,6 @@ fn hand_over(stream: UnixStream, handle: &ProxyHandle, path: &Path) -> bool {
         }
     };
     let listeners = handle.listeners();
-    for (s, _) in &listeners {
-        s.carried.freeze(true);
-    }
     let result =
         Conn::new(stream, STEP_TIMEOUT).and_then(|mut conn| converse(&mut conn, handle, path));
     match result {
@@ -131,7 +128,16 @@ fn hand_over(stream: UnixStream, handle: &ProxyHandle, path: &Path) -> bool {
 /// The conversation: `Some(pid)` of a new process that accepts, `None`
 /// when it gave up (with its reason logged).
 fn converse(conn: &mut Conn, handle: &ProxyHandle, path: &Path) -> io::Result<Option<u32>> {
-    let new_pid = match conn.recv()? {
+    let hello = match conn.recv() {
+        // Connected and went: another instance checking whether this
+        // socket is alive before it binds its own. Nothing to thaw.
+        Err(e) if e.kind() == io::ErrorKind::UnexpectedEof => {
+            debug!("upgrade socket: a liveness check");
+            return Ok(None);
+        }
+        other => other?,
+    };
+    let new_pid = match hello {
         Message::Hello {
             protocol,
             pid,
@@ -152,6 +158,11 @@ fn converse(conn: &mut Conn, handle: &ProxyHandle, path: &Path) -> io::Result<Op
         }
         other => return Err(unexpected(&other)),
     };
+    // From the state on offer to the end of the conversation, the policy
+    // loops stand still: what the new process takes is what is in force.
+    for (s, _) in &handle.listeners() {
+        s.carried.freeze(true);
+    }
     let (offers, fds) = sockets(handle);
     conn.send(&Message::Offer {
         version: super::version(),
