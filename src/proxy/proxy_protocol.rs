@@ -26,6 +26,25 @@ pub struct Addresses {
     pub destination: SocketAddr,
 }
 
+// Both versions carry the addresses in `ppp`'s one pair of types.
+impl From<ppp::v1::IPv4> for Addresses {
+    fn from(a: ppp::v1::IPv4) -> Self {
+        Addresses {
+            source: SocketAddr::new(a.source_address.into(), a.source_port),
+            destination: SocketAddr::new(a.destination_address.into(), a.destination_port),
+        }
+    }
+}
+
+impl From<ppp::v1::IPv6> for Addresses {
+    fn from(a: ppp::v1::IPv6) -> Self {
+        Addresses {
+            source: SocketAddr::new(a.source_address.into(), a.source_port),
+            destination: SocketAddr::new(a.destination_address.into(), a.destination_port),
+        }
+    }
+}
+
 /// Why a connection was closed before its header was taken.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Rejected {
@@ -195,14 +214,8 @@ fn parse_v1(bytes: &[u8]) -> Parsed {
         Ok(h) => Parsed::Header {
             len: line.len(),
             addrs: match h.addresses {
-                ppp::v1::Addresses::Tcp4(a) => Some(Addresses {
-                    source: SocketAddr::new(a.source_address.into(), a.source_port),
-                    destination: SocketAddr::new(a.destination_address.into(), a.destination_port),
-                }),
-                ppp::v1::Addresses::Tcp6(a) => Some(Addresses {
-                    source: SocketAddr::new(a.source_address.into(), a.source_port),
-                    destination: SocketAddr::new(a.destination_address.into(), a.destination_port),
-                }),
+                ppp::v1::Addresses::Tcp4(a) => Some(a.into()),
+                ppp::v1::Addresses::Tcp6(a) => Some(a.into()),
                 ppp::v1::Addresses::Unknown => None,
             },
         },
@@ -233,14 +246,8 @@ fn v2_addresses(h: &ppp::v2::Header<'_>) -> Option<Addresses> {
         return None;
     }
     match h.addresses {
-        ppp::v2::Addresses::IPv4(a) => Some(Addresses {
-            source: SocketAddr::new(a.source_address.into(), a.source_port),
-            destination: SocketAddr::new(a.destination_address.into(), a.destination_port),
-        }),
-        ppp::v2::Addresses::IPv6(a) => Some(Addresses {
-            source: SocketAddr::new(a.source_address.into(), a.source_port),
-            destination: SocketAddr::new(a.destination_address.into(), a.destination_port),
-        }),
+        ppp::v2::Addresses::IPv4(a) => Some(a.into()),
+        ppp::v2::Addresses::IPv6(a) => Some(a.into()),
         _ => None,
     }
 }
