@@ -223,12 +223,16 @@ impl Writer {
     fn run(mut self, rx: &Receiver<Msg>) {
         loop {
             std::thread::park_timeout(TICK);
-            if self.reopen.swap(false, Relaxed) {
-                self.reopen_file();
-            }
+            self.reopen_if_asked();
             loop {
                 match rx.try_recv() {
-                    Ok(Msg::Line(l)) => self.write(l.as_bytes()),
+                    Ok(Msg::Line(l)) => {
+                        // Asked again per line: a line queued after
+                        // `reopen()` must not land in the old file, however
+                        // the tick falls.
+                        self.reopen_if_asked();
+                        self.write(l.as_bytes());
+                    }
                     Ok(Msg::Flush(ack)) => {
                         self.flush();
                         let _ = ack.send(());
@@ -241,6 +245,15 @@ impl Writer {
                 }
             }
             self.flush();
+        }
+    }
+
+    /// The load comes before the swap so a line costs no atomic write.
+    /// The queue orders it: a line received was sent after any `reopen()`
+    /// that came before it on the sender's side.
+    fn reopen_if_asked(&mut self) {
+        if self.reopen.load(Relaxed) && self.reopen.swap(false, Relaxed) {
+            self.reopen_file();
         }
     }
 
