@@ -9,5 +9,6 @@ pub mod knock;
 pub mod policy;
 pub mod probe;
 pub mod routes;
+pub mod sni;
 pub mod stats;
 pub mod turns;

@@ -17,6 +17,7 @@ mod probe;
 mod process;
 mod proxy_protocol;
 mod runtime;
+pub mod sni;
 mod state;
 mod throttle;
 pub mod upgrade;

@@ -23,6 +23,7 @@ mod prometheus;
 mod proxy;
 mod proxy_protocol;
 mod sim;
+mod sni;
 mod systemd;
 mod telemetry;
 mod upgrade;
