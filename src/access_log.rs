@@ -292,9 +292,12 @@ impl Writer {
 }
 
 /// Connections refused before any backend was tried (an ACL, a knock, a
-/// limit, a bad PROXY header): logged, but never traffic a policy routes.
+/// limit, a bad PROXY header, a ClientHello no route takes): logged, but
+/// never traffic a policy routes.
 fn refused(outcome: &str) -> bool {
-    outcome.starts_with("denied_") || outcome.starts_with("proxy_header_")
+    ["denied_", "proxy_header_", "sni_"]
+        .iter()
+        .any(|p| outcome.starts_with(p))
 }
 
 /// The arrival times of a recording, sorted: an access log (JSON lines, by

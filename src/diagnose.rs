@@ -86,7 +86,7 @@ pub fn run(
             )
         };
         check("acl", v, d);
-        for &g in &l.groups {
+        for g in l.all_groups() {
             let group = config.group(g);
             for b in &group.backends {
                 let (v, d) = reach(b.addr, l.connect_timeout);

@@ -23,6 +23,34 @@ impl Config {
             for (i, &g) in l.groups.iter().enumerate() {
                 group(&mut out, self.group(g), i == 0);
             }
+            if !l.routes.is_empty() {
+                let default = if l.groups.is_empty() {
+                    "closed (no primary)"
+                } else {
+                    "the listener's groups above"
+                };
+                let _ = writeln!(
+                    out,
+                    "  routes   by TLS server name (ClientHello within {}, passed through unread); no match: {default}",
+                    duration(l.client_hello_timeout)
+                );
+            }
+            for r in &l.routes {
+                let names: Vec<String> = r.sni.iter().map(ToString::to_string).collect();
+                let policy = r.policy.as_ref().map_or("none".to_string(), |p| {
+                    format!("{} ({})", p.name, p.path.display())
+                });
+                let _ = writeln!(
+                    out,
+                    "  route {}/{}  sni {}; policy {policy}",
+                    l.name,
+                    r.name,
+                    names.join(", ")
+                );
+                for (i, &g) in r.groups.iter().enumerate() {
+                    group(&mut out, self.group(g), i == 0);
+                }
+            }
         }
         if let Some(a) = &self.admin {
             let _ = writeln!(out, "admin: http://{}/metrics", a.listen);

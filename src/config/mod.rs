@@ -10,6 +10,7 @@ mod listen;
 pub mod policy;
 mod proxy_protocol;
 mod raw;
+mod route;
 pub mod shipped;
 mod validate;
 
@@ -21,6 +22,7 @@ pub use listen::{addrs_collide, parse_listen};
 pub use proxy_protocol::{
     DEFAULT_PROXY_PROTOCOL_TIMEOUT, ProxyProtocolAccept, ProxyVersion, ProxyVersions,
 };
+pub use route::{DEFAULT_CLIENT_HELLO_TIMEOUT, Route, RouteUnit};
 
 use ipnet::IpNet;
 use std::net::{IpAddr, SocketAddr};
@@ -214,7 +216,8 @@ pub struct Listener {
     pub addrs: Vec<SocketAddr>,
     /// The `listen` entries as written, for display.
     pub listen: Vec<String>,
-    /// Indexes into `Config::groups`: the primary first, then backups in order.
+    /// Indexes into `Config::groups`: the primary first, then backups in
+    /// order. Empty only for a listener with routes and no default.
     pub groups: Vec<usize>,
     pub policy: Option<PolicyRef>,
     pub acl: Acl,
@@ -241,6 +244,13 @@ pub struct Listener {
     pub access_log: Option<PathBuf>,
     /// Admit a source only after it knocked on these ports in order.
     pub knock: Option<Knock>,
+    /// Routes by TLS server name; empty: every connection goes to `groups`.
+    pub routes: Vec<Route>,
+    /// The time a routed listener gives a client to send its ClientHello.
+    pub client_hello_timeout: Duration,
+    /// Set on a route's unit (see `Listener::unit`): which listener and
+    /// route it is.
+    pub unit_of: Option<RouteUnit>,
 }
 
 /// Connection limits of a listener; past them new connections are closed

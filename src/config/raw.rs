@@ -137,7 +137,8 @@ impl<'de> Deserialize<'de> for RawBackend {
 pub struct RawListener {
     pub name: S<String>,
     pub listen: S<Vec<S<String>>>,
-    pub primary: S<String>,
+    /// Optional when routes are defined: then it takes what no route does.
+    pub primary: Option<S<String>>,
     #[serde(default)]
     pub backups: Vec<S<String>>,
     pub policy: Option<S<String>>,
@@ -163,6 +164,23 @@ pub struct RawListener {
     /// This listener's own access log, instead of the top-level one.
     pub access_log: Option<String>,
     pub knock: Option<S<RawKnock>>,
+    /// `[[listener.route]]`: routing units picked by TLS server name.
+    #[serde(default, rename = "route")]
+    pub routes: Vec<RawRoute>,
+    /// How long a routed listener waits for a client's whole ClientHello.
+    pub client_hello_timeout: Option<S<String>>,
+}
+
+/// A route inside a listener: the server names it takes and its groups.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawRoute {
+    pub name: S<String>,
+    pub sni: S<Vec<S<String>>>,
+    pub primary: S<String>,
+    #[serde(default)]
+    pub backups: Vec<S<String>>,
+    pub policy: Option<S<String>>,
 }
 
 /// Port knocking: the ports, in order, that open the listener to a source.

@@ -374,21 +374,28 @@ impl Validator<'_, '_> {
     fn listener(&mut self, raw: &RawListener, group_names: &[&str], groups: &[Group]) -> Listener {
         let name = raw.name.get_ref().clone();
         let addrs = self.listen_addrs(raw, &name);
-        let members = self.members(raw, &name, group_names);
-        self.loops(&name, &addrs, &members, groups, raw);
-        let policy = raw.policy.as_ref().and_then(|p| self.policy(&name, p));
-        if let (Some(p), Some(raw_policy)) = (&policy, &raw.policy)
-            && members.len() < 2
-        {
+        if raw.primary.is_none() && raw.routes.is_empty() {
             self.rep.error(
-                raw_policy.span(),
+                raw.name.span(),
                 format!(
-                    "listener `{name}`: policy `{}` needs a backup group to move traffic to",
-                    p.name
+                    "listener `{name}` has no primary group, so it could send nothing anywhere"
                 ),
-                Some("add backups = [\"...\"] to the listener".into()),
+                Some("add primary = \"GROUP\" (a [[group]]'s name)".into()),
             );
         }
+        let members = self.members(&name, raw.primary.as_ref(), &raw.backups, group_names);
+        if raw.primary.is_none()
+            && let Some(b) = raw.backups.first()
+        {
+            self.rep.error(
+                b.span(),
+                format!("listener `{name}` has backups but no primary group"),
+                Some("add primary = \"GROUP\", or move the groups into a route".into()),
+            );
+        }
+        self.loops(&name, &addrs, &members, groups, raw);
+        let routes = self.routes(raw, &addrs, group_names, groups);
+        let policy = self.unit_policy(("listener", &name), raw.policy.as_ref(), &members);
         Listener {
             policy,
             acl: Acl {
@@ -417,6 +424,9 @@ impl Validator<'_, '_> {
             proxy_protocol: self.proxy_protocol(raw),
             access_log: None,
             knock: self.knock(raw),
+            client_hello_timeout: self.client_hello_timeout(raw),
+            routes,
+            unit_of: None,
             name,
             addrs: addrs.into_iter().map(|(a, _)| a).collect(),
             listen: raw
@@ -429,15 +439,23 @@ impl Validator<'_, '_> {
         }
     }
 
-    /// The listener's groups, primary first, as indices into the groups;
-    /// an unknown or repeated group is reported and left out.
-    fn members(&mut self, raw: &RawListener, name: &str, group_names: &[&str]) -> Vec<usize> {
+    /// The groups of listener (or route) `name`: the primary first, then
+    /// the backups, as indices into the groups; an unknown or repeated
+    /// group is reported and left out.
+    pub(super) fn members(
+        &mut self,
+        name: &str,
+        primary: Option<&S<String>>,
+        backups: &[S<String>],
+        group_names: &[&str],
+    ) -> Vec<usize> {
         let mut members = Vec::new();
-        for (i, g) in std::iter::once(&raw.primary)
-            .chain(&raw.backups)
-            .enumerate()
-        {
-            let role = if i == 0 { "primary" } else { "backup" };
+        for (i, g) in primary.into_iter().chain(backups).enumerate() {
+            let role = if i == 0 && primary.is_some() {
+                "primary"
+            } else {
+                "backup"
+            };
             let Some(idx) = group_names.iter().position(|n| n == g.get_ref()) else {
                 self.rep.error(
                     g.span(),
@@ -511,7 +529,7 @@ impl Validator<'_, '_> {
 
     /// A backend that is the listener's own address would proxy to itself
     /// forever.
-    fn loops(
+    pub(super) fn loops(
         &mut self,
         name: &str,
         addrs: &[(SocketAddr, usize)],
@@ -578,6 +596,29 @@ impl Validator<'_, '_> {
                 );
             }
         }
+    }
+
+    /// The policy of a listener or route (`owner`: what it is, its name),
+    /// which needs a backup group among `members` to move traffic to.
+    pub(super) fn unit_policy(
+        &mut self,
+        (kind, name): (&str, &str),
+        raw: Option<&S<String>>,
+        members: &[usize],
+    ) -> Option<PolicyRef> {
+        let raw = raw?;
+        let policy = self.policy(name, raw)?;
+        if members.len() < 2 {
+            self.rep.error(
+                raw.span(),
+                format!(
+                    "{kind} `{name}`: policy `{}` needs a backup group to move traffic to",
+                    policy.name
+                ),
+                Some(format!("add backups = [\"...\"] to the {kind}")),
+            );
+        }
+        Some(policy)
     }
 
     fn policy(&mut self, listener: &str, raw: &S<String>) -> Option<PolicyRef> {

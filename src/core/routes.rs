@@ -42,11 +42,14 @@ impl Weights {
         Ok(Weights(bp))
     }
 
-    /// Everything on the first group (the primary), as at start.
+    /// Everything on the first group (the primary), as at start. With no
+    /// groups (a listener whose routes take every connection), nothing:
+    /// such a table is never planned.
     pub fn all_on_first(groups: usize) -> Self {
-        assert!(groups > 0, "a listener has at least its primary group");
         let mut bp = vec![0; groups];
-        bp[0] = TOTAL_BP as u16;
+        if let Some(first) = bp.first_mut() {
+            *first = TOTAL_BP as u16;
+        }
         Weights(bp)
     }
 

@@ -78,7 +78,7 @@ pub async fn handle_behind_proxy(
         Ok(slot) => {
             state.outcomes.accepted();
             state.listener_metrics.accepted.increment(1);
-            handle(state, client, slot, peer).await;
+            admitted(state, client, slot, peer).await;
         }
         Err(reason) => {
             state.outcomes.denied();
@@ -87,17 +87,29 @@ pub async fn handle_behind_proxy(
     }
 }
 
+/// An admitted connection: a listener with routes picks one by the
+/// client's ClientHello first.
+pub async fn admitted(state: Arc<ListenerState>, client: TcpStream, slot: Admission, peer: Peer) {
+    if state.routed.get().is_some() {
+        super::routed::handle(state, client, slot, peer).await;
+    } else {
+        handle(state, client, slot, peer, None).await;
+    }
+}
+
 /// `_admitted` holds the connection's place under the listener's limits
-/// until this returns.
+/// until this returns. `preface`: bytes already read from the client (a
+/// routed listener's ClientHello), which every backend tried gets first.
 pub async fn handle(
     state: Arc<ListenerState>,
     client: TcpStream,
     _admitted: Admission,
     peer: Peer,
+    preface: Option<Vec<u8>>,
 ) {
     let arrived = state.clock.now();
     apply_socket_options(&client, &state.socket, Side::Client);
-    if let Some(limit) = state.first_byte_timeout {
+    if let Some(limit) = state.first_byte_timeout.filter(|_| preface.is_none()) {
         // Slow-loris guard: a client that says nothing gets no upstream
         // connection and is closed.
         let mut byte = [0u8; 1];
@@ -135,6 +147,13 @@ pub async fn handle(
             from = i + 1;
             continue;
         }
+        if let Some(p) = &preface
+            && let Err(e) = copy::write_all(&upstream, p).await
+        {
+            last = resend_failed(&state, attempt, &e);
+            from = i + 1;
+            continue;
+        }
         if let Some(r) = replay.take() {
             // The previous backend reset before answering: give this one
             // what the client had sent.
@@ -152,6 +171,9 @@ pub async fn handle(
             client: peer.client,
             arrived,
             connect,
+            // The client has spoken: its preface is the first request.
+            preface_sent: preface.as_ref().map(|_| state.clock.now()),
+            preface_bytes: preface.as_ref().map_or(0, |p| p.len() as u64),
         };
         let copied = proxy_one(
             &state,
@@ -206,8 +228,8 @@ fn no_backend(state: &ListenerState, peer: &Peer, arrived: Duration, attempts: u
         state.log_connection(&AccessRecord {
             time: state.clock.wall(arrived),
             t_s: arrived,
-            listener: &state.name,
-            route: None,
+            listener: &state.unit.listener,
+            route: state.route(),
             client: peer.client,
             group: "",
             backend: "",
@@ -257,8 +279,10 @@ async fn proxy_one(
         idle: state.idle_timeout,
         keep_replay: state.retry_on_early_reset && can_retry,
         splice: state.splice,
+        client_spoke_at: start.preface_sent,
     };
-    let copied = copy::bidirectional(client, upstream, state.clock, &on_turn, options).await;
+    let mut copied = copy::bidirectional(client, upstream, state.clock, &on_turn, options).await;
+    copied.up += start.preface_bytes;
     metrics.active.decrement(1.0);
     metrics.to_backend.increment(copied.up);
     metrics.to_client.increment(copied.down);
@@ -299,11 +323,14 @@ fn count_end(state: &ListenerState, attempt: Attempt, end: End) {
     }
 }
 
-/// Who came when, and how long its upstream connect took.
+/// Who came when, how long its upstream connect took, and when the
+/// client's preface (if any) went to the backend.
 struct Start {
     client: SocketAddr,
     arrived: Duration,
     connect: Duration,
+    preface_sent: Option<Duration>,
+    preface_bytes: u64,
 }
 
 /// The access-log line of a connection that reached a backend.
@@ -318,8 +345,8 @@ fn log_one(
     state.log_connection(&AccessRecord {
         time: state.clock.wall(start.arrived),
         t_s: start.arrived,
-        listener: &state.name,
-        route: None,
+        listener: &state.unit.listener,
+        route: state.route(),
         client: start.client,
         group: &routes.name,
         backend: &routes.addr(backend).to_string(),
@@ -379,7 +406,7 @@ async fn connect_first(
                     return Ok((i, stream, now - started));
                 }
                 Ok(Err(e)) => {
-                    crate::telemetry::connect_errno(&state.name, crate::telemetry::errno_name(&e));
+                    crate::telemetry::connect_errno(&state.unit, crate::telemetry::errno_name(&e));
                     if Blame::of_connect(&e) == Blame::Local {
                         ConnectFailure::Local
                     } else if e.kind() == io::ErrorKind::ConnectionRefused {
@@ -389,7 +416,7 @@ async fn connect_first(
                     }
                 }
                 Err(_) => {
-                    crate::telemetry::connect_errno(&state.name, "timeout");
+                    crate::telemetry::connect_errno(&state.unit, "timeout");
                     ConnectFailure::Timeout
                 }
             };

@@ -16,6 +16,7 @@ mod outcome;
 mod probe;
 mod process;
 mod proxy_protocol;
+mod routed;
 mod runtime;
 pub mod sni;
 mod state;

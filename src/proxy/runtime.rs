@@ -8,6 +8,7 @@
 use super::audit::AuditLog;
 use super::clock::Clock;
 use super::proxy_protocol::Rejected;
+use super::routed::Routed;
 use super::state::{ListenerState, Occupancy, TraceSlot};
 use super::{BindError, StartError, bind_one, connection, control, probe};
 use crate::access_log::AccessLog;
@@ -43,7 +44,11 @@ impl ListenerSpec {
     fn of(config: &Config, l: &Listener) -> Self {
         ListenerSpec {
             listener: l.clone(),
-            groups: l.groups.iter().map(|&g| config.group(g).clone()).collect(),
+            groups: l
+                .all_groups()
+                .iter()
+                .map(|&g| config.group(g).clone())
+                .collect(),
             stats: config.stats,
         }
     }
@@ -71,6 +76,14 @@ struct Running {
     /// Stops this listener's accept loops, probes and policy loop.
     token: CancellationToken,
     sockets: Vec<BoundSocket>,
+}
+
+impl Running {
+    /// The listener's own state, then its routes' units.
+    fn units(&self) -> impl Iterator<Item = &Arc<ListenerState>> {
+        let routes = self.state.routed.get().map_or(&[][..], |r| &r.units[..]);
+        std::iter::once(&self.state).chain(routes)
+    }
 }
 
 /// Why a reload changed nothing; the running config stays as it was.
@@ -252,19 +265,8 @@ impl Shared {
     }
 
     fn start_running(&self, r: &mut Running) {
-        probe::spawn_all(&r.state, &self.background, &r.token);
-        let fleet = self.fleet.get().cloned();
-        if let Some(f) = &fleet {
-            f.apply_known(&r.state);
-        }
-        if let Some(policy) = r.state.policy() {
-            self.background.spawn(control::run(
-                Arc::clone(&r.state),
-                policy.clone(),
-                Arc::clone(&self.audit),
-                fleet,
-                r.token.clone(),
-            ));
+        for unit in r.units() {
+            self.start_unit(unit, &r.token);
         }
         for s in r.sockets.iter_mut().filter(|s| s.accepting.is_none()) {
             let (listener, state, token) = (
@@ -284,6 +286,25 @@ impl Shared {
         }
     }
 
+    /// A routing unit's probes and policy loop (a listener's own, or a
+    /// route's).
+    fn start_unit(&self, unit: &Arc<ListenerState>, token: &CancellationToken) {
+        probe::spawn_all(unit, &self.background, token);
+        let fleet = self.fleet.get().cloned();
+        if let Some(f) = &fleet {
+            f.apply_known(unit);
+        }
+        if let Some(policy) = unit.policy() {
+            self.background.spawn(control::run(
+                Arc::clone(unit),
+                policy.clone(),
+                Arc::clone(&self.audit),
+                fleet,
+                token.clone(),
+            ));
+        }
+    }
+
     /// Every listener's name and bound addresses (not its knock ports).
     pub fn local_addrs(&self) -> Vec<(String, SocketAddr)> {
         lock(&self.listeners)
@@ -297,25 +318,35 @@ impl Shared {
             .collect()
     }
 
+    /// A listener, or a route's unit by `{listener}/{route}`.
     pub fn listener(&self, name: &str) -> Option<Arc<ListenerState>> {
         lock(&self.listeners)
             .iter()
-            .find(|r| r.state.name == name)
-            .map(|r| Arc::clone(&r.state))
+            .flat_map(Running::units)
+            .find(|s| s.name == name)
+            .map(Arc::clone)
     }
 
+    /// Every listener with its bound addresses, each followed by its
+    /// routes' units (which bind nothing).
     pub fn listeners(&self) -> Vec<(Arc<ListenerState>, Vec<SocketAddr>)> {
         lock(&self.listeners)
             .iter()
-            .map(|r| {
-                (
-                    Arc::clone(&r.state),
-                    r.sockets
-                        .iter()
-                        .filter(|s| !s.knock)
-                        .map(|s| s.local)
-                        .collect(),
-                )
+            .flat_map(|r| {
+                let addrs: Vec<SocketAddr> = r
+                    .sockets
+                    .iter()
+                    .filter(|s| !s.knock)
+                    .map(|s| s.local)
+                    .collect();
+                r.units().map(move |u| {
+                    let own = if Arc::ptr_eq(u, &r.state) {
+                        addrs.clone()
+                    } else {
+                        Vec::new()
+                    };
+                    (Arc::clone(u), own)
+                })
             })
             .collect()
     }
@@ -666,18 +697,30 @@ fn new_running(
             }
         })
         .collect();
-    Running {
-        state: Arc::new(ListenerState::new(
+    let access_log = l.access_log.as_ref().and_then(|p| sinks.files.get(p));
+    let state = |l: &Listener, occupancy: &Occupancy| {
+        Arc::new(ListenerState::new(
             config,
             l,
             clock,
             Arc::clone(sinks.trace),
-            l.access_log
-                .as_ref()
-                .and_then(|p| sinks.files.get(p))
-                .cloned(),
-            &occupancy.unwrap_or_default(),
-        )),
+            access_log.cloned(),
+            occupancy,
+        ))
+    };
+    let front = state(l, &occupancy.unwrap_or_default());
+    if !l.routes.is_empty() {
+        // Routes admit nothing themselves: the listener's limits count
+        // every connection once, at its door.
+        let units = l
+            .routes
+            .iter()
+            .map(|r| state(&l.unit(r), &Occupancy::default()))
+            .collect();
+        let _ = front.routed.set(Routed::new(l, units));
+    }
+    Running {
+        state: front,
         spec: ListenerSpec::of(config, l),
         token,
         sockets,
@@ -744,7 +787,7 @@ async fn accept_loop(
                 s.outcomes.accepted();
                 s.listener_metrics.accepted.increment(1);
                 let peer = connection::Peer::direct(peer);
-                conns.spawn(connection::handle(Arc::clone(&s), client, slot, peer));
+                conns.spawn(connection::admitted(Arc::clone(&s), client, slot, peer));
             }
             Err(reason) => {
                 // Closed here, before any backend is touched.

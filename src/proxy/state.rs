@@ -14,7 +14,7 @@ use crate::core::knock::{Knocked, Knocks};
 use crate::core::policy::{GroupInput, Policy};
 use crate::core::routes::{GroupRoutes, Router, Weights, WeightsError};
 use crate::core::stats::{GroupStats, Signal, Snapshot};
-use crate::telemetry::{BackendMetrics, ListenerMetrics, RouteMetrics};
+use crate::telemetry::{BackendMetrics, ListenerMetrics, RouteMetrics, Unit};
 use std::collections::HashMap;
 use std::net::{IpAddr, SocketAddr};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering::Relaxed};
@@ -27,7 +27,10 @@ pub type TraceSlot = Arc<arc_swap::ArcSwapOption<AccessLog>>;
 
 #[derive(Debug)]
 pub struct ListenerState {
+    /// The listener's name, or `{listener}/{route}` for a route's unit.
     pub name: String,
+    /// Its metrics' labels: the listener, and the route for a route's unit.
+    pub unit: Unit,
     pub router: Router,
     pub outcomes: Outcomes,
     pub clock: Clock,
@@ -70,7 +73,7 @@ pub struct ListenerState {
     /// limit.
     sources: Arc<Mutex<HashMap<IpAddr, u32>>>,
     /// Refused connections are logged once a second, not once a connection.
-    denied_log: OncePerSecond,
+    pub(super) denied_log: OncePerSecond,
     /// What a binary upgrade hands over, and its freeze of the policy.
     pub(super) carried: super::upgrade::Carried,
     /// Behind load balancers: the header to take, from whom.
@@ -81,6 +84,9 @@ pub struct ListenerState {
     proxy_rejected: Vec<metrics::Counter>,
     /// Port knocking: who knocked how far, who is let in.
     pub(super) knock: Option<KnockGate>,
+    /// A listener with routes: how a connection is given to one. Set once,
+    /// as the listener is built, with the routes' own states.
+    pub(super) routed: std::sync::OnceLock<super::routed::Routed>,
 }
 
 /// A listener's knock state and its counters.
@@ -183,7 +189,14 @@ impl ListenerState {
             .and_then(|p| p.window)
             .unwrap_or(config.stats);
         let names: Vec<String> = groups.iter().map(|g| g.name.clone()).collect();
-        let route_metrics = RouteMetrics::new(&l.name, &names);
+        let unit = match &l.unit_of {
+            Some(u) => Unit {
+                listener: u.listener.clone(),
+                route: Some(u.route.clone()),
+            },
+            None => Unit::listener(&l.name),
+        };
+        let route_metrics = RouteMetrics::new(&unit, &names);
         route_metrics.weights(Weights::all_on_first(groups.len()).as_slice());
         route_metrics.steering(false, false);
         ListenerState {
@@ -206,11 +219,11 @@ impl ListenerState {
                 .map(|g| {
                     g.backends
                         .iter()
-                        .map(|b| BackendMetrics::new(&l.name, &g.name, &b.addr.to_string()))
+                        .map(|b| BackendMetrics::new(&unit, &g.name, &b.addr.to_string()))
                         .collect()
                 })
                 .collect(),
-            listener_metrics: ListenerMetrics::new(&l.name),
+            listener_metrics: ListenerMetrics::new(&unit),
             route_metrics,
             probes: groups.iter().map(|g| g.probe.clone()).collect(),
             policy,
@@ -254,9 +267,16 @@ impl ListenerState {
                 opened_log: OncePerSecond::default(),
             }),
             access_log,
-            access_log_dropped: crate::telemetry::access_log_dropped(&l.name),
+            access_log_dropped: crate::telemetry::access_log_dropped(&unit.listener),
             send_proxy_protocol: groups.iter().map(|g| g.send_proxy_protocol).collect(),
+            routed: std::sync::OnceLock::new(),
+            unit,
         }
+    }
+
+    /// The route's name, for a route's unit.
+    pub fn route(&self) -> Option<&str> {
+        self.unit.route.as_deref()
     }
 
     /// Decides at accept: the ACL, then the listener's and the source's
@@ -324,7 +344,7 @@ impl ListenerState {
 
     /// The access-log line of a connection closed before any backend was
     /// tried: who, when, and why (`outcome`).
-    fn log_refused(&self, peer: SocketAddr, outcome: &'static str) {
+    pub(super) fn log_refused(&self, peer: SocketAddr, outcome: &'static str) {
         let now = self.clock.now();
         self.log_connection(&AccessRecord {
             time: self.clock.wall(now),

@@ -9,7 +9,7 @@
 //! listener/group/backend (a reload that keeps a backend keeps its counts)
 //! and rendered in the Prometheus text format beside the exporter's output.
 
-use super::LATENCY;
+use super::{LATENCY, Unit};
 use crate::core::stats::Signal;
 use std::fmt::Write;
 use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
@@ -78,6 +78,7 @@ static REGISTRY: Mutex<Vec<(Key, Arc<BackendSeries>)>> = Mutex::new(Vec::new());
 #[derive(Debug, Clone, PartialEq, Eq)]
 struct Key {
     listener: String,
+    route: Option<String>,
     group: String,
     backend: String,
 }
@@ -85,9 +86,10 @@ struct Key {
 /// The series of one listener/group/backend: the registered ones if they
 /// exist (a rebuilt listener keeps counting where it left off), new ones
 /// otherwise.
-pub fn backend_series(listener: &str, group: &str, backend: &str) -> Arc<BackendSeries> {
+pub fn backend_series(unit: &Unit, group: &str, backend: &str) -> Arc<BackendSeries> {
     let key = Key {
-        listener: listener.to_owned(),
+        listener: unit.listener.clone(),
+        route: unit.route.clone(),
         group: group.to_owned(),
         backend: backend.to_owned(),
     };
@@ -111,8 +113,12 @@ pub fn render(out: &mut String) {
     let _ = writeln!(out, "# TYPE {LATENCY} histogram");
     for (key, series) in reg.iter() {
         for signal in Signal::ALL {
+            let route = key
+                .route
+                .as_ref()
+                .map_or(String::new(), |r| format!("route=\"{}\",", escape(r)));
             let labels = format!(
-                "listener=\"{}\",group=\"{}\",backend=\"{}\",signal=\"{}\"",
+                "listener=\"{}\",{route}group=\"{}\",backend=\"{}\",signal=\"{}\"",
                 escape(&key.listener),
                 escape(&key.group),
                 escape(&key.backend),
@@ -168,11 +174,11 @@ mod tests {
     /// counters never go backwards (Prometheus would read a reset).
     #[test]
     fn the_same_labels_share_one_series() {
-        let a = backend_series("hist-test", "g", "127.0.0.1:1");
+        let a = backend_series(&Unit::listener("hist-test"), "g", "127.0.0.1:1");
         a[0].record(Duration::from_millis(1));
-        let b = backend_series("hist-test", "g", "127.0.0.1:1");
+        let b = backend_series(&Unit::listener("hist-test"), "g", "127.0.0.1:1");
         assert!(Arc::ptr_eq(&a, &b));
-        let c = backend_series("hist-test", "g", "127.0.0.1:2");
+        let c = backend_series(&Unit::listener("hist-test"), "g", "127.0.0.1:2");
         assert!(!Arc::ptr_eq(&a, &c));
         let mut out = String::new();
         render(&mut out);

@@ -37,6 +37,40 @@ pub const ADMIN_REJECTED: &str = "portshift_admin_rejected_total";
 pub const PROXY_PROTOCOL_REJECTED: &str = "portshift_proxy_protocol_rejected_total";
 pub const ACCESS_LOG_DROPPED: &str = "portshift_access_log_dropped_total";
 pub const KNOCKS: &str = "portshift_knocks_total";
+pub const SNI_REJECTED: &str = "portshift_sni_rejected_total";
+
+/// Whose series: a listener's own, or one of its routes' (with a `route`
+/// label; a listener without routes has none, so its series are as they
+/// always were).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Unit {
+    pub listener: String,
+    pub route: Option<String>,
+}
+
+impl Unit {
+    pub fn listener(name: &str) -> Unit {
+        Unit {
+            listener: name.to_owned(),
+            route: None,
+        }
+    }
+
+    fn labels(&self) -> Vec<Label> {
+        let mut out = vec![Label::new("listener", self.listener.clone())];
+        if let Some(r) = &self.route {
+            out.push(Label::new("route", r.clone()));
+        }
+        out
+    }
+
+    /// The unit's labels and then `more`.
+    fn with(&self, more: &[(&'static str, String)]) -> Vec<Label> {
+        let mut out = self.labels();
+        out.extend(more.iter().map(|(k, v)| Label::new(*k, v.clone())));
+        out
+    }
+}
 
 /// Per-backend outcome kinds counted in `portshift_errors_total{kind}`.
 /// Only the backend's own failures (connect_*, reset, probe_failure) are
@@ -173,6 +207,10 @@ fn describe() {
         "Connections to a listener's knock ports, by result: progress (the next port of the sequence), opened (the last: the source is admitted), reset (out of order or too slow)"
     );
     metrics::describe_counter!(
+        SNI_REJECTED,
+        "Connections to a routed listener closed before a route was picked, by reason: not_tls, malformed, oversized, timeout, closed (the ClientHello), no_match (no route takes the server name, or none was sent, and the listener has no primary)"
+    );
+    metrics::describe_counter!(
         ACCESS_LOG_DROPPED,
         "Access-log lines dropped because the writer's queue was full (a disk slower than the connections)"
     );
@@ -199,16 +237,25 @@ pub struct ListenerMetrics {
 }
 
 impl ListenerMetrics {
-    pub fn new(listener: &str) -> Self {
+    pub fn new(unit: &Unit) -> Self {
         prometheus();
-        let l = listener.to_owned();
-        let err = |kind: &'static str| metrics::counter!(ERRORS, "listener" => l.clone(), "group" => "", "backend" => "", "kind" => kind);
+        let err = |kind: &'static str| {
+            let labels = unit.with(&[
+                ("group", String::new()),
+                ("backend", String::new()),
+                ("kind", kind.to_owned()),
+            ]);
+            metrics::counter!(ERRORS, labels)
+        };
+        let denied = |reason: &'static str| {
+            metrics::counter!(DENIED, unit.with(&[("reason", reason.to_owned())]))
+        };
         ListenerMetrics {
-            accepted: metrics::counter!(ACCEPTED, "listener" => l.clone()),
-            denied_acl: metrics::counter!(DENIED, "listener" => l.clone(), "reason" => "acl"),
-            denied_max: metrics::counter!(DENIED, "listener" => l.clone(), "reason" => "max_connections"),
-            denied_per_source: metrics::counter!(DENIED, "listener" => l.clone(), "reason" => "max_connections_per_source"),
-            denied_knock: metrics::counter!(DENIED, "listener" => l.clone(), "reason" => "knock"),
+            accepted: metrics::counter!(ACCEPTED, unit.labels()),
+            denied_acl: denied("acl"),
+            denied_max: denied("max_connections"),
+            denied_per_source: denied("max_connections_per_source"),
+            denied_knock: denied("knock"),
             first_byte_timeout: err("first_byte_timeout"),
             no_backend: err("no_backend"),
             accept_error: err("accept_error"),
@@ -230,13 +277,9 @@ pub struct BackendMetrics {
 }
 
 impl BackendMetrics {
-    pub fn new(listener: &str, group: &str, backend: &str) -> Self {
+    pub fn new(unit: &Unit, group: &str, backend: &str) -> Self {
         prometheus();
-        let labels = vec![
-            Label::new("listener", listener.to_owned()),
-            Label::new("group", group.to_owned()),
-            Label::new("backend", backend.to_owned()),
-        ];
+        let labels = unit.with(&[("group", group.to_owned()), ("backend", backend.to_owned())]);
         let with = |k: &'static str, v: &'static str| {
             let mut l = labels.clone();
             l.push(Label::new(k, v));
@@ -248,7 +291,7 @@ impl BackendMetrics {
             to_backend: metrics::counter!(BYTES, with("direction", "to_backend")),
             to_client: metrics::counter!(BYTES, with("direction", "to_client")),
             probe_up: metrics::gauge!(PROBE_UP, labels.clone()),
-            latency: histogram::backend_series(listener, group, backend),
+            latency: histogram::backend_series(unit, group, backend),
             errors: ErrorKind::ALL.map(|k| metrics::counter!(ERRORS, with("kind", k.name()))),
         }
     }
@@ -262,26 +305,27 @@ impl BackendMetrics {
     }
 }
 
-/// A listener's routing and policy gauges.
+/// A listener's (or route's) routing and policy gauges.
 #[derive(Debug, Clone)]
 pub struct RouteMetrics {
-    listener: String,
+    unit: Unit,
     weights: Vec<Gauge>,
 }
 
 impl RouteMetrics {
-    pub fn new(listener: &str, groups: &[String]) -> Self {
+    pub fn new(unit: &Unit, groups: &[String]) -> Self {
         prometheus();
         let weights = groups
             .iter()
             .enumerate()
             .map(|(i, g)| {
                 let role = if i == 0 { "primary" } else { "backup" };
-                metrics::gauge!(ROUTE_WEIGHT, "listener" => listener.to_owned(), "group" => g.clone(), "role" => role)
+                let labels = unit.with(&[("group", g.clone()), ("role", role.to_owned())]);
+                metrics::gauge!(ROUTE_WEIGHT, labels)
             })
             .collect();
         RouteMetrics {
-            listener: listener.to_owned(),
+            unit: unit.clone(),
             weights,
         }
     }
@@ -297,40 +341,41 @@ impl RouteMetrics {
     /// the first real decision shows up in increase() and in annotations.
     pub fn register_decisions(&self, rules: &[(&str, crate::core::policy::Rule)], dry_run: bool) {
         for (action, rule) in rules {
-            let action = if dry_run {
-                format!("would_{action}")
-            } else {
-                (*action).to_owned()
-            };
-            metrics::counter!(DECISIONS, "listener" => self.listener.clone(), "action" => action, "rule" => rule.label())
+            self.decisions(action, rule.label().to_owned(), dry_run)
                 .increment(0);
         }
     }
 
     /// Counts one decision that moved traffic (`would_` prefix in dry-run).
     pub fn decision(&self, action: &str, rule: &str, dry_run: bool) {
+        self.decisions(action, rule.to_owned(), dry_run)
+            .increment(1);
+    }
+
+    fn decisions(&self, action: &str, rule: String, dry_run: bool) -> Counter {
         let action = if dry_run {
             format!("would_{action}")
         } else {
             action.to_owned()
         };
-        metrics::counter!(DECISIONS, "listener" => self.listener.clone(), "action" => action, "rule" => rule.to_owned())
-            .increment(1);
+        metrics::counter!(
+            DECISIONS,
+            self.unit.with(&[("action", action), ("rule", rule)])
+        )
     }
 
     /// Whether an operator pin or pause holds the listener.
     pub fn steering(&self, pinned: bool, paused: bool) {
         let b = |x: bool| if x { 1.0 } else { 0.0 };
-        metrics::gauge!(ROUTE_PINNED, "listener" => self.listener.clone()).set(b(pinned));
-        metrics::gauge!(POLICY_PAUSED, "listener" => self.listener.clone()).set(b(paused));
+        metrics::gauge!(ROUTE_PINNED, self.unit.labels()).set(b(pinned));
+        metrics::gauge!(POLICY_PAUSED, self.unit.labels()).set(b(paused));
     }
 
     /// Sets the state gauge: 1 for `current`, 0 for every other of `all`.
     pub fn state(&self, current: &str, all: &[&'static str]) {
         for s in all {
             let v = if *s == current { 1.0 } else { 0.0 };
-            metrics::gauge!(POLICY_STATE, "listener" => self.listener.clone(), "state" => *s)
-                .set(v);
+            metrics::gauge!(POLICY_STATE, self.unit.with(&[("state", (*s).to_owned())])).set(v);
         }
     }
 }
@@ -378,9 +423,15 @@ pub fn access_log_dropped(listener: &str) -> Counter {
 }
 
 /// Counts one failed upstream connect by its errno name.
-pub fn connect_errno(listener: &str, errno: &'static str) {
-    metrics::counter!(CONNECT_ERRNO, "listener" => listener.to_owned(), "errno" => errno)
-        .increment(1);
+pub fn connect_errno(unit: &Unit, errno: &'static str) {
+    metrics::counter!(CONNECT_ERRNO, unit.with(&[("errno", errno.to_owned())])).increment(1);
+}
+
+/// A routed listener's counter of connections closed before a route was
+/// picked, for one reason.
+pub fn sni_rejected(listener: &str, reason: &'static str) -> Counter {
+    prometheus();
+    metrics::counter!(SNI_REJECTED, "listener" => listener.to_owned(), "reason" => reason)
 }
 
 /// The symbolic name of an OS error, for the errno label.

@@ -24,6 +24,7 @@ mod proxy;
 mod proxy_protocol;
 mod sim;
 mod sni;
+mod sni_routes;
 mod systemd;
 mod telemetry;
 mod upgrade;

@@ -30,7 +30,7 @@ fn s_client(port: u16, name: Option<&str>) -> Child {
 }
 
 /// The ClientHello a real client sends for `name`, as the reader took it.
-async fn real_hello(name: Option<&str>) -> ClientHello {
+pub(crate) async fn real_hello(name: Option<&str>) -> ClientHello {
     let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
     let mut client = s_client(listener.local_addr().unwrap().port(), name);
     let (mut sock, _) = tokio::time::timeout(TIMEOUT, listener.accept())

@@ -52,8 +52,20 @@ pub async fn serve(listener: TcpListener, handle: ProxyHandle, stop: Cancellatio
         .route("/routes/{listener}/weights", put(pin).delete(release))
         .route("/routes/{listener}/policy/pause", post(pause))
         .route("/routes/{listener}/policy/resume", post(resume))
+        // A listener's route: `{listener}/{route}` (or one segment with
+        // the slash written %2F).
+        .route(
+            "/routes/{listener}/{route}/weights",
+            put(route_pin).delete(route_release),
+        )
+        .route("/routes/{listener}/{route}/policy/pause", post(route_pause))
+        .route(
+            "/routes/{listener}/{route}/policy/resume",
+            post(route_resume),
+        )
         .route("/reload", post(reload))
         .route("/fleet/window/{listener}", get(fleet_window))
+        .route("/fleet/window/{listener}/{route}", get(route_fleet_window))
         .fallback(not_found)
         .layer(DefaultBodyLimit::max(MAX_BODY_BYTES))
         .layer(middleware::from_fn_with_state(handle.clone(), auth))
@@ -206,6 +218,52 @@ async fn pin(
         &result,
     );
     result
+}
+
+/// A route's unit is named `{listener}/{route}`.
+fn unit_name((listener, route): (String, String)) -> String {
+    format!("{listener}/{route}")
+}
+
+async fn route_pin(
+    h: State<ProxyHandle>,
+    peer: ConnectInfo<SocketAddr>,
+    Path(unit): Path<(String, String)>,
+    body: Result<Bytes, BytesRejection>,
+) -> Response {
+    pin(h, peer, Path(unit_name(unit)), body).await
+}
+
+async fn route_release(
+    h: State<ProxyHandle>,
+    peer: ConnectInfo<SocketAddr>,
+    Path(unit): Path<(String, String)>,
+) -> Response {
+    release(h, peer, Path(unit_name(unit))).await
+}
+
+async fn route_pause(
+    State(h): State<ProxyHandle>,
+    ConnectInfo(peer): ConnectInfo<SocketAddr>,
+    Path(unit): Path<(String, String)>,
+) -> Response {
+    set_paused(h, peer, unit_name(unit), true).await
+}
+
+async fn route_resume(
+    State(h): State<ProxyHandle>,
+    ConnectInfo(peer): ConnectInfo<SocketAddr>,
+    Path(unit): Path<(String, String)>,
+) -> Response {
+    set_paused(h, peer, unit_name(unit), false).await
+}
+
+async fn route_fleet_window(
+    h: State<ProxyHandle>,
+    Path(unit): Path<(String, String)>,
+    q: axum::extract::Query<HashMap<String, String>>,
+) -> Response {
+    fleet_window(h, Path(unit_name(unit)), q).await
 }
 
 /// Pins `w` on this instance, or through etcd on the whole fleet.
@@ -530,6 +588,8 @@ fn listener_status(s: &ListenerState, addrs: &[SocketAddr]) -> Value {
     let c = s.outcomes.snapshot();
     json!({
         "name": s.name,
+        "listener": s.unit.listener,
+        "route": s.route(),
         "listen": addrs.iter().map(|a| a.to_string()).collect::<Vec<_>>(),
         "weights_percent": percent_map(&names, s.router.weights().as_slice()),
         "pinned": s.pinned().map(|w| percent_map(&names, w.as_slice())),

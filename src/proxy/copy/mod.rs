@@ -51,6 +51,9 @@ pub struct CopyOptions {
     /// Move bulk flows with splice(2) (`splice`); ruled out by `keep_replay`,
     /// which needs the bytes in hand.
     pub splice: bool,
+    /// When the client's first bytes went to the backend before the copy
+    /// (a routed listener's ClientHello): the first turn starts there.
+    pub client_spoke_at: Option<Duration>,
 }
 
 /// Runs until both directions reach EOF, either side fails, or nothing moves
@@ -74,12 +77,17 @@ pub async fn bidirectional(
         idle,
         keep_replay,
         splice,
+        client_spoke_at,
     } = options;
     let log = ReplayLog::new(keep_replay);
+    let turns = TurnTracker::default();
+    if let Some(at) = client_spoke_at {
+        turns.on_data(Side::Client, at);
+    }
     let watch = Watch {
         clock,
         last_us: AtomicU64::new(clock.now().as_micros() as u64),
-        turns: TurnTracker::default(),
+        turns,
         on_turn,
     };
     // Replay needs the client's bytes in hand, so it rules splice out.
