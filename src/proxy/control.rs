@@ -65,7 +65,7 @@ pub async fn run(
         .route_metrics
         .register_decisions(&engine.policy.rules(), engine.policy.dry_run);
     if fleet.is_some() {
-        crate::telemetry::fleet::register_listener(&state.name);
+        crate::telemetry::fleet::register_listener(&state.unit);
     }
     let mut tick = tokio::time::interval(engine.policy.interval);
     tick.set_missed_tick_behavior(MissedTickBehavior::Delay);
@@ -103,7 +103,7 @@ impl Loop {
         let now = self.state.clock.now();
         if let Some(f) = &self.fleet {
             crate::telemetry::fleet::weights_age(
-                &self.state.name,
+                &self.state.unit,
                 f.weights_age(&self.state.name, now),
             );
         }
@@ -136,7 +136,7 @@ impl Loop {
             Duty::Follow => {}
             Duty::Alone => {
                 if self.fleet.is_some() {
-                    crate::telemetry::fleet::local_decision(&self.state.name);
+                    crate::telemetry::fleet::local_decision(&self.state.unit);
                 }
                 let inputs = self.state.policy_inputs(self.engine.policy.signal, now);
                 let d = self.engine.evaluate(now, &inputs, &mut self.pstate);
@@ -202,7 +202,7 @@ impl Loop {
                 if f.standing(&self.state.name)
                     .may_apply_alone(now, f.cfg.stale_after) =>
             {
-                crate::telemetry::fleet::local_decision(&self.state.name);
+                crate::telemetry::fleet::local_decision(&self.state.unit);
                 self.apply_recorded(&d, record);
             }
             Commit::Unreachable | Commit::NotLeader => self.pstate = before,

@@ -1,7 +1,7 @@
 //! Fleet metrics: the member's role, the members it sees, how old the
 //! weights in force are, and what failed on the way.
 
-use super::prometheus;
+use super::{Unit, prometheus};
 
 pub const FLEET_ROLE: &str = "portshift_fleet_role";
 pub const FLEET_MEMBERS: &str = "portshift_fleet_members";
@@ -73,8 +73,8 @@ pub fn register_store_errors() {
     }
 }
 
-pub fn weights_age(listener: &str, secs: f64) {
-    metrics::gauge!(FLEET_WEIGHTS_AGE, "listener" => listener.to_owned()).set(secs);
+pub fn weights_age(unit: &Unit, secs: f64) {
+    metrics::gauge!(FLEET_WEIGHTS_AGE, unit.labels()).set(secs);
 }
 
 pub fn member_read_error(member: &str) {
@@ -83,17 +83,17 @@ pub fn member_read_error(member: &str) {
 
 /// Registers a listener's fleet counters at zero, so the first event shows
 /// in increase().
-pub fn register_listener(listener: &str) {
-    metrics::counter!(FLEET_LOCAL_DECISIONS, "listener" => listener.to_owned()).increment(0);
-    metrics::counter!(FLEET_REJECTED_WRITES, "listener" => listener.to_owned()).increment(0);
+pub fn register_listener(unit: &Unit) {
+    metrics::counter!(FLEET_LOCAL_DECISIONS, unit.labels()).increment(0);
+    metrics::counter!(FLEET_REJECTED_WRITES, unit.labels()).increment(0);
 }
 
-pub fn local_decision(listener: &str) {
-    metrics::counter!(FLEET_LOCAL_DECISIONS, "listener" => listener.to_owned()).increment(1);
+pub fn local_decision(unit: &Unit) {
+    metrics::counter!(FLEET_LOCAL_DECISIONS, unit.labels()).increment(1);
 }
 
-pub fn rejected_write(listener: &str) {
-    metrics::counter!(FLEET_REJECTED_WRITES, "listener" => listener.to_owned()).increment(1);
+pub fn rejected_write(unit: &Unit) {
+    metrics::counter!(FLEET_REJECTED_WRITES, unit.labels()).increment(1);
 }
 
 pub fn store_error(op: &'static str) {

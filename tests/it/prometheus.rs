@@ -79,6 +79,7 @@ fn alert_exprs() -> Vec<String> {
 fn expand(expr: &str) -> String {
     expr.replace("$listener", ".*")
         .replace("$group", ".*")
+        .replace("$route", ".*")
         .replace("$__rate_interval", "10s")
 }
 
@@ -234,7 +235,7 @@ fn dashboard_is_import_ready() {
         .iter()
         .map(|v| v["name"].as_str().unwrap())
         .collect();
-    assert_eq!(vars, ["datasource", "listener", "group"]);
+    assert_eq!(vars, ["datasource", "listener", "group", "route"]);
     for p in d["panels"].as_array().unwrap() {
         assert_eq!(
             p["datasource"]["uid"], "${datasource}",
@@ -321,6 +322,16 @@ name = "knocked"
 listen = ["127.0.0.1:0"]
 primary = "main"
 knock = {{ sequence = [{knock}] }}
+
+# Routes by TLS server name; the load's plain HTTP is refused (not_tls).
+[[listener]]
+name = "routed"
+listen = ["127.0.0.1:0"]
+[[listener.route]]
+name = "tls"
+sni = ["tls.example.com"]
+primary = "main"
+backups = ["spare"]
 "#,
         knock = free_port(),
         fast = fast.addr(),

@@ -58,7 +58,7 @@ impl Fleet {
                 http: &self.http,
                 url,
                 selector: selector.as_deref(),
-                listener: &state.name,
+                unit: &state.unit,
                 window: state.window(),
                 timeout: deadline,
             };
@@ -215,7 +215,7 @@ impl Fleet {
             }
             Ok(None) => {
                 warn!(listener = %state.name, member = %self.member, "etcd refused the weights: this member no longer leads the fleet (a newer leader holds it); decision discarded");
-                crate::telemetry::fleet::rejected_write(&state.name);
+                crate::telemetry::fleet::rejected_write(&state.unit);
                 self.lose_lead(&leading);
                 Commit::NotLeader
             }

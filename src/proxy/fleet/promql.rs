@@ -30,14 +30,21 @@ pub struct Query<'a> {
     pub url: &'a str,
     /// Extra label matchers, e.g. `job="portshift-edge"`.
     pub selector: Option<&'a str>,
-    pub listener: &'a str,
+    /// The listener, or route, whose series are read.
+    pub unit: &'a crate::telemetry::Unit,
     pub window: Duration,
     pub timeout: Duration,
 }
 
 impl Query<'_> {
     fn matchers(&self, extra: &str) -> String {
-        let mut m = format!("listener=\"{}\"", self.listener);
+        // A listener's own series have no `route` label (`route=""`
+        // matches them, and not its routes').
+        let mut m = format!(
+            "listener=\"{}\", route=\"{}\"",
+            self.unit.listener,
+            self.unit.route.as_deref().unwrap_or("")
+        );
         if let Some(s) = self.selector {
             m.push_str(", ");
             m.push_str(s);
