@@ -292,10 +292,11 @@ impl Writer {
 }
 
 /// Connections refused before any backend was tried (an ACL, a knock, a
-/// limit, a bad PROXY header, a ClientHello no route takes): logged, but
+/// limit, a bad PROXY header, a ClientHello no route takes, a TLS
+/// handshake that did not complete): logged, but
 /// never traffic a policy routes.
 fn refused(outcome: &str) -> bool {
-    ["denied_", "proxy_header_", "sni_"]
+    ["denied_", "proxy_header_", "sni_", "tls_"]
         .iter()
         .any(|p| outcome.starts_with(p))
 }

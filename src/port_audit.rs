@@ -149,7 +149,11 @@ fn listener(l: &Listener, live: Option<&Value>) -> ListenerAudit {
         addrs: l.addrs.clone(),
         acl,
         admits_everyone,
-        tls: "passed through (portshift does not terminate TLS)",
+        tls: match (&l.tls, l.routes.is_empty()) {
+            (Some(_), _) => "terminated by portshift (tls = { cert, key })",
+            (None, false) => "passed through, routed by server name",
+            (None, true) => "passed through (portshift does not terminate TLS)",
+        },
         accepted_since_start: s
             .as_ref()
             .and_then(|s| s["connections"]["accepted"].as_u64()),

@@ -139,6 +139,15 @@ fn listener(out: &mut String, l: &Listener) {
             duration(pp.timeout)
         );
     }
+    if let Some(t) = &l.tls {
+        let _ = writeln!(
+            out,
+            "  tls      terminated: certificate {}, key {}; handshake within {}",
+            t.cert.display(),
+            t.key.display(),
+            duration(t.handshake_timeout)
+        );
+    }
     if let Some(k) = &l.knock {
         let ports: Vec<String> = k.sequence.iter().map(ToString::to_string).collect();
         let _ = writeln!(
@@ -213,6 +222,23 @@ fn group(out: &mut String, group: &Group, primary: bool) {
         let _ = writeln!(
             out,
             "    sends a PROXY protocol {v} header naming the client"
+        );
+    }
+    if let Some(t) = &group.tls {
+        let ca =
+            t.ca.as_ref()
+                .map_or("the system's CA bundle".to_owned(), |p| {
+                    p.display().to_string()
+                });
+        let name = t
+            .server_name
+            .as_ref()
+            .map_or("each backend's IP address".to_owned(), |n| {
+                n.to_str().into_owned()
+            });
+        let _ = writeln!(
+            out,
+            "    speaks TLS to its backends: certificates chain to {ca}, name {name}"
         );
     }
     if let Some(p) = &group.probe {

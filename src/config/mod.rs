@@ -12,6 +12,7 @@ mod proxy_protocol;
 mod raw;
 mod route;
 pub mod shipped;
+mod tls;
 mod validate;
 
 pub use crate::core::backend::{Backend, Balance};
@@ -23,6 +24,7 @@ pub use proxy_protocol::{
     DEFAULT_PROXY_PROTOCOL_TIMEOUT, ProxyProtocolAccept, ProxyVersion, ProxyVersions,
 };
 pub use route::{DEFAULT_CLIENT_HELLO_TIMEOUT, Route, RouteUnit};
+pub use tls::{DEFAULT_TLS_HANDSHAKE_TIMEOUT, TlsOriginate, TlsTerminate};
 
 use ipnet::IpNet;
 use std::net::{IpAddr, SocketAddr};
@@ -92,6 +94,8 @@ pub struct Group {
     /// A PROXY protocol header before the client's bytes on every
     /// connection to these backends (and a LOCAL one before a probe's).
     pub send_proxy_protocol: Option<ProxyVersion>,
+    /// Speak TLS to the backends (after any PROXY protocol header).
+    pub tls: Option<TlsOriginate>,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -251,6 +255,9 @@ pub struct Listener {
     /// Set on a route's unit (see `Listener::unit`): which listener and
     /// route it is.
     pub unit_of: Option<RouteUnit>,
+    /// Terminate TLS: clients speak TLS to portshift, backends get the
+    /// plaintext (or TLS of their group's own).
+    pub tls: Option<TlsTerminate>,
 }
 
 /// Connection limits of a listener; past them new connections are closed

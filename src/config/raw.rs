@@ -37,6 +37,25 @@ pub struct RawGroup {
     pub balance: Option<S<String>>,
     pub probe: Option<S<RawProbe>>,
     pub send_proxy_protocol: Option<S<String>>,
+    /// Speak TLS to the backends.
+    pub tls: Option<S<RawTlsClient>>,
+}
+
+/// A group's TLS to its backends.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawTlsClient {
+    pub ca: Option<S<String>>,
+    pub server_name: Option<S<String>>,
+}
+
+/// A listener's TLS termination.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawTlsServer {
+    pub cert: S<String>,
+    pub key: S<String>,
+    pub handshake_timeout: Option<S<String>>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -169,6 +188,8 @@ pub struct RawListener {
     pub routes: Vec<RawRoute>,
     /// How long a routed listener waits for a client's whole ClientHello.
     pub client_hello_timeout: Option<S<String>>,
+    /// Terminate TLS.
+    pub tls: Option<S<RawTlsServer>>,
 }
 
 /// A route inside a listener: the server names it takes and its groups.

@@ -52,8 +52,10 @@ impl Listener {
             policy: r.policy.clone(),
             acl: Acl::default(),
             limits: Limits::default(),
-            // The ClientHello was the first byte.
+            // The ClientHello was the first byte, and the listener
+            // terminated TLS (if it does) before the route was picked.
             first_byte_timeout: None,
+            tls: None,
             proxy_protocol: None,
             knock: None,
             routes: Vec::new(),

@@ -23,7 +23,7 @@ pub fn parse(path: &Path, text: &str) -> Result<Config, ConfigError> {
 
 pub(super) struct Validator<'r, 'a> {
     pub(super) rep: &'r mut Reporter<'a>,
-    path: &'a Path,
+    pub(super) path: &'a Path,
 }
 
 impl Validator<'_, '_> {
@@ -52,13 +52,17 @@ impl Validator<'_, '_> {
         let listeners: Vec<Listener> = raw
             .listeners
             .iter()
-            .map(|l| Listener {
-                access_log: l
-                    .access_log
-                    .as_ref()
-                    .map(|p| here.join(p))
-                    .or_else(|| access_log.clone()),
-                ..self.listener(l, &group_names, &groups)
+            .map(|l| {
+                let listener = Listener {
+                    access_log: l
+                        .access_log
+                        .as_ref()
+                        .map(|p| here.join(p))
+                        .or_else(|| access_log.clone()),
+                    ..self.listener(l, &group_names, &groups)
+                };
+                self.tls_without_replay(l, &listener, &groups);
+                listener
             })
             .collect();
         self.conflicts(&raw.listeners, &listeners);
@@ -172,6 +176,7 @@ impl Validator<'_, '_> {
             balance,
             probe: raw.probe.as_ref().map(|p| self.probe(name, p)),
             send_proxy_protocol: self.send_proxy_protocol(name, raw.send_proxy_protocol.as_ref()),
+            tls: self.tls_originate(name, raw.tls.as_ref()),
         }
     }
 
@@ -425,6 +430,7 @@ impl Validator<'_, '_> {
             access_log: None,
             knock: self.knock(raw),
             client_hello_timeout: self.client_hello_timeout(raw),
+            tls: self.tls_terminate(&name, raw.tls.as_ref()),
             routes,
             unit_of: None,
             name,

@@ -5,6 +5,7 @@ use super::copy;
 use super::outcome::{ConnectFailure, End};
 use super::proxy_protocol;
 use super::state::{Admission, ListenerState};
+use super::tls::{self, Client, Upstream};
 use crate::access_log::AccessRecord;
 use crate::config::SocketOptions;
 use crate::core::blame::Blame;
@@ -87,13 +88,25 @@ pub async fn handle_behind_proxy(
     }
 }
 
-/// An admitted connection: a listener with routes picks one by the
-/// client's ClientHello first.
+/// An admitted connection: a TLS listener's handshake first; a listener
+/// with routes then picks one, by the handshake's server name or (passing
+/// TLS through) by the client's ClientHello.
 pub async fn admitted(state: Arc<ListenerState>, client: TcpStream, slot: Admission, peer: Peer) {
-    if state.routed.get().is_some() {
-        super::routed::handle(state, client, slot, peer).await;
-    } else {
-        handle(state, client, slot, peer, None).await;
+    let Some(t) = &state.tls else {
+        if state.routed.get().is_some() {
+            super::routed::handle(state, client, slot, peer).await;
+        } else {
+            handle(state, Client::Plain(client), slot, peer, None).await;
+        }
+        return;
+    };
+    match tls::accept(t, client).await {
+        Ok(stream) => {
+            let name = stream.get_ref().1.server_name().map(str::to_owned);
+            let client = Client::Tls(Box::new(stream));
+            super::routed::carry(state, name.as_deref(), client, slot, peer, None).await;
+        }
+        Err(why) => state.note_tls_rejected(peer.client, why),
     }
 }
 
@@ -102,26 +115,17 @@ pub async fn admitted(state: Arc<ListenerState>, client: TcpStream, slot: Admiss
 /// routed listener's ClientHello), which every backend tried gets first.
 pub async fn handle(
     state: Arc<ListenerState>,
-    client: TcpStream,
+    mut client: Client,
     _admitted: Admission,
     peer: Peer,
     preface: Option<Vec<u8>>,
 ) {
     let arrived = state.clock.now();
-    apply_socket_options(&client, &state.socket, Side::Client);
-    if let Some(limit) = state.first_byte_timeout.filter(|_| preface.is_none()) {
-        // Slow-loris guard: a client that says nothing gets no upstream
-        // connection and is closed.
-        let mut byte = [0u8; 1];
-        match tokio::time::timeout(limit, client.peek(&mut byte)).await {
-            Ok(Ok(n)) if n > 0 => {}
-            Ok(_) => return,
-            Err(_) => {
-                state.listener_metrics.first_byte_timeout.increment(1);
-                debug!(listener = %state.name, ?limit, "client sent nothing; closing");
-                return;
-            }
-        }
+    apply_socket_options(client.tcp(), &state.socket, Side::Client);
+    if let (Client::Plain(tcp), None) = (&client, &preface)
+        && !first_byte_in_time(&state, tcp).await
+    {
+        return;
     }
     let (table, plan) = state.router.plan_next(state.connect_attempts);
     let mut from = 0;
@@ -131,7 +135,7 @@ pub async fn handle(
     let mut last = Blame::Upstream;
     loop {
         let connected = connect_first(&state, &table.groups, &plan, from, last).await;
-        let (i, upstream, connect) = match connected {
+        let (i, tcp, connect) = match connected {
             Ok(connected) => connected,
             Err(last) => {
                 // Every attempt failed: close the client now rather than let it hang.
@@ -140,24 +144,25 @@ pub async fn handle(
             }
         };
         let attempt = plan[i];
-        if let Some(version) = state.send_proxy_protocol[attempt.group]
-            && let Err(e) = send_header(version, &peer, &client, &upstream).await
+        let opening = Opening {
+            attempt,
+            addr: table.groups[attempt.group].addr(attempt.backend),
+            peer: &peer,
+            preface: preface.as_deref(),
+        };
+        let (mut upstream, connect) = match open(&state, opening, client.tcp(), tcp, connect).await
         {
-            last = resend_failed(&state, attempt, &e);
-            from = i + 1;
-            continue;
-        }
-        if let Some(p) = &preface
-            && let Err(e) = copy::write_all(&upstream, p).await
-        {
-            last = resend_failed(&state, attempt, &e);
-            from = i + 1;
-            continue;
-        }
+            Ok(opened) => opened,
+            Err(blame) => {
+                last = blame;
+                from = i + 1;
+                continue;
+            }
+        };
         if let Some(r) = replay.take() {
             // The previous backend reset before answering: give this one
             // what the client had sent.
-            if let Err(e) = copy::resend(&upstream, &r).await {
+            if let Err(e) = copy::resend(upstream.tcp(), &r).await {
                 last = resend_failed(&state, attempt, &e);
                 from = i + 1;
                 replay = Some(r);
@@ -179,7 +184,7 @@ pub async fn handle(
             &state,
             &table.groups,
             attempt,
-            (&client, &upstream),
+            (&mut client, &mut upstream),
             start,
             can_retry,
         )
@@ -193,6 +198,95 @@ pub async fn handle(
             }
             None => return,
         }
+    }
+}
+
+/// Slow-loris guard: a client that says nothing within
+/// `first_byte_timeout` gets no upstream connection and is closed. False
+/// when it was closed.
+async fn first_byte_in_time(state: &ListenerState, client: &TcpStream) -> bool {
+    let Some(limit) = state.first_byte_timeout else {
+        return true;
+    };
+    let mut byte = [0u8; 1];
+    match tokio::time::timeout(limit, client.peek(&mut byte)).await {
+        Ok(Ok(n)) => n > 0,
+        Ok(Err(_)) => false,
+        Err(_) => {
+            state.listener_metrics.first_byte_timeout.increment(1);
+            debug!(listener = %state.name, ?limit, "client sent nothing; closing");
+            false
+        }
+    }
+}
+
+/// A connected backend about to carry a client.
+struct Opening<'a> {
+    attempt: Attempt,
+    addr: SocketAddr,
+    peer: &'a Peer,
+    preface: Option<&'a [u8]>,
+}
+
+/// Makes a connected backend ready for the client's bytes: the PROXY
+/// protocol header, the group's TLS handshake (its time joins `connect`,
+/// recorded here), then the client's preface. On failure, whose it was
+/// (a backend's counts against it).
+async fn open(
+    state: &ListenerState,
+    o: Opening<'_>,
+    client: &TcpStream,
+    tcp: TcpStream,
+    connect: Duration,
+) -> Result<(Upstream, Duration), Blame> {
+    let group = o.attempt.group;
+    if let Some(version) = state.send_proxy_protocol[group]
+        && let Err(e) = send_header(version, o.peer, client, &tcp).await
+    {
+        return Err(resend_failed(state, o.attempt, &e));
+    }
+    let (mut upstream, connect) = match &state.tls_to[group] {
+        None => (Upstream::Plain(tcp), connect),
+        Some(t) => {
+            let started = state.clock.now();
+            match tls::connect(t, o.addr, tcp, state.connect_timeout).await {
+                Ok(s) => {
+                    let connect = connect + state.clock.now().saturating_sub(started);
+                    record_connect(state, o.attempt, connect);
+                    (Upstream::Tls(Box::new(s)), connect)
+                }
+                Err(e) => return Err(tls_failed(state, o.attempt, o.addr, &e)),
+            }
+        }
+    };
+    if let Some(p) = o.preface
+        && let Err(e) = upstream.write_all(p).await
+    {
+        return Err(resend_failed(state, o.attempt, &e));
+    }
+    Ok((upstream, connect))
+}
+
+/// A backend's TLS handshake failed: its fault, counted against its
+/// `connect` signal as a failed connect would be.
+fn tls_failed(state: &ListenerState, attempt: Attempt, addr: SocketAddr, e: &io::Error) -> Blame {
+    let blame = Blame::of_connect(e);
+    if blame == Blame::Upstream {
+        let stats = &state.stats[attempt.group].backends[attempt.backend];
+        stats.record_error(Signal::Connect, state.clock.now());
+        state.metrics[attempt.group][attempt.backend].error(ErrorKind::TlsHandshake);
+        state.outcomes.connect_failed(ConnectFailure::Other);
+    }
+    debug!(listener = %state.name, backend = %addr, error = %e, "TLS handshake with the backend failed");
+    blame
+}
+
+/// A `connect` sample for the backend of `attempt`.
+fn record_connect(state: &ListenerState, attempt: Attempt, took: Duration) {
+    if state.record_latency {
+        let now = state.clock.now();
+        state.stats[attempt.group].backends[attempt.backend].record(Signal::Connect, now, took);
+        state.metrics[attempt.group][attempt.backend].latency(Signal::Connect, took);
     }
 }
 
@@ -250,12 +344,12 @@ async fn proxy_one(
     state: &ListenerState,
     groups: &[Arc<GroupRoutes>],
     attempt: Attempt,
-    (client, upstream): (&TcpStream, &TcpStream),
+    (client, upstream): (&mut Client, &mut Upstream),
     start: Start,
     can_retry: bool,
 ) -> copy::Copied {
     state.outcomes.connected();
-    apply_socket_options(upstream, &state.socket, Side::Upstream);
+    apply_socket_options(upstream.tcp(), &state.socket, Side::Upstream);
     let _tracked = groups[attempt.group].track(attempt.backend);
     let metrics = &state.metrics[attempt.group][attempt.backend];
     let stats = &state.stats[attempt.group].backends[attempt.backend];
@@ -281,7 +375,16 @@ async fn proxy_one(
         splice: state.splice,
         client_spoke_at: start.preface_sent,
     };
-    let mut copied = copy::bidirectional(client, upstream, state.clock, &on_turn, options).await;
+    let mut copied = match (client, upstream) {
+        (Client::Plain(c), Upstream::Plain(u)) => {
+            copy::bidirectional(c, u, state.clock, &on_turn, options).await
+        }
+        (c, u) => {
+            let (clock, idle) = (state.clock, state.idle_timeout);
+            copy::stream::bidirectional(c.io(), u.io(), clock, &on_turn, idle, start.preface_sent)
+                .await
+        }
+    };
     copied.up += start.preface_bytes;
     metrics.active.decrement(1.0);
     metrics.to_backend.increment(copied.up);
@@ -398,12 +501,12 @@ async fn connect_first(
         let failure =
             match tokio::time::timeout(state.connect_timeout, TcpStream::connect(addr)).await {
                 Ok(Ok(stream)) => {
-                    let now = state.clock.now();
-                    if state.record_latency {
-                        stats.record(Signal::Connect, now, now - started);
-                        metrics.latency(Signal::Connect, now - started);
+                    let took = state.clock.now() - started;
+                    // A TLS group's sample waits for its handshake.
+                    if state.tls_to[attempt.group].is_none() {
+                        record_connect(state, attempt, took);
                     }
-                    return Ok((i, stream, now - started));
+                    return Ok((i, stream, took));
                 }
                 Ok(Err(e)) => {
                     crate::telemetry::connect_errno(&state.unit, crate::telemetry::errno_name(&e));

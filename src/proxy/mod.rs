@@ -21,6 +21,7 @@ mod runtime;
 pub mod sni;
 mod state;
 mod throttle;
+pub mod tls;
 pub mod upgrade;
 
 pub use clock::Clock;

@@ -5,14 +5,14 @@
 //! route table. A group at 0% traffic still has a signal this way.
 
 use super::state::ListenerState;
-use crate::config::Probe;
+use crate::config::{Probe, TlsOriginate};
 use crate::core::probe::{ProbeHealth, Transition};
 use crate::core::stats::Signal;
 use crate::telemetry::ErrorKind;
 use std::io;
 use std::net::SocketAddr;
 use std::sync::Arc;
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::net::TcpStream;
 use tokio::time::MissedTickBehavior;
 use tokio_util::sync::CancellationToken;
@@ -50,6 +50,7 @@ async fn run(
     // Backends that require a PROXY protocol header get the form that
     // names no client.
     let header = state.send_proxy_protocol[group].map(super::proxy_protocol::local);
+    let tls = state.tls_to[group].as_ref();
     metrics.probe_up.set(1.0);
     let mut tick = tokio::time::interval(probe.interval);
     tick.set_missed_tick_behavior(MissedTickBehavior::Delay);
@@ -60,7 +61,7 @@ async fn run(
         }
         let started = state.clock.now();
         let ok = matches!(
-            tokio::time::timeout(probe.timeout, check(addr, &probe, header.as_deref())).await,
+            tokio::time::timeout(probe.timeout, check(addr, &probe, header.as_deref(), tls)).await,
             Ok(Ok(()))
         );
         let now = state.clock.now();
@@ -87,14 +88,35 @@ async fn run(
     }
 }
 
-/// One probe round: connect, send, expect. The caller bounds it in time.
-async fn check(addr: SocketAddr, probe: &Probe, header: Option<&[u8]>) -> io::Result<()> {
+/// One probe round: connect (and the group's TLS handshake, which a
+/// backend passes only with a certificate the group trusts), send,
+/// expect. The caller bounds it in time.
+async fn check(
+    addr: SocketAddr,
+    probe: &Probe,
+    header: Option<&[u8]>,
+    tls: Option<&TlsOriginate>,
+) -> io::Result<()> {
     let mut s = TcpStream::connect(addr).await?;
     if let Some(h) = header {
         s.write_all(h).await?;
     }
+    match tls {
+        None => exchange(&mut s, probe).await,
+        Some(t) => {
+            let mut s = super::tls::connect(t, addr, s, probe.timeout).await?;
+            exchange(&mut s, probe).await?;
+            // A clean close (close_notify), so the backend logs no error.
+            s.shutdown().await
+        }
+    }
+}
+
+/// The probe's `send` and `expect`, over whatever stream the round has.
+async fn exchange<S: AsyncRead + AsyncWrite + Unpin>(s: &mut S, probe: &Probe) -> io::Result<()> {
     if let Some(send) = &probe.send {
         s.write_all(send).await?;
+        s.flush().await?;
     }
     let Some(expect) = &probe.expect else {
         return Ok(());

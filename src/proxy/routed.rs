@@ -5,7 +5,8 @@
 
 use super::connection::{self, Peer};
 use super::sni::{self, Refused};
-use super::state::{Admission, ListenerState};
+use super::state::{Admission, ListenerState, Refusal};
+use super::tls::Client;
 use crate::config::Listener;
 use crate::core::sni::NameTable;
 use std::net::SocketAddr;
@@ -97,7 +98,9 @@ impl Routed {
     }
 }
 
-/// An admitted connection to a routed listener (`front`).
+/// An admitted connection to a routed listener (`front`) that passes TLS
+/// through: its ClientHello is read, and is the preface of whichever
+/// unit takes it.
 pub async fn handle(
     front: Arc<ListenerState>,
     mut client: TcpStream,
@@ -107,19 +110,42 @@ pub async fn handle(
     let Some(routed) = front.routed.get() else {
         return;
     };
-    let picked = match sni::read_client_hello(&mut client, routed.timeout).await {
-        Ok(hello) => match routed.pick(&front, hello.server_name.as_deref()) {
-            Some(unit) => Ok((unit, hello.bytes)),
-            None => Err(Unrouted::NoMatch),
-        },
-        Err(why) => Err(Unrouted::Hello(why)),
-    };
-    match picked {
-        Ok((unit, hello)) => {
-            let _open = (!Arc::ptr_eq(&unit, &front)).then(|| Open::new(&unit));
-            connection::handle(unit, client, admitted, peer, Some(hello)).await;
+    match sni::read_client_hello(&mut client, routed.timeout).await {
+        Ok(hello) => {
+            let (name, preface) = (hello.server_name, Some(hello.bytes));
+            carry(
+                front,
+                name.as_deref(),
+                Client::Plain(client),
+                admitted,
+                peer,
+                preface,
+            )
+            .await;
         }
-        Err(why) => note_unrouted(&front, routed, peer.client, why),
+        Err(why) => note_unrouted(&front, routed, peer.client, Unrouted::Hello(why)),
+    }
+}
+
+/// Gives a connection to the unit of `front` that takes `server_name`
+/// (`front` itself without routes), or closes it when none does.
+pub async fn carry(
+    front: Arc<ListenerState>,
+    server_name: Option<&str>,
+    client: Client,
+    admitted: Admission,
+    peer: Peer,
+    preface: Option<Vec<u8>>,
+) {
+    let Some(routed) = front.routed.get() else {
+        return connection::handle(front, client, admitted, peer, preface).await;
+    };
+    match routed.pick(&front, server_name) {
+        Some(unit) => {
+            let _open = (!Arc::ptr_eq(&unit, &front)).then(|| Open::new(&unit));
+            connection::handle(unit, client, admitted, peer, preface).await;
+        }
+        None => note_unrouted(&front, routed, peer.client, Unrouted::NoMatch),
     }
 }
 
@@ -144,14 +170,14 @@ impl Drop for Open {
 /// Counts a connection closed before a route was picked and logs it, at
 /// most once a second.
 fn note_unrouted(front: &ListenerState, routed: &Routed, peer: SocketAddr, why: Unrouted) {
-    front.outcomes.denied();
-    if let Some(c) = Unrouted::all().position(|r| r == why) {
-        routed.counted[c].increment(1);
-    }
-    if let Some(held) = front.denied_log.allow(front.clock.now()) {
-        tracing::warn!(listener = %front.name, %peer, reason = why.name(), not_logged = held, "connection closed before a route was picked (logged at most once a second)");
-    }
-    if front.logs_connections() {
-        front.log_refused(peer, why.outcome());
-    }
+    let i = Unrouted::all().position(|r| r == why);
+    front.note_refused(
+        peer,
+        Refusal {
+            counter: i.and_then(|i| routed.counted.get(i)),
+            reason: why.name(),
+            outcome: why.outcome(),
+            check: "route by server name",
+        },
+    );
 }

@@ -73,7 +73,7 @@ pub struct ListenerState {
     /// limit.
     sources: Arc<Mutex<HashMap<IpAddr, u32>>>,
     /// Refused connections are logged once a second, not once a connection.
-    pub(super) denied_log: OncePerSecond,
+    denied_log: OncePerSecond,
     /// What a binary upgrade hands over, and its freeze of the policy.
     pub(super) carried: super::upgrade::Carried,
     /// Behind load balancers: the header to take, from whom.
@@ -84,9 +84,25 @@ pub struct ListenerState {
     proxy_rejected: Vec<metrics::Counter>,
     /// Port knocking: who knocked how far, who is let in.
     pub(super) knock: Option<KnockGate>,
+    /// Terminate TLS, and the counters of handshakes refused (per
+    /// `tls::Refused::ALL`).
+    pub(super) tls: Option<crate::config::TlsTerminate>,
+    pub(super) tls_rejected: Vec<metrics::Counter>,
+    /// Per group: TLS to its backends, if any.
+    pub(super) tls_to: Vec<Option<crate::config::TlsOriginate>>,
     /// A listener with routes: how a connection is given to one. Set once,
     /// as the listener is built, with the routes' own states.
     pub(super) routed: std::sync::OnceLock<super::routed::Routed>,
+}
+
+/// A connection refused at one of the edge's checks: its counter, the
+/// metric's reason, the access log's outcome, and which check it failed.
+#[derive(Debug, Clone, Copy)]
+pub struct Refusal<'a> {
+    pub counter: Option<&'a metrics::Counter>,
+    pub reason: &'static str,
+    pub outcome: &'static str,
+    pub check: &'static str,
 }
 
 /// A listener's knock state and its counters.
@@ -270,6 +286,15 @@ impl ListenerState {
             access_log_dropped: crate::telemetry::access_log_dropped(&unit.listener),
             send_proxy_protocol: groups.iter().map(|g| g.send_proxy_protocol).collect(),
             routed: std::sync::OnceLock::new(),
+            tls_rejected: match &l.tls {
+                Some(_) => super::tls::Refused::ALL
+                    .iter()
+                    .map(|r| crate::telemetry::tls_rejected(&l.name, r.name()))
+                    .collect(),
+                None => Vec::new(),
+            },
+            tls: l.tls.clone(),
+            tls_to: groups.iter().map(|g| g.tls.clone()).collect(),
             unit,
         }
     }
@@ -344,7 +369,7 @@ impl ListenerState {
 
     /// The access-log line of a connection closed before any backend was
     /// tried: who, when, and why (`outcome`).
-    pub(super) fn log_refused(&self, peer: SocketAddr, outcome: &'static str) {
+    fn log_refused(&self, peer: SocketAddr, outcome: &'static str) {
         let now = self.clock.now();
         self.log_connection(&AccessRecord {
             time: self.clock.wall(now),
@@ -407,6 +432,37 @@ impl ListenerState {
         }
     }
 
+    /// Counts a client whose TLS handshake did not complete and logs it,
+    /// at most once a second.
+    pub(super) fn note_tls_rejected(&self, peer: SocketAddr, why: super::tls::Refused) {
+        let i = super::tls::Refused::ALL.iter().position(|&r| r == why);
+        self.note_refused(
+            peer,
+            Refusal {
+                counter: i.and_then(|i| self.tls_rejected.get(i)),
+                reason: why.name(),
+                outcome: why.outcome(),
+                check: "TLS handshake",
+            },
+        );
+    }
+
+    /// Counts a connection closed at one of the edge's checks, before any
+    /// backend was tried; logs it at most once a second, and writes it to
+    /// the access log.
+    pub(super) fn note_refused(&self, peer: SocketAddr, r: Refusal<'_>) {
+        self.outcomes.denied();
+        if let Some(c) = r.counter {
+            c.increment(1);
+        }
+        if let Some(held) = self.denied_log.allow(self.clock.now()) {
+            tracing::warn!(listener = %self.name, %peer, check = r.check, reason = r.reason, not_logged = held, "connection closed before any backend (logged at most once a second)");
+        }
+        if self.logs_connections() {
+            self.log_refused(peer, r.outcome);
+        }
+    }
+
     /// Whether `peer` may send this listener a PROXY protocol header.
     pub(super) fn trusts_proxy(&self, peer: IpAddr) -> bool {
         self.proxy_protocol.as_ref().is_some_and(|p| p.trusts(peer))
@@ -416,17 +472,16 @@ impl ListenerState {
     /// coming from a peer not trusted to send one) and logs it, at most
     /// once a second.
     pub(super) fn note_proxy_rejected(&self, peer: SocketAddr, why: Rejected) {
-        self.outcomes.denied();
         let i = Rejected::ALL.iter().position(|&r| r == why);
-        if let Some(c) = i.and_then(|i| self.proxy_rejected.get(i)) {
-            c.increment(1);
-        }
-        if let Some(held) = self.denied_log.allow(self.clock.now()) {
-            tracing::warn!(listener = %self.name, %peer, reason = why.name(), not_logged = held, "connection closed: PROXY protocol header refused (logged at most once a second)");
-        }
-        if self.logs_connections() {
-            self.log_refused(peer, why.outcome());
-        }
+        self.note_refused(
+            peer,
+            Refusal {
+                counter: i.and_then(|i| self.proxy_rejected.get(i)),
+                reason: why.name(),
+                outcome: why.outcome(),
+                check: "PROXY protocol header",
+            },
+        );
     }
 
     /// Counts a failed accept (EMFILE and the like) and logs it, at most

@@ -38,6 +38,7 @@ pub const PROXY_PROTOCOL_REJECTED: &str = "portshift_proxy_protocol_rejected_tot
 pub const ACCESS_LOG_DROPPED: &str = "portshift_access_log_dropped_total";
 pub const KNOCKS: &str = "portshift_knocks_total";
 pub const SNI_REJECTED: &str = "portshift_sni_rejected_total";
+pub const TLS_REJECTED: &str = "portshift_tls_rejected_total";
 
 /// Whose series: a listener's own, or one of its routes' (with a `route`
 /// label; a listener without routes has none, so its series are as they
@@ -86,10 +87,13 @@ pub enum ErrorKind {
     ClientReset,
     IdleTimeout,
     ProbeFailure,
+    /// The backend's TLS handshake failed (no TLS, a certificate that
+    /// does not chain to the group's CA or carry its name).
+    TlsHandshake,
 }
 
 impl ErrorKind {
-    const ALL: [ErrorKind; 7] = [
+    const ALL: [ErrorKind; 8] = [
         ErrorKind::ConnectRefused,
         ErrorKind::ConnectTimeout,
         ErrorKind::ConnectError,
@@ -97,6 +101,7 @@ impl ErrorKind {
         ErrorKind::ClientReset,
         ErrorKind::IdleTimeout,
         ErrorKind::ProbeFailure,
+        ErrorKind::TlsHandshake,
     ];
 
     pub fn name(self) -> &'static str {
@@ -108,6 +113,7 @@ impl ErrorKind {
             ErrorKind::ClientReset => "client_reset",
             ErrorKind::IdleTimeout => "idle_timeout",
             ErrorKind::ProbeFailure => "probe_failure",
+            ErrorKind::TlsHandshake => "tls_handshake",
         }
     }
 }
@@ -147,7 +153,7 @@ fn describe() {
     metrics::describe_gauge!(ACTIVE, "Proxied connections currently open to a backend");
     metrics::describe_counter!(
         ERRORS,
-        "Failed outcomes by kind. The backend's: connect_refused, connect_timeout, connect_error, reset, probe_failure. The client's: client_reset. portshift's own (group and backend empty): local_error, accept_error. Also idle_timeout, first_byte_timeout, no_backend"
+        "Failed outcomes by kind. The backend's: connect_refused, connect_timeout, connect_error, tls_handshake, reset, probe_failure. The client's: client_reset. portshift's own (group and backend empty): local_error, accept_error. Also idle_timeout, first_byte_timeout, no_backend"
     );
     metrics::describe_counter!(
         BYTES,
@@ -209,6 +215,10 @@ fn describe() {
     metrics::describe_counter!(
         SNI_REJECTED,
         "Connections to a routed listener closed before a route was picked, by reason: not_tls, malformed, oversized, timeout, closed (the ClientHello), no_match (no route takes the server name, or none was sent, and the listener has no primary)"
+    );
+    metrics::describe_counter!(
+        TLS_REJECTED,
+        "Connections to a listener that terminates TLS closed before the handshake completed, by reason: timeout, closed, handshake_failed"
     );
     metrics::describe_counter!(
         ACCESS_LOG_DROPPED,
@@ -273,7 +283,7 @@ pub struct BackendMetrics {
     pub to_client: Counter,
     pub probe_up: Gauge,
     latency: Arc<histogram::BackendSeries>,
-    errors: [Counter; 7],
+    errors: [Counter; 8],
 }
 
 impl BackendMetrics {
@@ -425,6 +435,13 @@ pub fn access_log_dropped(listener: &str) -> Counter {
 /// Counts one failed upstream connect by its errno name.
 pub fn connect_errno(unit: &Unit, errno: &'static str) {
     metrics::counter!(CONNECT_ERRNO, unit.with(&[("errno", errno.to_owned())])).increment(1);
+}
+
+/// A TLS listener's counter of client handshakes that did not complete,
+/// for one reason.
+pub fn tls_rejected(listener: &str, reason: &'static str) -> Counter {
+    prometheus();
+    metrics::counter!(TLS_REJECTED, "listener" => listener.to_owned(), "reason" => reason)
 }
 
 /// A routed listener's counter of connections closed before a route was

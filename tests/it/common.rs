@@ -175,6 +175,21 @@ pub async fn echo_backend() -> portshift::backend::BackendHandle {
     .expect("bind loopback")
 }
 
+/// An echo backend that greets with its name and a newline first.
+pub async fn greeting_echo(name: &str) -> portshift::backend::BackendHandle {
+    portshift::backend::spawn(
+        "127.0.0.1:0".parse().unwrap(),
+        portshift::backend::BackendOpts {
+            name: name.into(),
+            mode: portshift::backend::Mode::Echo,
+            delay: Duration::ZERO,
+            greeting: Some(format!("{name}\n")),
+        },
+    )
+    .await
+    .unwrap()
+}
+
 /// `two_group_config` with one echo backend as both primary and backup.
 pub fn echo_config(echo: SocketAddr, extra: &str) -> String {
     two_group_config(&[echo], &[echo], extra)
@@ -345,4 +360,13 @@ impl Drop for Reaped {
         let _ = self.0.kill();
         let _ = self.0.wait();
     }
+}
+
+/// The value of one sample line of a `/metrics` rendering (`series` with
+/// its labels, as rendered), 0 when absent.
+pub fn metric_value(rendered: &str, series: &str) -> f64 {
+    rendered
+        .lines()
+        .find_map(|l| l.strip_prefix(series)?.trim().parse().ok())
+        .unwrap_or(0.0)
 }

@@ -3,6 +3,7 @@
 //! the real binary. One link step for all of them, and one copy of each
 //! helper (`common`).
 
+mod certs;
 mod common;
 
 mod access_log;
@@ -27,4 +28,5 @@ mod sni;
 mod sni_routes;
 mod systemd;
 mod telemetry;
+mod tls;
 mod upgrade;

@@ -6,26 +6,11 @@
 
 use crate::common::*;
 use crate::sni::real_hello;
-use portshift::backend::{self, BackendHandle, BackendOpts, Mode};
+use portshift::backend::{self, BackendOpts, Mode};
 use std::net::SocketAddr;
 use std::time::{Duration, Instant};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
-
-/// An echo backend that greets with its name and a newline first.
-async fn greeting_echo(name: &str) -> BackendHandle {
-    backend::spawn(
-        "127.0.0.1:0".parse().unwrap(),
-        BackendOpts {
-            name: name.into(),
-            mode: Mode::Echo,
-            delay: Duration::ZERO,
-            greeting: Some(format!("{name}\n")),
-        },
-    )
-    .await
-    .unwrap()
-}
 
 /// Sends `hello` to `addr` in writes of `segment` bytes; who answered (its
 /// greeting) and whether the hello came back byte for byte after it.
@@ -88,14 +73,6 @@ fn routed_config(name: &str, backends: &[SocketAddr; 4], head: &str) -> String {
     )
 }
 
-/// The value of one sample line of `/metrics`, 0 when absent.
-fn metric(rendered: &str, series: &str) -> f64 {
-    rendered
-        .lines()
-        .find_map(|l| l.strip_prefix(series)?.trim().parse().ok())
-        .unwrap_or(0.0)
-}
-
 #[tokio::test]
 async fn server_names_pick_routes_and_backends_get_the_hello_unchanged() {
     if !have_tool("openssl", "openssl") {
@@ -137,7 +114,7 @@ async fn server_names_pick_routes_and_backends_get_the_hello_unchanged() {
         "portshift_connections_total{{listener=\"sni-edge\",route=\"payments\",group=\"payments\",backend=\"{}\"}}",
         addrs[1]
     );
-    assert_eq!(metric(&m, &series), 3.0, "{series}");
+    assert_eq!(metric_value(&m, &series), 3.0, "{series}");
 
     proxy.shutdown().await;
     // Lines are written off the data path: wait (bounded) for all seven.
@@ -218,7 +195,7 @@ async fn connections_no_route_takes_are_closed_and_counted_by_reason() {
     ] {
         let series =
             format!("portshift_sni_rejected_total{{listener=\"sni-closed\",reason=\"{reason}\"}}");
-        assert_eq!(metric(&m, &series), n, "{series}");
+        assert_eq!(metric_value(&m, &series), n, "{series}");
     }
     proxy.shutdown().await;
 }
@@ -373,14 +350,14 @@ async fn each_route_steers_on_its_own() {
     );
     let m = portshift::telemetry::render();
     assert_eq!(
-        metric(
+        metric_value(
             &m,
             "portshift_policy_paused{listener=\"l\",route=\"payments\"}"
         ),
         1.0
     );
     assert!(
-        metric(
+        metric_value(
             &m,
             "portshift_decisions_total{listener=\"l\",route=\"payments\",action=\"shift\",rule=\"p99_above\"}"
         ) >= 1.0,

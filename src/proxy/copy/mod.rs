@@ -20,6 +20,7 @@ use tokio::net::TcpStream;
 mod pool;
 mod replay;
 mod splice;
+pub mod stream;
 
 use replay::ReplayLog;
 pub use replay::{Replay, resend, write_all};
@@ -80,16 +81,7 @@ pub async fn bidirectional(
         client_spoke_at,
     } = options;
     let log = ReplayLog::new(keep_replay);
-    let turns = TurnTracker::default();
-    if let Some(at) = client_spoke_at {
-        turns.on_data(Side::Client, at);
-    }
-    let watch = Watch {
-        clock,
-        last_us: AtomicU64::new(clock.now().as_micros() as u64),
-        turns,
-        on_turn,
-    };
+    let watch = Watch::new(clock, on_turn, client_spoke_at);
     // Replay needs the client's bytes in hand, so it rules splice out.
     let splice = splice && !keep_replay;
     let mut up = Direction::new(Side::Client, splice);
@@ -209,7 +201,26 @@ struct Watch<'a> {
     on_turn: &'a (dyn Fn(Turn, Duration) + Sync),
 }
 
-impl Watch<'_> {
+impl<'a> Watch<'a> {
+    /// Activity from now on; the client spoke at `client_spoke_at`, if
+    /// its first bytes went ahead of the copy.
+    fn new(
+        clock: Clock,
+        on_turn: &'a (dyn Fn(Turn, Duration) + Sync),
+        client_spoke_at: Option<Duration>,
+    ) -> Self {
+        let turns = TurnTracker::default();
+        if let Some(at) = client_spoke_at {
+            turns.on_data(Side::Client, at);
+        }
+        Watch {
+            clock,
+            last_us: AtomicU64::new(clock.now().as_micros() as u64),
+            turns,
+            on_turn,
+        }
+    }
+
     fn on_chunk(&self, side: Side) {
         let now = self.clock.now();
         self.last_us.store(now.as_micros() as u64, Relaxed);
