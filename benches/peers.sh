@@ -19,7 +19,8 @@ usage: bash benches/peers.sh [--smoke] [--layout A|B|AB] [--duration SECS] [--ro
   --duration S   seconds per wrk/iperf3 measurement         (default 5; smoke 1)
   --rounds N     interleaved rounds                         (default 3; smoke 1)
   --conns N      idle connections for the memory figure     (default 10000, capped by the fd limit)
-  --only LIST    comma-separated subset of: iperf1,iperf8,ka,close,redis,redis16,tele,memory
+  --only LIST    comma-separated subset of: iperf1,iperf8,ka,close,redis,redis16,tele,
+                 tls_ka,tls_close,sni,alog,memory
                  (default: all), e.g. --only close --rounds 10 to narrow one row's spread
   --keep-work    keep the temp dir (configs, logs, raw outputs) for inspection
 env: PORTSHIFT_BIN (default target/release/portshift), PYTHON (default python3)
@@ -48,7 +49,7 @@ while [ $# -gt 0 ]; do
 	shift
 done
 for t in ${ONLY//,/ }; do
-	case "$t" in iperf1 | iperf8 | ka | close | redis | redis16 | tele | memory) ;; *) echo "--only: unknown measurement '$t'" >&2; exit 2 ;; esac
+	case "$t" in iperf1 | iperf8 | ka | close | redis | redis16 | tele | tls_ka | tls_close | sni | alog | memory) ;; *) echo "--only: unknown measurement '$t'" >&2; exit 2 ;; esac
 done
 # wanted NAME: is this measurement in the run (all of them without --only)?
 wanted() { [ -z "$ONLY" ] || [[ ",$ONLY," == *",$1,"* ]]; }
@@ -103,6 +104,8 @@ command -v redis-server >/dev/null || need+=(redis-server)
 command -v redis-benchmark >/dev/null || need+=(redis-tools)
 command -v ss >/dev/null || need+=(iproute2)
 command -v taskset >/dev/null || need+=(util-linux)
+command -v openssl >/dev/null || need+=(openssl)
+command -v curl >/dev/null || need+=(curl)
 install_missing ${need[@]+"${need[@]}"}
 LOAD_STREAM=""
 [ -e "$NGX_STREAM_SO" ] && LOAD_STREAM="load_module $NGX_STREAM_SO;"
@@ -141,6 +144,12 @@ PS_MTIME=$(stat -c %Y "$PS_SRC")
 cp "$PS_SRC" "$WORK/portshift"
 PS_BIN="$WORK/portshift"
 PS_SHA=$(sha256sum "$PS_BIN" | cut -c1-16)
+# One ECDSA P-256 certificate for every TLS row (the name wrk sends, and
+# the one curl's forwarding check asks for); HAProxy reads it with its key.
+openssl req -x509 -newkey ec -pkeyopt ec_paramgen_curve:P-256 -nodes -days 2 \
+	-subj /CN=bench.test -addext "subjectAltName=IP:127.0.0.1,DNS:bench.test" \
+	-keyout "$WORK/tls.key" -out "$WORK/tls.pem" 2>"$WORK/openssl.err" || { cat "$WORK/openssl.err" >&2; die "openssl req failed"; }
+cat "$WORK/tls.pem" "$WORK/tls.key" >"$WORK/tls.both.pem"
 PIDS=()
 stop_pid() {
 	local pid=$1
@@ -197,16 +206,21 @@ alloc_port() { # KEY
 	done
 }
 SERVICES=(iperf http redis sink)
-PROXY_IDS=(ps hap ngx psoff pscopy)   # psoff: [stats] record = false; pscopy: splice = false
-for s in "${SERVICES[@]}"; do alloc_port "be.$s"; done
-for p in "${PROXY_IDS[@]}"; do for s in "${SERVICES[@]}"; do alloc_port "$p.$s"; done; done
-declare -A NAME=([ps]=portshift [hap]=haproxy [ngx]=nginx [psoff]=portshift-record-off [pscopy]=portshift-splice-off)
+# TLS rows: `tls` terminates TLS in front of the HTTP backend; `sni` reads
+# the ClientHello's server name and passes TLS through to an HTTPS backend.
+EDGE=(tls sni)
+# psoff: [stats] record = false; pscopy: splice = false; psalog: access_log on.
+PROXY_IDS=(ps hap ngx psoff pscopy psalog)
+for s in "${SERVICES[@]}" https; do alloc_port "be.$s"; done
+for p in "${PROXY_IDS[@]}"; do for s in "${SERVICES[@]}" "${EDGE[@]}"; do alloc_port "$p.$s"; done; done
+declare -A NAME=([ps]=portshift [hap]=haproxy [ngx]=nginx [psoff]=portshift-record-off [pscopy]=portshift-splice-off [psalog]=portshift-access-log)
 
 # ------------------------------------------------------------------ configs
-write_portshift() { # ID RECORD SPLICE
-	local id=$1 rec=$2 splice=${3:-true} f="$WORK/$1.toml" s
+write_portshift() { # ID RECORD SPLICE ACCESS_LOG
+	local id=$1 rec=$2 splice=${3:-true} alog=${4:-false} f="$WORK/$1.toml" s
 	{
 		echo 'drain_timeout = "1s"'
+		[ "$alog" = true ] && echo "access_log = \"$WORK/$id-access.jsonl\""
 		echo
 		echo '[stats]'
 		echo "record = $rec"
@@ -217,6 +231,11 @@ write_portshift() { # ID RECORD SPLICE
 			printf '\n[[listener]]\nname = "%s"\nlisten = ["127.0.0.1:%s"]\nprimary = "%s"\nidle_timeout = "15m"\nsplice = %s\n' \
 				"$s" "${PORT[$id.$s]}" "$s" "$splice"
 		done
+		printf '\n[[group]]\nname = "https"\nbackends = ["127.0.0.1:%s"]\n' "${PORT[be.https]}"
+		printf '\n[[listener]]\nname = "tls"\nlisten = ["127.0.0.1:%s"]\nprimary = "http"\nidle_timeout = "15m"\n' "${PORT[$id.tls]}"
+		printf 'tls = { cert = "%s", key = "%s" }\n' "$WORK/tls.pem" "$WORK/tls.key"
+		printf '\n[[listener]]\nname = "sni"\nlisten = ["127.0.0.1:%s"]\nidle_timeout = "15m"\n' "${PORT[$id.sni]}"
+		printf '[[listener.route]]\nname = "bench"\nsni = ["127.0.0.1", "bench.test"]\nprimary = "https"\n'
 	} >"$f"
 	"$PS_BIN" check -c "$f" >/dev/null 2>"$WORK/$id.check.err" || { cat "$WORK/$id.check.err" >&2; die "portshift rejected $f"; }
 }
@@ -238,6 +257,12 @@ EOF
 		for s in "${SERVICES[@]}"; do
 			printf '\nlisten %s\n    bind 127.0.0.1:%s\n    server s1 127.0.0.1:%s\n' "$s" "${PORT[hap.$s]}" "${PORT[be.$s]}"
 		done
+		printf '\nlisten tls\n    bind 127.0.0.1:%s ssl crt %s\n    server s1 127.0.0.1:%s\n' \
+			"${PORT[hap.tls]}" "$WORK/tls.both.pem" "${PORT[be.http]}"
+		printf '\nfrontend sni\n    bind 127.0.0.1:%s\n    tcp-request inspect-delay 5s\n' "${PORT[hap.sni]}"
+		printf '    tcp-request content accept if { req_ssl_hello_type 1 }\n'
+		printf '    use_backend sni_bench if { req_ssl_sni -i 127.0.0.1 bench.test }\n'
+		printf '\nbackend sni_bench\n    server s1 127.0.0.1:%s\n' "${PORT[be.https]}"
 	} >"$WORK/hap.cfg"
 	haproxy -c -q -f "$WORK/hap.cfg" >&2 || die "haproxy rejected $WORK/hap.cfg"
 }
@@ -262,6 +287,11 @@ EOF
 		for s in "${SERVICES[@]}"; do
 			printf '    server { listen 127.0.0.1:%s; proxy_pass 127.0.0.1:%s; }\n' "${PORT[ngx.$s]}" "${PORT[be.$s]}"
 		done
+		printf '    server { listen 127.0.0.1:%s ssl; ssl_certificate %s; ssl_certificate_key %s; proxy_pass 127.0.0.1:%s; }\n' \
+			"${PORT[ngx.tls]}" "$WORK/tls.pem" "$WORK/tls.key" "${PORT[be.http]}"
+		printf '    map $ssl_preread_server_name $sni_upstream { 127.0.0.1 127.0.0.1:%s; bench.test 127.0.0.1:%s; default 127.0.0.1:1; }\n' \
+			"${PORT[be.https]}" "${PORT[be.https]}"
+		printf '    server { listen 127.0.0.1:%s; ssl_preread on; proxy_pass $sni_upstream; }\n' "${PORT[ngx.sni]}"
 		echo "}"
 	} >"$WORK/ngx.conf"
 	nginx -t -q -p "$WORK/ngx/" -e "$WORK/ngx/error.log" -c "$WORK/ngx.conf" >&2 || die "nginx rejected $WORK/ngx.conf"
@@ -269,11 +299,16 @@ EOF
 write_nginx_http() {
 	write_http_backend "$WORK/http.conf" "$WORK/http" "${PORT[be.http]}" "$FD"
 	nginx -t -q -p "$WORK/http/" -e "$WORK/http/error.log" -c "$WORK/http.conf" >&2 || die "nginx rejected $WORK/http.conf"
+	# The HTTPS backend behind the `sni` rows: the same server over TLS.
+	write_http_backend "$WORK/https.conf" "$WORK/https" "${PORT[be.https]}" "$FD"
+	sed -i "s|listen 127.0.0.1:${PORT[be.https]} backlog=4096;|listen 127.0.0.1:${PORT[be.https]} ssl backlog=4096; ssl_certificate $WORK/tls.pem; ssl_certificate_key $WORK/tls.key;|" "$WORK/https.conf"
+	nginx -t -q -p "$WORK/https/" -e "$WORK/https/error.log" -c "$WORK/https.conf" >&2 || die "nginx rejected $WORK/https.conf"
 }
 
 write_portshift ps true
 write_portshift psoff false
 write_portshift pscopy true false
+write_portshift psalog true true true
 write_haproxy
 write_nginx_stream
 write_nginx_http
@@ -283,12 +318,12 @@ declare -A PXPID
 start_proxy() { # ID CPU
 	local id=$1 cpu=$2 s
 	case "$id" in
-	ps | psoff | pscopy) spawn "$id" "$cpu" env RUST_LOG=warn "$PS_BIN" run -c "$WORK/$id.toml" ;;
+	ps | psoff | pscopy | psalog) spawn "$id" "$cpu" env RUST_LOG=warn "$PS_BIN" run -c "$WORK/$id.toml" ;;
 	hap) spawn hap "$cpu" haproxy -db -f "$WORK/hap.cfg" ;;
 	ngx) spawn ngx "$cpu" nginx -p "$WORK/ngx/" -e "$WORK/ngx/error.log" -c "$WORK/ngx.conf" ;;
 	esac
 	PXPID[$id]=$LAST_PID
-	for s in "${SERVICES[@]}"; do
+	for s in "${SERVICES[@]}" "${EDGE[@]}"; do
 		wait_listen "${PORT[$id.$s]}" "$LAST_PID" 10 || {
 			cat "$WORK/$id.err" "$WORK/ngx/error.log" 2>/dev/null | tail -20 >&2
 			die "${NAME[$id]} did not start listening on 127.0.0.1:${PORT[$id.$s]}"
@@ -308,6 +343,8 @@ start_backends() {
 	wait_listen "${PORT[be.iperf]}" "$LAST_PID" 10 || die "iperf3 -s did not start"
 	spawn http-backend "$LG_CPU" nginx -p "$WORK/http/" -e "$WORK/http/error.log" -c "$WORK/http.conf"
 	wait_listen "${PORT[be.http]}" "$LAST_PID" 10 || die "nginx HTTP backend did not start"
+	spawn https-backend "$LG_CPU" nginx -p "$WORK/https/" -e "$WORK/https/error.log" -c "$WORK/https.conf"
+	wait_listen "${PORT[be.https]}" "$LAST_PID" 10 || die "nginx HTTPS backend did not start"
 	spawn redis "$LG_CPU" redis-server --port "${PORT[be.redis]}" --bind 127.0.0.1 --save "" \
 		--appendonly no --protected-mode no --dir "$WORK" --maxclients 4000
 	wait_listen "${PORT[be.redis]}" "$LAST_PID" 10 || die "redis-server did not start"
@@ -326,6 +363,12 @@ check_forward() { # ID
 	"${TOOL[@]}" check-redis "${PORT[$id.redis]}" || die "${NAME[$id]}: redis PING through 127.0.0.1:${PORT[$id.redis]} failed"
 	timeout 20 iperf3 -c 127.0.0.1 -p "${PORT[$id.iperf]}" -n 1M >"$WORK/check-iperf.out" 2>&1 ||
 		{ cat "$WORK/check-iperf.out" >&2; die "${NAME[$id]}: iperf3 through 127.0.0.1:${PORT[$id.iperf]} failed"; }
+	local s got
+	for s in "${EDGE[@]}"; do
+		got=$(curl -s --max-time 10 --cacert "$WORK/tls.pem" --resolve "bench.test:${PORT[$id.$s]}:127.0.0.1" \
+			"https://bench.test:${PORT[$id.$s]}/" 2>&1)
+		[ "$got" = backend ] || die "${NAME[$id]}: HTTPS ($s) through 127.0.0.1:${PORT[$id.$s]} failed: $got"
+	done
 }
 
 # ------------------------------------------------------------------ measurements
@@ -352,25 +395,36 @@ m_iperf() { # LAYOUT ID ROUND STREAMS
 	record "$L" "iperf${n}_cpu" "${NAME[$id]}" "$r" "$(per $((c1 - c0)) "$bytes" 1000000)"
 	log "  $L iperf3 -P $n  ${NAME[$id]}: $v Gbit/s, proxy CPU $(((c1 - c0) / 1000)) ms"
 }
-# m_wrk LAYOUT ID ROUND ka|close|tele
+# m_wrk LAYOUT ID ROUND ka|close|tele|tls_ka|tls_close|sni_close|alog
 m_wrk() {
 	local L=$1 id=$2 r=$3 kind=$4 out="$WORK/wrk.out" rps p50 p99 err nreq c0 c1 cpr
-	local args=(-t1 -c"$WRK_CONNS" -d"${DUR}s" --latency)
-	[ "$kind" = close ] && args+=(-H 'Connection: close')
+	local args=(-t1 -c"$WRK_CONNS" -d"${DUR}s" --latency) url="http://127.0.0.1:${PORT[$id.http]}/"
+	case "$kind" in
+	close | tls_close | sni_close | alog) args+=(-H 'Connection: close') ;;
+	esac
+	case "$kind" in
+	tls_*) url="https://127.0.0.1:${PORT[$id.tls]}/" ;;
+	sni_*) url="https://127.0.0.1:${PORT[$id.sni]}/" ;;
+	esac
 	c0=$(cpu_us "$id")
-	if ! timeout $((DUR + 30)) taskset -c "$LG_CPU" wrk "${args[@]}" "http://127.0.0.1:${PORT[$id.http]}/" \
+	if ! timeout $((DUR + 30)) taskset -c "$LG_CPU" wrk "${args[@]}" "$url" \
 		>"$out" 2>&1; then
 		fail "wrk ($kind) through ${NAME[$id]} (layout $L): $(tail -c 300 "$out")"
 	fi
 	c1=$(cpu_us "$id")
 	read -r rps p50 p99 err nreq < <("${TOOL[@]}" parse-wrk "$out")
 	cpr=$(per $((c1 - c0)) "$nreq")
-	if [ "$kind" = tele ]; then
-		local who=record_on
-		[ "$id" = psoff ] && who=record_off
-		record "$L" tele_rps "$who" "$r" "$rps"
-		record "$L" tele_cpu "$who" "$r" "$cpr"
-		log "  $L wrk telemetry $who: $rps req/s, proxy CPU $cpr us/req"
+	if [ "$kind" = tele ] || [ "$kind" = alog ]; then
+		local who
+		case "$kind.$id" in
+		tele.psoff) who=record_off ;;
+		tele.*) who=record_on ;;
+		alog.psalog) who=log_on ;;
+		*) who=log_off ;;
+		esac
+		record "$L" "${kind}_rps" "$who" "$r" "$rps"
+		record "$L" "${kind}_cpu" "$who" "$r" "$cpr"
+		log "  $L wrk $kind $who: $rps req/s, proxy CPU $cpr us/req"
 		return
 	fi
 	record "$L" "${kind}_cpu" "${NAME[$id]}" "$r" "$cpr"
@@ -455,6 +509,11 @@ run_layout() { # LAYOUT
 	wanted redis && for r in $(seq 1 "$ROUNDS"); do for id in "${PEERS[@]}"; do m_redis "$L" "$id" "$r" 1; settle "$L"; done; done
 	wanted redis16 && for r in $(seq 1 "$ROUNDS"); do for id in "${PEERS[@]}"; do m_redis "$L" "$id" "$r" 16; settle "$L"; done; done
 	wanted tele && for r in $(seq 1 "$ROUNDS"); do for id in ps psoff; do m_wrk "$L" "$id" "$r" tele; settle "$L"; done; done
+	wanted tls_ka && for r in $(seq 1 "$ROUNDS"); do for id in "${PEERS[@]}"; do m_wrk "$L" "$id" "$r" tls_ka; settle "$L"; done; done
+	wanted tls_close && for r in $(seq 1 "$ROUNDS"); do for id in "${PEERS[@]}"; do m_wrk "$L" "$id" "$r" tls_close; settle "$L"; done; done
+	wanted sni && for r in $(seq 1 "$ROUNDS"); do for id in "${PEERS[@]}"; do m_wrk "$L" "$id" "$r" sni_close; settle "$L"; done; done
+	# The access log's cost: the same new-connection load with it off and on.
+	wanted alog && for r in $(seq 1 "$ROUNDS"); do for id in ps psalog; do m_wrk "$L" "$id" "$r" alog; settle "$L"; done; done
 	for id in "${PROXY_IDS[@]}"; do stop_proxy "$id"; done
 }
 

@@ -324,6 +324,15 @@ METRICS = {
     "close_rps": ("new connections, wrk Connection: close", "conn/s", "higher", 0),
     "close_p99": ("new connections, wrk p99 latency", "ms", "lower", 3),
     "close_cpu": ("proxy CPU per new connection", "us/conn", "lower", 2),
+    "tls_ka_rps": ("TLS terminated, HTTPS keep-alive, wrk", "req/s", "higher", 0),
+    "tls_ka_p99": ("TLS terminated, HTTPS keep-alive, p99", "ms", "lower", 3),
+    "tls_ka_cpu": ("proxy CPU per TLS keep-alive request", "us/req", "lower", 2),
+    "tls_close_rps": ("TLS terminated, a handshake per request", "conn/s", "higher", 0),
+    "tls_close_p99": ("TLS terminated, handshake per request, p99", "ms", "lower", 3),
+    "tls_close_cpu": ("proxy CPU per TLS handshake + request", "us/conn", "lower", 2),
+    "sni_close_rps": ("SNI routed, TLS passed through, new conns", "conn/s", "higher", 0),
+    "sni_close_p99": ("SNI routed, new connections, p99", "ms", "lower", 3),
+    "sni_close_cpu": ("proxy CPU per SNI-routed connection", "us/conn", "lower", 2),
     "redis_SET": ("redis-benchmark SET", "req/s", "higher", 0),
     "redis_GET": ("redis-benchmark GET", "req/s", "higher", 0),
     "redis_SET_P16": ("redis-benchmark SET -P 16", "req/s", "higher", 0),
@@ -336,7 +345,8 @@ METRICS = {
     "mem_fresh": ("memory per idle conn (never used)", "B/conn", "lower", 0),
     "mem_used": ("memory per idle conn (after 64 B echo)", "B/conn", "lower", 0),
 }
-ERR_KEYS = {"ka_err": "ka_rps", "close_err": "close_rps"}
+ERR_KEYS = {"ka_err": "ka_rps", "close_err": "close_rps", "tls_ka_err": "tls_ka_rps",
+            "tls_close_err": "tls_close_rps", "sni_close_err": "sni_close_rps"}
 
 
 def nn(v):
@@ -430,6 +440,24 @@ def report(raw_path, meta_path, out_path, latest_path=None):
                         "record_on_cpu": con, "record_off_cpu": coff},
         })
 
+    # The access log's cost: the same new-connection load, log off and on.
+    access_log = []
+    for layout in order:
+        on = samples.get((layout, "alog_rps", "log_on"), [])
+        off = samples.get((layout, "alog_rps", "log_off"), [])
+        if not on and not off:
+            continue
+        con = samples.get((layout, "alog_cpu", "log_on"), [])
+        coff = samples.get((layout, "alog_cpu", "log_off"), [])
+        mon, moff, mcon, mcoff = _median(on), _median(off), _median(con), _median(coff)
+        access_log.append({
+            "layout": layout,
+            "log_on_rps": nn(mon), "log_off_rps": nn(moff),
+            "log_on_cpu_us_per_conn": nn(mcon), "log_off_cpu_us_per_conn": nn(mcoff),
+            "cpu_cost_us_per_conn": nn(mcon - mcoff),
+            "samples": {"log_on": on, "log_off": off, "log_on_cpu": con, "log_off_cpu": coff},
+        })
+
     splice = []
     for layout in order:
         for n in (1, 8):
@@ -461,7 +489,8 @@ def report(raw_path, meta_path, out_path, latest_path=None):
                     "measurements: another load was running; treat that layout's figures with care")
     meta["background_cpu_busy"] = bg
 
-    out = {"meta": meta, "results": rows, "telemetry": tele, "splice": splice}
+    out = {"meta": meta, "results": rows, "telemetry": tele, "splice": splice,
+           "access_log": access_log}
     print_table(out)
     with open(out_path, "w") as f:
         json.dump(out, f, indent=2)
@@ -517,6 +546,16 @@ def print_table(out):
                           _fmt(t["record_off_cpu_us_per_req"], 2), "-", "-", "-", "-", "-"])
             lines.append(["telemetry cost in CPU: (on-off)/off", L, "%", "lower",
                           _fmt(t["cpu_cost_percent"], 1), "-", "-", "-", "-", "-"])
+    for a in out.get("access_log", []):
+        L = a["layout"]
+        for mode in ("off", "on"):
+            lines.append([f"portshift access_log {mode}, new connections", L, "conn/s", "higher",
+                          _fmt(a[f"log_{mode}_rps"], 0), "-", "-", "-", "-", "-"])
+        for mode in ("off", "on"):
+            lines.append([f"portshift access_log {mode}, CPU per connection", L, "us/conn", "lower",
+                          _fmt(a[f"log_{mode}_cpu_us_per_conn"], 2), "-", "-", "-", "-", "-"])
+        lines.append(["access log cost in CPU: on - off", L, "us/conn", "lower",
+                      _fmt(a["cpu_cost_us_per_conn"], 2), "-", "-", "-", "-", "-"])
     for sp in out.get("splice", []):
         L, n = sp["layout"], sp["streams"]
         for mode in ("on", "off"):
