@@ -349,6 +349,7 @@ fn an_upgrade_under_load_refuses_nothing_and_carries_the_state_over() {
             .unwrap_or_else(|e| panic!("stream {i}: {e}"));
         assert!(intact, "stream {i}: the bytes that came back differ");
         assert!(bytes > 100 * 4096, "stream {i} carried only {bytes} bytes");
+        eprintln!("long-lived stream {i}: {bytes} bytes each way, intact");
     }
     let (ok, failures) = load.finish(&rt);
     assert!(
