@@ -2,6 +2,7 @@
 //! below, where bad states cannot be written. Every problem is reported at
 //! once, each with file, line and column.
 
+mod balance;
 mod describe;
 pub(crate) mod diagnostic;
 mod fleet;

@@ -39,6 +39,17 @@ pub struct RawGroup {
     pub send_proxy_protocol: Option<S<String>>,
     /// Speak TLS to the backends.
     pub tls: Option<S<RawTlsClient>>,
+    /// `balance = "peak_ewma"`'s settings.
+    pub peak_ewma: Option<S<RawPeakEwma>>,
+}
+
+/// What `peak_ewma` measures backends by.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawPeakEwma {
+    pub signal: Option<S<String>>,
+    pub decay: Option<S<String>>,
+    pub default_rtt: Option<S<String>>,
 }
 
 /// A group's TLS to its backends.

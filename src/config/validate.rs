@@ -155,21 +155,7 @@ impl Validator<'_, '_> {
                 Some("give at least one backend a weight of 1 or more".into()),
             );
         }
-        let balance = match raw.balance.as_ref() {
-            None => Balance::default(),
-            Some(s) => match s.get_ref().as_str() {
-                "round_robin" => Balance::RoundRobin,
-                "least_connections" => Balance::LeastConnections,
-                other => {
-                    self.rep.error(
-                        s.span(),
-                        format!("group `{name}`: unknown balance `{other}`"),
-                        did_you_mean(other, Balance::NAMES),
-                    );
-                    Balance::default()
-                }
-            },
-        };
+        let balance = self.balance(name, raw);
         Group {
             name: name.clone(),
             backends,

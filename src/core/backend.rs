@@ -2,7 +2,9 @@
 //! spreads connections over its backends. Defined here, in the core, so
 //! routing never depends on the config layer; the config layer builds them.
 
+use super::stats::Signal;
 use std::net::SocketAddr;
+use std::time::Duration;
 
 /// One backend of a group.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -19,15 +21,65 @@ pub enum Balance {
     RoundRobin,
     /// Fewest active connections relative to weight.
     LeastConnections,
+    /// Consistent hashing on the client's address (Maglev): a client
+    /// keeps its backend while backends come and go.
+    SourceHash,
+    /// Each backend's peak-EWMA latency × (active + 1), the better of two
+    /// random draws.
+    PeakEwma(EwmaSettings),
+}
+
+/// What `peak_ewma` measures a backend by.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct EwmaSettings {
+    /// `Exchange` or `Connect`.
+    pub signal: Signal,
+    /// The time constant with which a lower latency pulls the cost down.
+    pub decay: Duration,
+    /// A backend's cost before its first sample.
+    pub default_rtt: Duration,
+}
+
+/// linkerd2-proxy's defaults: a 10 s decay, 30 ms before the first sample.
+pub const DEFAULT_EWMA_DECAY: Duration = Duration::from_secs(10);
+pub const DEFAULT_EWMA_RTT: Duration = Duration::from_millis(30);
+
+impl Default for EwmaSettings {
+    fn default() -> Self {
+        EwmaSettings {
+            signal: Signal::Exchange,
+            decay: DEFAULT_EWMA_DECAY,
+            default_rtt: DEFAULT_EWMA_RTT,
+        }
+    }
 }
 
 impl Balance {
-    pub const NAMES: [&'static str; 2] = ["round_robin", "least_connections"];
+    pub const NAMES: [&'static str; 4] = [
+        "round_robin",
+        "least_connections",
+        "source_hash",
+        "peak_ewma",
+    ];
+
+    /// The balancer `name` (one of `NAMES`), `peak_ewma` with its
+    /// default settings.
+    pub fn from_name(name: &str) -> Option<Balance> {
+        Some(match name {
+            "round_robin" => Balance::RoundRobin,
+            "least_connections" => Balance::LeastConnections,
+            "source_hash" => Balance::SourceHash,
+            "peak_ewma" => Balance::PeakEwma(EwmaSettings::default()),
+            _ => return None,
+        })
+    }
 
     pub fn name(self) -> &'static str {
         match self {
             Balance::RoundRobin => "round_robin",
             Balance::LeastConnections => "least_connections",
+            Balance::SourceHash => "source_hash",
+            Balance::PeakEwma(_) => "peak_ewma",
         }
     }
 }

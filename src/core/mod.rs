@@ -4,8 +4,10 @@
 
 pub mod backend;
 pub mod blame;
+pub mod ewma;
 pub mod fleet;
 pub mod knock;
+pub mod maglev;
 pub mod policy;
 pub mod probe;
 pub mod routes;

@@ -6,10 +6,14 @@
 //! look at it again, so a weight change cuts nobody.
 
 use crate::core::backend::{Backend, Balance};
+use crate::core::ewma::{PeakEwma, p2c, spread};
+use crate::core::maglev::Maglev;
+use crate::core::stats::Signal;
 use arc_swap::ArcSwap;
 use std::net::SocketAddr;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering};
+use std::time::Duration;
 
 /// All the traffic, in basis points.
 pub const TOTAL_BP: u32 = 10_000;
@@ -90,6 +94,10 @@ pub struct GroupRoutes {
     /// What the active probe says; backends start up, and without a probe
     /// they stay up.
     up: Vec<AtomicBool>,
+    /// `source_hash`: the lookup table.
+    maglev: Option<Maglev>,
+    /// `peak_ewma`: each backend's cost (empty otherwise).
+    ewma: Vec<PeakEwma>,
 }
 
 // === impl GroupRoutes ===
@@ -101,10 +109,23 @@ impl GroupRoutes {
             !schedule.is_empty(),
             "a group has at least one backend with weight > 0"
         );
+        let maglev = match balance {
+            Balance::SourceHash => Maglev::new(&backends),
+            _ => None,
+        };
+        let ewma = match balance {
+            Balance::PeakEwma(e) => backends
+                .iter()
+                .map(|_| PeakEwma::new(e.default_rtt))
+                .collect(),
+            _ => Vec::new(),
+        };
         GroupRoutes {
             name: name.into(),
             active: backends.iter().map(|_| AtomicU32::new(0)).collect(),
             up: backends.iter().map(|_| AtomicBool::new(true)).collect(),
+            maglev,
+            ewma,
             backends,
             balance,
             schedule,
@@ -120,32 +141,46 @@ impl GroupRoutes {
         self.backends[backend].addr
     }
 
-    /// The backend the next connection should try first.
-    pub fn next_backend(&self) -> usize {
-        self.choose(self.next.fetch_add(1, Ordering::Relaxed))
+    /// The backend the next connection should try first; `key` is the
+    /// hash of its client's address (read by `source_hash` only).
+    pub fn next_backend(&self, key: u64) -> usize {
+        self.choose(self.next.fetch_add(1, Ordering::Relaxed), key)
     }
 
     /// The backend `next_backend` would return, without taking the turn:
     /// for fallback attempts that may never be made.
-    pub fn peek_backend(&self) -> usize {
-        self.choose(self.next.load(Ordering::Relaxed))
+    pub fn peek_backend(&self, key: u64) -> usize {
+        self.choose(self.next.load(Ordering::Relaxed), key)
     }
 
-    fn choose(&self, n: u64) -> usize {
+    fn choose(&self, n: u64, key: u64) -> usize {
         match self.balance {
             Balance::RoundRobin => {
                 self.schedule[(n % self.schedule.len() as u64) as usize] as usize
             }
             Balance::LeastConnections => {
-                let active: Vec<u32> = self
-                    .active
-                    .iter()
-                    .map(|a| a.load(Ordering::Relaxed))
-                    .collect();
-                let weights: Vec<u32> = self.backends.iter().map(|b| b.weight).collect();
+                let (active, weights) = self.loads();
                 least_connections(&active, &weights, n)
             }
+            Balance::SourceHash => self.maglev.as_ref().map_or(0, |m| m.lookup(key)),
+            Balance::PeakEwma(_) => {
+                let costs: Vec<f64> = self.ewma.iter().map(PeakEwma::cost).collect();
+                let (active, weights) = self.loads();
+                p2c(&costs, &active, &weights, spread(n))
+            }
         }
+    }
+
+    /// Each backend's open connections and weight, for the balancers that
+    /// weigh load.
+    fn loads(&self) -> (Vec<u32>, Vec<u32>) {
+        let active = self
+            .active
+            .iter()
+            .map(|a| a.load(Ordering::Relaxed))
+            .collect();
+        let weights = self.backends.iter().map(|b| b.weight).collect();
+        (active, weights)
     }
 
     /// Counts a live connection to `backend` until the guard drops.
@@ -157,8 +192,33 @@ impl GroupRoutes {
         }
     }
 
+    /// Counts one more (or one fewer) open connection to `backend`, for
+    /// a caller that cannot hold a guard across events (the simulator).
+    pub fn opened(&self, backend: usize, open: bool) {
+        if open {
+            self.active[backend].fetch_add(1, Ordering::Relaxed);
+        } else {
+            self.active[backend].fetch_sub(1, Ordering::Relaxed);
+        }
+    }
+
     pub fn active(&self, backend: usize) -> u32 {
         self.active[backend].load(Ordering::Relaxed)
+    }
+
+    /// A latency sample of `signal` from `backend` at `now`: `peak_ewma`
+    /// balances on it when it is the signal it reads.
+    pub fn observe(&self, backend: usize, signal: Signal, rtt: Duration, now: Duration) {
+        if let Balance::PeakEwma(e) = self.balance
+            && e.signal == signal
+        {
+            self.ewma[backend].observe(rtt, now, e.decay);
+        }
+    }
+
+    /// `peak_ewma`'s cost of `backend` in microseconds, if it balances so.
+    pub fn ewma_cost(&self, backend: usize) -> Option<f64> {
+        self.ewma.get(backend).map(PeakEwma::cost)
     }
 
     /// Marks a backend up or down (from its probe). Down backends are tried
@@ -259,14 +319,15 @@ impl RouteTable {
     /// choice of each other group (primary first); backends a probe marked
     /// down come after all of those. At most `max` attempts; weight-0
     /// backends are never tried.
-    pub fn plan(&self, ticket: u64, max: usize) -> Vec<Attempt> {
+    /// `key`: the hash of the client's address, for `source_hash`.
+    pub fn plan(&self, ticket: u64, max: usize, key: u64) -> Vec<Attempt> {
         let mut plan = Vec::with_capacity(max);
-        self.plan_into(ticket, max, &mut plan);
+        self.plan_into(ticket, max, key, &mut plan);
         plan
     }
 
     /// As `plan`, into a reused buffer: no allocation on the hot path.
-    pub fn plan_into(&self, ticket: u64, max: usize, plan: &mut Vec<Attempt>) {
+    pub fn plan_into(&self, ticket: u64, max: usize, key: u64, plan: &mut Vec<Attempt>) {
         plan.clear();
         let first_group = self.weights.pick(ticket);
         // Allocates only when some backend is probed down.
@@ -280,7 +341,7 @@ impl RouteTable {
             }
         };
         let g = &self.groups[first_group];
-        let first = g.next_backend();
+        let first = g.next_backend(key);
         let n = g.backends().len();
         for k in 0..n {
             let b = (first + k) % n;
@@ -290,7 +351,7 @@ impl RouteTable {
         }
         for (gi, g) in self.groups.iter().enumerate() {
             if gi != first_group {
-                push(gi, g.peek_backend());
+                push(gi, g.peek_backend(key));
             }
         }
         plan.extend(down);
@@ -346,18 +407,28 @@ impl Router {
         Ok(())
     }
 
-    /// The plan for the next new connection.
-    pub fn plan_next(&self, max_attempts: usize) -> (Arc<RouteTable>, Vec<Attempt>) {
+    /// The plan for the next new connection, from client `key` (the hash
+    /// of its address; see `client_key`).
+    pub fn plan_next(&self, max_attempts: usize, key: u64) -> (Arc<RouteTable>, Vec<Attempt>) {
         let ticket = self.tickets.fetch_add(1, Ordering::Relaxed);
         let table = self.table.load_full();
-        let plan = table.plan(ticket, max_attempts);
+        let plan = table.plan(ticket, max_attempts, key);
         (table, plan)
     }
 
     /// The plan for the next new connection, into a reused buffer.
-    pub fn plan_next_into(&self, max_attempts: usize, out: &mut Vec<Attempt>) {
+    pub fn plan_next_into(&self, max_attempts: usize, key: u64, out: &mut Vec<Attempt>) {
         let ticket = self.tickets.fetch_add(1, Ordering::Relaxed);
-        self.table.load().plan_into(ticket, max_attempts, out);
+        self.table.load().plan_into(ticket, max_attempts, key, out);
+    }
+}
+
+/// The `source_hash` key of a client address: its bytes hashed, the same
+/// on every instance and build.
+pub fn client_key(ip: std::net::IpAddr) -> u64 {
+    match ip {
+        std::net::IpAddr::V4(v4) => super::maglev::fnv1a(&v4.octets(), 0),
+        std::net::IpAddr::V6(v6) => super::maglev::fnv1a(&v6.octets(), 0),
     }
 }
 
@@ -428,11 +499,11 @@ mod tests {
         ));
         let backup = Arc::new(GroupRoutes::new("b", backends(&[1]), Balance::RoundRobin));
         let router = Router::new(vec![primary, backup]);
-        let (_, plan) = router.plan_next(8);
+        let (_, plan) = router.plan_next(8, 0);
         let groups: Vec<usize> = plan.iter().map(|a| a.group).collect();
         assert_eq!(groups, vec![0, 0, 1]);
         assert_ne!(plan[0].backend, plan[1].backend);
-        assert_eq!(router.plan_next(2).1.len(), 2);
+        assert_eq!(router.plan_next(2, 0).1.len(), 2);
     }
 
     #[test]
@@ -446,7 +517,7 @@ mod tests {
         primary.set_up(0, false);
         let router = Router::new(vec![primary, backup]);
         for _ in 0..4 {
-            let plan = router.plan_next(8).1;
+            let plan = router.plan_next(8, 0).1;
             let order: Vec<(usize, usize)> = plan.iter().map(|a| (a.group, a.backend)).collect();
             assert_eq!(order, vec![(0, 1), (1, 0), (0, 0)]);
         }
@@ -466,7 +537,7 @@ mod tests {
         primary.set_up(1, false);
         let router = Router::new(vec![primary, backup]);
         let order = |max| -> Vec<(usize, usize)> {
-            let plan = router.plan_next(max).1;
+            let plan = router.plan_next(max, 0).1;
             plan.iter().map(|a| (a.group, a.backend)).collect()
         };
         assert_eq!(order(8), vec![(0, 2), (0, 3), (1, 0), (0, 0), (0, 1)]);
@@ -482,7 +553,7 @@ mod tests {
         router
             .publish(Weights::new(vec![0, 10_000]).unwrap())
             .unwrap();
-        assert_eq!(router.plan_next(1).1[0].group, 1);
+        assert_eq!(router.plan_next(1, 0).1[0].group, 1);
     }
 
     #[test]
@@ -496,5 +567,47 @@ mod tests {
         assert_eq!(g.active(0), 1);
         drop(guard);
         assert_eq!(g.active(0), 0);
+    }
+
+    /// `source_hash`: every connection of one client starts on the same
+    /// backend, and clients spread over all of them.
+    #[test]
+    fn source_hash_plans_start_on_the_clients_backend() {
+        let g = Arc::new(GroupRoutes::new(
+            "g",
+            backends(&[1, 1, 1, 1]),
+            Balance::SourceHash,
+        ));
+        let router = Router::new(vec![g]);
+        let mut used = std::collections::HashSet::new();
+        for client in 0..100u8 {
+            let key = client_key(std::net::IpAddr::from([10, 0, 0, client]));
+            let first = router.plan_next(4, key).1[0];
+            for _ in 0..5 {
+                assert_eq!(router.plan_next(4, key).1[0], first, "client {client}");
+            }
+            assert_eq!(router.plan_next(4, key).1.len(), 4, "then the others");
+            used.insert(first.backend);
+        }
+        assert_eq!(used.len(), 4);
+    }
+
+    /// `peak_ewma` reads the signal it is set to, and moves away from a
+    /// backend whose samples turn slow.
+    #[test]
+    fn peak_ewma_reads_its_signal_and_avoids_the_slow_backend() {
+        let settings = crate::core::backend::EwmaSettings::default();
+        let g = Arc::new(GroupRoutes::new(
+            "g",
+            backends(&[1, 1]),
+            Balance::PeakEwma(settings),
+        ));
+        let ms = Duration::from_millis;
+        g.observe(1, Signal::Connect, ms(500), ms(1));
+        assert_eq!(g.ewma_cost(1), Some(30_000.0), "connect is not its signal");
+        g.observe(1, Signal::Exchange, ms(500), ms(1));
+        g.observe(0, Signal::Exchange, ms(5), ms(1));
+        let router = Router::new(vec![g]);
+        assert!((0..100).all(|_| router.plan_next(2, 0).1[0].backend == 0));
     }
 }

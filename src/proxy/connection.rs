@@ -9,7 +9,7 @@ use super::tls::{self, Client, Upstream};
 use crate::access_log::AccessRecord;
 use crate::config::SocketOptions;
 use crate::core::blame::Blame;
-use crate::core::routes::{Attempt, GroupRoutes};
+use crate::core::routes::{Attempt, GroupRoutes, client_key};
 use crate::core::stats::Signal;
 use crate::core::turns::{Side, Turn};
 use crate::telemetry::ErrorKind;
@@ -127,7 +127,8 @@ pub async fn handle(
     {
         return;
     }
-    let (table, plan) = state.router.plan_next(state.connect_attempts);
+    let key = client_key(crate::config::canonical_ip(peer.client.ip()));
+    let (table, plan) = state.router.plan_next(state.connect_attempts, key);
     let mut from = 0;
     let mut replay: Option<copy::Replay> = None;
     // Whose fault the latest failure was, for the client's closing if no
@@ -146,6 +147,7 @@ pub async fn handle(
         let attempt = plan[i];
         let opening = Opening {
             attempt,
+            routes: &table.groups[attempt.group],
             addr: table.groups[attempt.group].addr(attempt.backend),
             peer: &peer,
             preface: preface.as_deref(),
@@ -223,6 +225,7 @@ async fn first_byte_in_time(state: &ListenerState, client: &TcpStream) -> bool {
 /// A connected backend about to carry a client.
 struct Opening<'a> {
     attempt: Attempt,
+    routes: &'a GroupRoutes,
     addr: SocketAddr,
     peer: &'a Peer,
     preface: Option<&'a [u8]>,
@@ -252,7 +255,7 @@ async fn open(
             match tls::connect(t, o.addr, tcp, state.connect_timeout).await {
                 Ok(s) => {
                     let connect = connect + state.clock.now().saturating_sub(started);
-                    record_connect(state, o.attempt, connect);
+                    record_connect(state, o.routes, o.attempt, connect);
                     (Upstream::Tls(Box::new(s)), connect)
                 }
                 Err(e) => return Err(tls_failed(state, o.attempt, o.addr, &e)),
@@ -281,10 +284,12 @@ fn tls_failed(state: &ListenerState, attempt: Attempt, addr: SocketAddr, e: &io:
     blame
 }
 
-/// A `connect` sample for the backend of `attempt`.
-fn record_connect(state: &ListenerState, attempt: Attempt, took: Duration) {
+/// A `connect` sample for the backend of `attempt` (in `routes`, its
+/// group, whose balancer may read it).
+fn record_connect(state: &ListenerState, routes: &GroupRoutes, attempt: Attempt, took: Duration) {
+    let now = state.clock.now();
+    routes.observe(attempt.backend, Signal::Connect, took, now);
     if state.record_latency {
-        let now = state.clock.now();
         state.stats[attempt.group].backends[attempt.backend].record(Signal::Connect, now, took);
         state.metrics[attempt.group][attempt.backend].latency(Signal::Connect, took);
     }
@@ -357,7 +362,11 @@ async fn proxy_one(
     metrics.active.increment(1.0);
     let first_byte_us = AtomicU64::new(0);
     let record = state.record_latency;
+    let routes = &groups[attempt.group];
     let on_turn = |turn: Turn, now: Duration| {
+        // A latency-aware balancer reads the turns whether or not they
+        // are recorded.
+        routes.observe(attempt.backend, Signal::Exchange, turn.latency, now);
         if !record {
             return;
         }
@@ -504,7 +513,7 @@ async fn connect_first(
                     let took = state.clock.now() - started;
                     // A TLS group's sample waits for its handshake.
                     if state.tls_to[attempt.group].is_none() {
-                        record_connect(state, attempt, took);
+                        record_connect(state, &groups[attempt.group], attempt, took);
                     }
                     return Ok((i, stream, took));
                 }

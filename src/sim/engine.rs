@@ -9,7 +9,7 @@ use super::model::{Arrivals, Sampler};
 pub use super::outcome::{DecisionRow, Headline, PhaseStats, TickRow};
 use super::outcome::{Observed, headline};
 use super::scenario::Scenario;
-use crate::core::backend::{Backend, Balance};
+use crate::core::backend::Backend;
 use crate::core::policy::{Action, Decision, Engine, GroupInput, Policy, PolicyState, Reason};
 use crate::core::routes::{Attempt, GroupRoutes, Router};
 use crate::core::stats::{GroupStats, Signal, WindowConfig, new_histogram};
@@ -152,6 +152,8 @@ pub fn run_deciding(
 /// state (all instances share the backends).
 struct Inst {
     router: Router,
+    /// The router's groups, kept for their balancers' latency samples.
+    groups: Vec<std::sync::Arc<GroupRoutes>>,
     stats: Vec<GroupStats>,
     pstate: PolicyState,
     /// Open requests per group (connected, not done), for a fleet.
@@ -164,8 +166,10 @@ struct Inst {
 
 impl Inst {
     fn new(sc: &Scenario, policy: &Policy, window: WindowConfig) -> Self {
+        let groups = routes(sc);
         Inst {
-            router: Router::new(routes(sc)),
+            router: Router::new(groups.clone()),
+            groups,
             stats: sc
                 .groups
                 .iter()
@@ -178,6 +182,11 @@ impl Inst {
             flaps: 0,
             last_recovered: false,
         }
+    }
+
+    /// A latency sample for `a`'s group's balancer (peak_ewma reads it).
+    fn observe(&self, a: Attempt, signal: Signal, rtt: Duration, now: Duration) {
+        self.groups[a.group].observe(a.backend, signal, rtt, now);
     }
 
     /// Notes a decision for the instance's own figures.
@@ -421,9 +430,16 @@ impl<'a> Sim<'a> {
         };
         let req = &mut self.reqs[id as usize];
         req.inst = inst;
-        self.insts[inst as usize]
-            .router
-            .plan_next_into(self.sc.measurement.connect_attempts as usize, &mut req.plan);
+        // A population of 10,000 clients, each request from one drawn by
+        // its seed: what `source_hash` keys on.
+        let key = crate::core::routes::client_key(std::net::IpAddr::from(
+            ((seed % 10_000) as u32).to_be_bytes(),
+        ));
+        self.insts[inst as usize].router.plan_next_into(
+            self.sc.measurement.connect_attempts as usize,
+            key,
+            &mut req.plan,
+        );
         (
             req.arrival,
             req.seed,
@@ -466,6 +482,8 @@ impl<'a> Sim<'a> {
             let inst = self.window_of(self.reqs[id as usize].inst);
             let inst = &mut self.insts[inst];
             inst.stats[a.group].backends[a.backend].record(Signal::Connect, dur(t + rtt), dur(rtt));
+            inst.observe(a, Signal::Connect, dur(rtt), dur(t + rtt));
+            inst.groups[a.group].opened(a.backend, true);
             inst.active[a.group] += 1;
             let (service, fails, degraded) = self.service(t, id, a);
             let req = self.req_mut(id);
@@ -540,11 +558,13 @@ impl<'a> Sim<'a> {
         let (fails, degraded, inst) = (req.fails, req.degraded, self.window_of(req.inst));
         let inst = &mut self.insts[inst];
         inst.active[a.group] -= 1;
+        inst.groups[a.group].opened(a.backend, false);
         let stats = &inst.stats[a.group].backends[a.backend];
         if fails {
             stats.record_error(Signal::Exchange, dur(t));
         } else {
             stats.record(Signal::Exchange, dur(t), exchange);
+            inst.observe(a, Signal::Exchange, exchange, dur(t));
             // One request per connection: first_byte equals exchange, so it
             // is recorded only for a policy that reads it.
             if self.engine.policy.signal == Signal::FirstByte {
@@ -837,7 +857,7 @@ fn routes(sc: &Scenario) -> Vec<std::sync::Arc<GroupRoutes>> {
                     weight: 1,
                 })
                 .collect();
-            std::sync::Arc::new(GroupRoutes::new(&g.name, backends, Balance::RoundRobin))
+            std::sync::Arc::new(GroupRoutes::new(&g.name, backends, g.balance))
         })
         .collect()
 }

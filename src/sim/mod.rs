@@ -399,7 +399,8 @@ fn set_path(table: &mut toml::Table, key: &str, value: toml::Value) -> Result<()
 /// Checks a run against the scenario's `[expect]` table; returns what is
 /// not met. Keys: `shift` (bool), `fail_back` (bool), `first_rule`,
 /// `max_backup_share_at_most`, `max_backup_share_at_least`, `flaps_at_most`,
-/// `client_errors_at_most`, `weight_changes_at_most`, `detect_within_s`.
+/// `client_errors_at_most`, `weight_changes_at_most`, `detect_within_s`,
+/// `client_p99_ms_at_most`, `slo_violations_at_most`.
 pub fn check_expectations(sc: &Scenario, r: &SimRun, local: Option<&SimRun>) -> Vec<String> {
     let h = &r.headline;
     let mut unmet = Vec::new();
@@ -420,6 +421,8 @@ pub fn check_expectations(sc: &Scenario, r: &SimRun, local: Option<&SimRun>) -> 
             ("flaps_at_most", _) => num.is_some_and(|n| h.flaps as f64 <= n),
             ("client_errors_at_most", _) => num.is_some_and(|n| h.client_errors as f64 <= n),
             ("weight_changes_at_most", _) => num.is_some_and(|n| h.weight_changes as f64 <= n),
+            ("client_p99_ms_at_most", _) => num.is_some_and(|n| h.client_p99_ms <= n),
+            ("slo_violations_at_most", _) => num.is_some_and(|n| h.slo_violations as f64 <= n),
             ("detect_within_s", _) => {
                 num.is_some_and(|n| h.time_to_detect_s.is_some_and(|d| d <= n))
             }
@@ -429,8 +432,8 @@ pub fn check_expectations(sc: &Scenario, r: &SimRun, local: Option<&SimRun>) -> 
             }
         };
         if !ok {
-            unmet.push(format!("{k} = {v} (got: shift at {:?}, max share {:.2}, flaps {}, errors {}, changes {}, fail back {:?}, first rule {:?})",
-                h.first_shift_at_s, h.max_backup_share, h.flaps, h.client_errors, h.weight_changes, h.time_to_fail_back_s, h.first_rule));
+            unmet.push(format!("{k} = {v} (got: shift at {:?}, max share {:.2}, flaps {}, errors {}, changes {}, fail back {:?}, first rule {:?}, client p99 {:.1} ms, over SLO {})",
+                h.first_shift_at_s, h.max_backup_share, h.flaps, h.client_errors, h.weight_changes, h.time_to_fail_back_s, h.first_rule, h.client_p99_ms, h.slo_violations));
         }
     }
     unmet

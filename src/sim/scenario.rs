@@ -4,6 +4,7 @@
 
 use crate::config::ConfigError;
 use crate::config::diagnostic::{Reporter, did_you_mean};
+use crate::core::backend::Balance;
 use serde::Deserialize;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
@@ -46,6 +47,8 @@ struct RawGroup {
     name: S<String>,
     #[serde(rename = "backend")]
     backends: S<Vec<RawBackend>>,
+    /// As a config group's `balance` (peak_ewma with its defaults).
+    balance: Option<S<String>>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -159,6 +162,7 @@ pub struct Scenario {
 pub struct SimGroup {
     pub name: String,
     pub backends: Vec<SimBackend>,
+    pub balance: Balance,
 }
 
 #[derive(Debug, Clone)]
@@ -451,7 +455,26 @@ impl Validator<'_, '_> {
         SimGroup {
             name: g.name.get_ref().clone(),
             backends,
+            balance: self.balance(g),
         }
+    }
+
+    fn balance(&mut self, g: &RawGroup) -> Balance {
+        let Some(b) = &g.balance else {
+            return Balance::default();
+        };
+        Balance::from_name(b.get_ref()).unwrap_or_else(|| {
+            self.rep.error(
+                b.span(),
+                format!(
+                    "group `{}`: unknown balance `{}`",
+                    g.name.get_ref(),
+                    b.get_ref()
+                ),
+                did_you_mean(b.get_ref(), Balance::NAMES),
+            );
+            Balance::default()
+        })
     }
 
     fn latency(&mut self, raw: &S<RawLatency>) -> LatencyModel {
