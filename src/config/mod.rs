@@ -5,6 +5,7 @@
 mod balance;
 mod describe;
 pub(crate) mod diagnostic;
+mod eject;
 mod fleet;
 mod knock;
 mod listen;
@@ -97,6 +98,8 @@ pub struct Group {
     pub send_proxy_protocol: Option<ProxyVersion>,
     /// Speak TLS to the backends (after any PROXY protocol header).
     pub tls: Option<TlsOriginate>,
+    /// Take backends that fail out of rotation for a while.
+    pub eject: Option<crate::core::eject::EjectPolicy>,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]

@@ -41,6 +41,20 @@ pub struct RawGroup {
     pub tls: Option<S<RawTlsClient>>,
     /// `balance = "peak_ewma"`'s settings.
     pub peak_ewma: Option<S<RawPeakEwma>>,
+    /// Passive ejection of backends that fail.
+    pub eject: Option<S<RawEject>>,
+}
+
+/// When a group takes a failing backend out of rotation.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawEject {
+    pub consecutive_failures: Option<S<u32>>,
+    pub error_rate_above: Option<S<f64>>,
+    pub min_requests: Option<S<u32>>,
+    pub base_time: Option<S<String>>,
+    pub max_time: Option<S<String>>,
+    pub max_percent: Option<S<u32>>,
 }
 
 /// What `peak_ewma` measures backends by.

@@ -163,6 +163,7 @@ impl Validator<'_, '_> {
             probe: raw.probe.as_ref().map(|p| self.probe(name, p)),
             send_proxy_protocol: self.send_proxy_protocol(name, raw.send_proxy_protocol.as_ref()),
             tls: self.tls_originate(name, raw.tls.as_ref()),
+            eject: self.eject(name, raw.eject.as_ref()),
         }
     }
 

@@ -4,6 +4,7 @@
 
 pub mod backend;
 pub mod blame;
+pub mod eject;
 pub mod ewma;
 pub mod fleet;
 pub mod knock;

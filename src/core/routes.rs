@@ -6,6 +6,7 @@
 //! look at it again, so a weight change cuts nobody.
 
 use crate::core::backend::{Backend, Balance};
+use crate::core::eject::{EjectPolicy, Ejections};
 use crate::core::ewma::{PeakEwma, p2c, spread};
 use crate::core::maglev::Maglev;
 use crate::core::stats::Signal;
@@ -98,6 +99,8 @@ pub struct GroupRoutes {
     maglev: Option<Maglev>,
     /// `peak_ewma`: each backend's cost (empty otherwise).
     ewma: Vec<PeakEwma>,
+    /// Passive ejection, when the group configures it.
+    ejections: Option<Ejections>,
 }
 
 // === impl GroupRoutes ===
@@ -126,6 +129,7 @@ impl GroupRoutes {
             up: backends.iter().map(|_| AtomicBool::new(true)).collect(),
             maglev,
             ewma,
+            ejections: None,
             backends,
             balance,
             schedule,
@@ -133,8 +137,29 @@ impl GroupRoutes {
         }
     }
 
+    /// The same group, ejecting failing backends under `policy`.
+    pub fn with_ejection(mut self, policy: Option<EjectPolicy>) -> Self {
+        self.ejections = policy.map(|p| Ejections::new(p, self.backends.len()));
+        self
+    }
+
     pub fn backends(&self) -> &[Backend] {
         &self.backends
+    }
+
+    /// Passive ejection's state, if the group ejects.
+    pub fn ejections(&self) -> Option<&Ejections> {
+        self.ejections.as_ref()
+    }
+
+    /// Whether `backend` is in rotation at `now`: up by its probe and not
+    /// ejected.
+    pub fn in_rotation(&self, backend: usize, now: Duration) -> bool {
+        self.is_up(backend)
+            && self
+                .ejections
+                .as_ref()
+                .is_none_or(|e| !e.is_ejected(backend, now))
     }
 
     pub fn addr(&self, backend: usize) -> SocketAddr {
@@ -319,22 +344,29 @@ impl RouteTable {
     /// choice of each other group (primary first); backends a probe marked
     /// down come after all of those. At most `max` attempts; weight-0
     /// backends are never tried.
-    /// `key`: the hash of the client's address, for `source_hash`.
-    pub fn plan(&self, ticket: u64, max: usize, key: u64) -> Vec<Attempt> {
+    /// `key`: the hash of the client's address, for `source_hash`;
+    /// backends ejected at `now` come last, with those probed down.
+    pub fn plan(&self, ticket: u64, max: usize, key: u64, now: Duration) -> Vec<Attempt> {
         let mut plan = Vec::with_capacity(max);
-        self.plan_into(ticket, max, key, &mut plan);
+        self.plan_into(ticket, max, (key, now), &mut plan);
         plan
     }
 
     /// As `plan`, into a reused buffer: no allocation on the hot path.
-    pub fn plan_into(&self, ticket: u64, max: usize, key: u64, plan: &mut Vec<Attempt>) {
+    pub fn plan_into(
+        &self,
+        ticket: u64,
+        max: usize,
+        (key, now): (u64, Duration),
+        plan: &mut Vec<Attempt>,
+    ) {
         plan.clear();
         let first_group = self.weights.pick(ticket);
         // Allocates only when some backend is probed down.
         let mut down = Vec::new();
         let mut push = |group: usize, backend: usize| {
             let a = Attempt { group, backend };
-            if self.groups[group].is_up(backend) {
+            if self.groups[group].in_rotation(backend, now) {
                 plan.push(a);
             } else {
                 down.push(a);
@@ -409,17 +441,29 @@ impl Router {
 
     /// The plan for the next new connection, from client `key` (the hash
     /// of its address; see `client_key`).
-    pub fn plan_next(&self, max_attempts: usize, key: u64) -> (Arc<RouteTable>, Vec<Attempt>) {
+    pub fn plan_next(
+        &self,
+        max_attempts: usize,
+        key: u64,
+        now: Duration,
+    ) -> (Arc<RouteTable>, Vec<Attempt>) {
         let ticket = self.tickets.fetch_add(1, Ordering::Relaxed);
         let table = self.table.load_full();
-        let plan = table.plan(ticket, max_attempts, key);
+        let plan = table.plan(ticket, max_attempts, key, now);
         (table, plan)
     }
 
     /// The plan for the next new connection, into a reused buffer.
-    pub fn plan_next_into(&self, max_attempts: usize, key: u64, out: &mut Vec<Attempt>) {
+    pub fn plan_next_into(
+        &self,
+        max_attempts: usize,
+        (key, now): (u64, Duration),
+        out: &mut Vec<Attempt>,
+    ) {
         let ticket = self.tickets.fetch_add(1, Ordering::Relaxed);
-        self.table.load().plan_into(ticket, max_attempts, key, out);
+        self.table
+            .load()
+            .plan_into(ticket, max_attempts, (key, now), out);
     }
 }
 
@@ -499,11 +543,11 @@ mod tests {
         ));
         let backup = Arc::new(GroupRoutes::new("b", backends(&[1]), Balance::RoundRobin));
         let router = Router::new(vec![primary, backup]);
-        let (_, plan) = router.plan_next(8, 0);
+        let (_, plan) = router.plan_next(8, 0, Duration::ZERO);
         let groups: Vec<usize> = plan.iter().map(|a| a.group).collect();
         assert_eq!(groups, vec![0, 0, 1]);
         assert_ne!(plan[0].backend, plan[1].backend);
-        assert_eq!(router.plan_next(2, 0).1.len(), 2);
+        assert_eq!(router.plan_next(2, 0, Duration::ZERO).1.len(), 2);
     }
 
     #[test]
@@ -517,7 +561,7 @@ mod tests {
         primary.set_up(0, false);
         let router = Router::new(vec![primary, backup]);
         for _ in 0..4 {
-            let plan = router.plan_next(8, 0).1;
+            let plan = router.plan_next(8, 0, Duration::ZERO).1;
             let order: Vec<(usize, usize)> = plan.iter().map(|a| (a.group, a.backend)).collect();
             assert_eq!(order, vec![(0, 1), (1, 0), (0, 0)]);
         }
@@ -537,7 +581,7 @@ mod tests {
         primary.set_up(1, false);
         let router = Router::new(vec![primary, backup]);
         let order = |max| -> Vec<(usize, usize)> {
-            let plan = router.plan_next(max, 0).1;
+            let plan = router.plan_next(max, 0, Duration::ZERO).1;
             plan.iter().map(|a| (a.group, a.backend)).collect()
         };
         assert_eq!(order(8), vec![(0, 2), (0, 3), (1, 0), (0, 0), (0, 1)]);
@@ -553,7 +597,7 @@ mod tests {
         router
             .publish(Weights::new(vec![0, 10_000]).unwrap())
             .unwrap();
-        assert_eq!(router.plan_next(1, 0).1[0].group, 1);
+        assert_eq!(router.plan_next(1, 0, Duration::ZERO).1[0].group, 1);
     }
 
     #[test]
@@ -582,11 +626,19 @@ mod tests {
         let mut used = std::collections::HashSet::new();
         for client in 0..100u8 {
             let key = client_key(std::net::IpAddr::from([10, 0, 0, client]));
-            let first = router.plan_next(4, key).1[0];
+            let first = router.plan_next(4, key, Duration::ZERO).1[0];
             for _ in 0..5 {
-                assert_eq!(router.plan_next(4, key).1[0], first, "client {client}");
+                assert_eq!(
+                    router.plan_next(4, key, Duration::ZERO).1[0],
+                    first,
+                    "client {client}"
+                );
             }
-            assert_eq!(router.plan_next(4, key).1.len(), 4, "then the others");
+            assert_eq!(
+                router.plan_next(4, key, Duration::ZERO).1.len(),
+                4,
+                "then the others"
+            );
             used.insert(first.backend);
         }
         assert_eq!(used.len(), 4);
@@ -608,6 +660,6 @@ mod tests {
         g.observe(1, Signal::Exchange, ms(500), ms(1));
         g.observe(0, Signal::Exchange, ms(5), ms(1));
         let router = Router::new(vec![g]);
-        assert!((0..100).all(|_| router.plan_next(2, 0).1[0].backend == 0));
+        assert!((0..100).all(|_| router.plan_next(2, 0, Duration::ZERO).1[0].backend == 0));
     }
 }

@@ -128,7 +128,9 @@ pub async fn handle(
         return;
     }
     let key = client_key(crate::config::canonical_ip(peer.client.ip()));
-    let (table, plan) = state.router.plan_next(state.connect_attempts, key);
+    let (table, plan) = state
+        .router
+        .plan_next(state.connect_attempts, key, state.clock.now());
     let mut from = 0;
     let mut replay: Option<copy::Replay> = None;
     // Whose fault the latest failure was, for the client's closing if no
@@ -275,8 +277,7 @@ async fn open(
 fn tls_failed(state: &ListenerState, attempt: Attempt, addr: SocketAddr, e: &io::Error) -> Blame {
     let blame = Blame::of_connect(e);
     if blame == Blame::Upstream {
-        let stats = &state.stats[attempt.group].backends[attempt.backend];
-        stats.record_error(Signal::Connect, state.clock.now());
+        super::eject::backend_failed(state, attempt, Signal::Connect);
         state.metrics[attempt.group][attempt.backend].error(ErrorKind::TlsHandshake);
         state.outcomes.connect_failed(ConnectFailure::Other);
     }
@@ -398,7 +399,7 @@ async fn proxy_one(
     metrics.active.decrement(1.0);
     metrics.to_backend.increment(copied.up);
     metrics.to_client.increment(copied.down);
-    count_end(state, attempt, copied.end);
+    count_end(state, routes, attempt, copied.end);
     if copied.replay.is_none() {
         state.outcomes.ended(copied.end, copied.up, copied.down);
     }
@@ -419,14 +420,18 @@ async fn proxy_one(
 /// Counts how a proxied connection ended against the side that ended it:
 /// only the backend's own failure reaches its window (and so its error
 /// rate and the policy).
-fn count_end(state: &ListenerState, attempt: Attempt, end: End) {
+fn count_end(state: &ListenerState, routes: &GroupRoutes, attempt: Attempt, end: End) {
     let metrics = &state.metrics[attempt.group][attempt.backend];
+    if end != End::Failed(Blame::Upstream)
+        && let Some(e) = routes.ejections()
+    {
+        e.on_success(attempt.backend);
+    }
     match end {
         End::Closed { .. } => {}
         End::IdleTimeout => metrics.error(ErrorKind::IdleTimeout),
         End::Failed(Blame::Upstream) => {
-            let stats = &state.stats[attempt.group].backends[attempt.backend];
-            stats.record_error(Signal::Exchange, state.clock.now());
+            super::eject::backend_failed(state, attempt, Signal::Exchange);
             metrics.error(ErrorKind::Reset);
         }
         // The client aborted: counted, never the backend's fault.
@@ -481,8 +486,7 @@ fn log_one(
 fn resend_failed(state: &ListenerState, attempt: Attempt, e: &io::Error) -> Blame {
     let blame = Blame::of_io(Side::Upstream, e);
     if blame == Blame::Upstream {
-        let stats = &state.stats[attempt.group].backends[attempt.backend];
-        stats.record_error(Signal::Exchange, state.clock.now());
+        super::eject::backend_failed(state, attempt, Signal::Exchange);
         state.metrics[attempt.group][attempt.backend].error(ErrorKind::Reset);
     }
     debug!(listener = %state.name, error = %e, ?blame, "replaying the client's bytes failed");
@@ -504,7 +508,6 @@ async fn connect_first(
 ) -> Result<(usize, TcpStream, Duration), Blame> {
     for (i, &attempt) in plan.iter().enumerate().skip(from) {
         let addr = groups[attempt.group].addr(attempt.backend);
-        let stats = &state.stats[attempt.group].backends[attempt.backend];
         let metrics = &state.metrics[attempt.group][attempt.backend];
         let started = state.clock.now();
         let failure =
@@ -539,7 +542,7 @@ async fn connect_first(
             ConnectFailure::Local => None,
         };
         if let Some(kind) = kind {
-            stats.record_error(Signal::Connect, state.clock.now());
+            super::eject::backend_failed(state, attempt, Signal::Connect);
             metrics.error(kind);
             last = Blame::Upstream;
         } else {

@@ -11,6 +11,7 @@ mod connection;
 mod control;
 mod copy;
 mod decisions;
+mod eject;
 pub mod fleet;
 mod outcome;
 mod probe;

@@ -290,6 +290,16 @@ impl Shared {
     /// route's).
     fn start_unit(&self, unit: &Arc<ListenerState>, token: &CancellationToken) {
         probe::spawn_all(unit, &self.background, token);
+        if unit
+            .router
+            .table()
+            .groups
+            .iter()
+            .any(|g| g.ejections().is_some())
+        {
+            let watch = super::eject::watch_returns(Arc::clone(unit), token.clone());
+            self.background.spawn(watch);
+        }
         let fleet = self.fleet.get().cloned();
         if let Some(f) = &fleet {
             f.apply_known(unit);

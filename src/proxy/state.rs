@@ -220,7 +220,10 @@ impl ListenerState {
             router: Router::new(
                 groups
                     .iter()
-                    .map(|g| Arc::new(GroupRoutes::new(&g.name, g.backends.clone(), g.balance)))
+                    .map(|g| {
+                        let routes = GroupRoutes::new(&g.name, g.backends.clone(), g.balance);
+                        Arc::new(routes.with_ejection(g.eject))
+                    })
                     .collect(),
             ),
             outcomes: Outcomes::with_open(Arc::clone(&occupancy.open)),

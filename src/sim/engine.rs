@@ -437,7 +437,7 @@ impl<'a> Sim<'a> {
         ));
         self.insts[inst as usize].router.plan_next_into(
             self.sc.measurement.connect_attempts as usize,
-            key,
+            (key, dur(t)),
             &mut req.plan,
         );
         (

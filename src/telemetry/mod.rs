@@ -39,6 +39,8 @@ pub const ACCESS_LOG_DROPPED: &str = "portshift_access_log_dropped_total";
 pub const KNOCKS: &str = "portshift_knocks_total";
 pub const SNI_REJECTED: &str = "portshift_sni_rejected_total";
 pub const TLS_REJECTED: &str = "portshift_tls_rejected_total";
+pub const EJECTIONS: &str = "portshift_ejections_total";
+pub const EJECTED: &str = "portshift_backend_ejected";
 
 /// Whose series: a listener's own, or one of its routes' (with a `route`
 /// label; a listener without routes has none, so its series are as they
@@ -217,6 +219,14 @@ fn describe() {
         "Connections to a routed listener closed before a route was picked, by reason: not_tls, malformed, oversized, timeout, closed (the ClientHello), no_match (no route takes the server name, or none was sent, and the listener has no primary)"
     );
     metrics::describe_counter!(
+        EJECTIONS,
+        "Times a backend was taken out of rotation for its own failures (passive ejection)"
+    );
+    metrics::describe_gauge!(
+        EJECTED,
+        "1 while a backend is ejected, 0 once it has returned"
+    );
+    metrics::describe_counter!(
         TLS_REJECTED,
         "Connections to a listener that terminates TLS closed before the handshake completed, by reason: timeout, closed, handshake_failed"
     );
@@ -282,6 +292,8 @@ pub struct BackendMetrics {
     pub to_backend: Counter,
     pub to_client: Counter,
     pub probe_up: Gauge,
+    ejections: Counter,
+    ejected: Gauge,
     latency: Arc<histogram::BackendSeries>,
     errors: [Counter; 8],
 }
@@ -301,6 +313,8 @@ impl BackendMetrics {
             to_backend: metrics::counter!(BYTES, with("direction", "to_backend")),
             to_client: metrics::counter!(BYTES, with("direction", "to_client")),
             probe_up: metrics::gauge!(PROBE_UP, labels.clone()),
+            ejections: metrics::counter!(EJECTIONS, labels.clone()),
+            ejected: metrics::gauge!(EJECTED, labels.clone()),
             latency: histogram::backend_series(unit, group, backend),
             errors: ErrorKind::ALL.map(|k| metrics::counter!(ERRORS, with("kind", k.name()))),
         }
@@ -312,6 +326,17 @@ impl BackendMetrics {
 
     pub fn error(&self, kind: ErrorKind) {
         self.errors[kind as usize].increment(1);
+    }
+
+    /// The backend was ejected for its own failures.
+    pub fn ejected(&self) {
+        self.ejections.increment(1);
+        self.ejected.set(1.0);
+    }
+
+    /// An ejected backend is back in rotation.
+    pub fn returned(&self) {
+        self.ejected.set(0.0);
     }
 }
 

@@ -13,6 +13,7 @@ mod balance;
 mod blame;
 mod cli;
 mod docs;
+mod eject;
 mod etcd;
 mod fidelity;
 mod fleet;

@@ -545,6 +545,7 @@ async fn status(State(h): State<ProxyHandle>) -> Response {
 
 fn listener_status(s: &ListenerState, addrs: &[SocketAddr]) -> Value {
     let names = s.group_names();
+    let now = s.clock.now();
     let table = s.router.table();
     let groups: Vec<Value> = s
         .view()
@@ -556,7 +557,16 @@ fn listener_status(s: &ListenerState, addrs: &[SocketAddr]) -> Value {
                 .backends()
                 .iter()
                 .enumerate()
-                .map(|(bi, b)| json!({ "addr": b.addr.to_string(), "weight": b.weight, "active": routes.active(bi), "probe_up": routes.is_up(bi) }))
+                .map(|(bi, b)| {
+                    let mut v = json!({ "addr": b.addr.to_string(), "weight": b.weight, "active": routes.active(bi), "probe_up": routes.is_up(bi) });
+                    if let Some(e) = routes.ejections() {
+                        let left = e.ejected_until(bi).map(|u| u.saturating_sub(now));
+                        v["ejected"] = json!(e.is_ejected(bi, now));
+                        v["ejected_for_s"] = json!(left.filter(|l| !l.is_zero()).map(|l| l.as_secs_f64()));
+                        v["ejections"] = json!(e.times(bi));
+                    }
+                    v
+                })
                 .collect();
             let latency: Map<String, Value> = Signal::ALL.iter().map(|sig| (sig.name().to_owned(), snapshot_json(&g.signals[sig.index()]))).collect();
             json!({
