@@ -262,6 +262,8 @@ async fn every_dashboard_and_alert_query_returns_data_from_real_prometheus() {
     std::fs::create_dir(dir.path().join("policies")).unwrap();
     std::fs::write(dir.path().join("policies/flappy.toml"), POLICY).unwrap();
     let (dead1, dead2, no_etcd) = (dead_addr(), dead_addr(), dead_addr());
+    let leaf =
+        crate::certs::Ca::new(dir.path(), "ca").leaf(dir.path(), "edge", &["edge.test"], false);
     let fleet = format!(
         "[fleet]\nname = \"edge\"\netcd = [\"http://{no_etcd}\"]\nlease_ttl = \"2s\"\nstale_after = \"2s\"\n"
     );
@@ -323,6 +325,13 @@ listen = ["127.0.0.1:0"]
 primary = "main"
 knock = {{ sequence = [{knock}] }}
 
+# TLS terminated; the load's plain HTTP fails its handshake.
+[[listener]]
+name = "tlsedge"
+listen = ["127.0.0.1:0"]
+primary = "main"
+tls = {{ cert = "{cert}", key = "{key}" }}
+
 # Routes by TLS server name; the load's plain HTTP is refused (not_tls).
 [[listener]]
 name = "routed"
@@ -334,6 +343,8 @@ primary = "main"
 backups = ["spare"]
 "#,
         knock = free_port(),
+        cert = leaf.cert.display(),
+        key = leaf.key.display(),
         fast = fast.addr(),
         slow = slow.addr(),
         toggling = toggling.addr(),
