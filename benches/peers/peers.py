@@ -417,15 +417,22 @@ def report(raw_path, meta_path, out_path, latest_path=None):
                 }
             rows.append(row)
 
+    def ab(layout, key, on_name, off_name):
+        """Medians of one A/B pair of portshift variants: req/s and CPU."""
+        on = samples.get((layout, f"{key}_rps", on_name), [])
+        off = samples.get((layout, f"{key}_rps", off_name), [])
+        if not on and not off:
+            return None
+        con = samples.get((layout, f"{key}_cpu", on_name), [])
+        coff = samples.get((layout, f"{key}_cpu", off_name), [])
+        return (on, off, con, coff), (_median(on), _median(off), _median(con), _median(coff))
+
     tele = []
     for layout in order:
-        on = samples.get((layout, "tele_rps", "record_on"), [])
-        off = samples.get((layout, "tele_rps", "record_off"), [])
-        if not on and not off:
+        got = ab(layout, "tele", "record_on", "record_off")
+        if got is None:
             continue
-        con = samples.get((layout, "tele_cpu", "record_on"), [])
-        coff = samples.get((layout, "tele_cpu", "record_off"), [])
-        mon, moff, mcon, mcoff = _median(on), _median(off), _median(con), _median(coff)
+        (on, off, con, coff), (mon, moff, mcon, mcoff) = got
         cost = (moff - mon) / moff * 100.0 if moff and not math.isnan(moff) and not math.isnan(mon) else float("nan")
         ccost = (mcon - mcoff) / mcoff * 100.0 if mcoff and not math.isnan(mcoff) and not math.isnan(mcon) else float("nan")
         tele.append({
@@ -443,13 +450,10 @@ def report(raw_path, meta_path, out_path, latest_path=None):
     # The access log's cost: the same new-connection load, log off and on.
     access_log = []
     for layout in order:
-        on = samples.get((layout, "alog_rps", "log_on"), [])
-        off = samples.get((layout, "alog_rps", "log_off"), [])
-        if not on and not off:
+        got = ab(layout, "alog", "log_on", "log_off")
+        if got is None:
             continue
-        con = samples.get((layout, "alog_cpu", "log_on"), [])
-        coff = samples.get((layout, "alog_cpu", "log_off"), [])
-        mon, moff, mcon, mcoff = _median(on), _median(off), _median(con), _median(coff)
+        (on, off, con, coff), (mon, moff, mcon, mcoff) = got
         access_log.append({
             "layout": layout,
             "log_on_rps": nn(mon), "log_off_rps": nn(moff),

@@ -256,8 +256,9 @@ async fn open(
             let started = state.clock.now();
             match tls::connect(t, o.addr, tcp, state.connect_timeout).await {
                 Ok(s) => {
-                    let connect = connect + state.clock.now().saturating_sub(started);
-                    record_connect(state, o.routes, o.attempt, connect);
+                    let now = state.clock.now();
+                    let connect = connect + now.saturating_sub(started);
+                    record_connect(state, o.routes, o.attempt, (connect, now));
                     (Upstream::Tls(Box::new(s)), connect)
                 }
                 Err(e) => return Err(tls_failed(state, o.attempt, o.addr, &e)),
@@ -286,9 +287,13 @@ fn tls_failed(state: &ListenerState, attempt: Attempt, addr: SocketAddr, e: &io:
 }
 
 /// A `connect` sample for the backend of `attempt` (in `routes`, its
-/// group, whose balancer may read it).
-fn record_connect(state: &ListenerState, routes: &GroupRoutes, attempt: Attempt, took: Duration) {
-    let now = state.clock.now();
+/// group, whose balancer may read it): `took`, ending `now`.
+fn record_connect(
+    state: &ListenerState,
+    routes: &GroupRoutes,
+    attempt: Attempt,
+    (took, now): (Duration, Duration),
+) {
     routes.observe(attempt.backend, Signal::Connect, took, now);
     if state.record_latency {
         state.stats[attempt.group].backends[attempt.backend].record(Signal::Connect, now, took);
@@ -513,10 +518,11 @@ async fn connect_first(
         let failure =
             match tokio::time::timeout(state.connect_timeout, TcpStream::connect(addr)).await {
                 Ok(Ok(stream)) => {
-                    let took = state.clock.now() - started;
+                    let now = state.clock.now();
+                    let took = now - started;
                     // A TLS group's sample waits for its handshake.
                     if state.tls_to[attempt.group].is_none() {
-                        record_connect(state, &groups[attempt.group], attempt, took);
+                        record_connect(state, &groups[attempt.group], attempt, (took, now));
                     }
                     return Ok((i, stream, took));
                 }
