@@ -58,10 +58,6 @@ impl Ejections {
         }
     }
 
-    pub fn policy(&self) -> &EjectPolicy {
-        &self.policy
-    }
-
     /// A connection to `backend` ended with no failure of its own.
     pub fn on_success(&self, backend: usize) {
         self.consecutive[backend].store(0, Relaxed);
