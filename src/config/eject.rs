@@ -1,7 +1,9 @@
-//! A group's `eject` (passive ejection of failing backends), validated.
+//! A group's `eject` (passive ejection of failing backends) and
+//! `slow_start` (the ramp of a backend that joins or returns), validated.
 
-use super::raw::{RawEject, S};
+use super::raw::{RawEject, RawSlowStart, S};
 use super::validate::Validator;
+use crate::core::backend::SlowStart;
 use crate::core::eject::EjectPolicy;
 use std::time::Duration;
 
@@ -75,6 +77,44 @@ impl Validator<'_, '_> {
             base_time,
             max_time,
             max_percent,
+        })
+    }
+}
+
+impl Validator<'_, '_> {
+    pub(super) fn slow_start(
+        &mut self,
+        group: &str,
+        raw: Option<&S<RawSlowStart>>,
+    ) -> Option<SlowStart> {
+        let r = raw?.get_ref();
+        // A window that does not parse is reported there.
+        let window = self.rep.duration(&r.window, "slow_start.window", true)?;
+        if window.is_zero() {
+            self.rep.error(
+                r.window.span(),
+                format!("group `{group}`: `slow_start.window` must be longer than 0"),
+                Some("how long a new backend takes to reach its weight, e.g. \"30s\"".into()),
+            );
+        }
+        let min_percent = match &r.min_percent {
+            None => SlowStart::DEFAULT_MIN_PERCENT,
+            Some(p) if (1..=100).contains(p.get_ref()) => *p.get_ref(),
+            Some(p) => {
+                self.rep.error(
+                    p.span(),
+                    format!(
+                        "group `{group}`: `slow_start.min_percent` is {}; it must be 1 to 100",
+                        p.get_ref()
+                    ),
+                    None,
+                );
+                SlowStart::DEFAULT_MIN_PERCENT
+            }
+        };
+        Some(SlowStart {
+            window,
+            min_percent,
         })
     }
 }

@@ -100,6 +100,8 @@ pub struct Group {
     pub tls: Option<TlsOriginate>,
     /// Take backends that fail out of rotation for a while.
     pub eject: Option<crate::core::eject::EjectPolicy>,
+    /// Ramp backends that join, return from ejection or probe up again.
+    pub slow_start: Option<crate::core::backend::SlowStart>,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]

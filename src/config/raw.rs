@@ -43,6 +43,16 @@ pub struct RawGroup {
     pub peak_ewma: Option<S<RawPeakEwma>>,
     /// Passive ejection of backends that fail.
     pub eject: Option<S<RawEject>>,
+    /// Ramping up backends that join or return.
+    pub slow_start: Option<S<RawSlowStart>>,
+}
+
+/// How a group ramps a backend that joins or returns up to its weight.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawSlowStart {
+    pub window: S<String>,
+    pub min_percent: Option<S<u32>>,
 }
 
 /// When a group takes a failing backend out of rotation.

@@ -15,8 +15,8 @@ use std::time::Duration;
 pub const DEFAULT_CLIENT_HELLO_TIMEOUT: Duration = Duration::from_secs(5);
 
 /// Route names the admin API could not tell from its own path segments
-/// (`/routes/{listener}/policy/pause`).
-const RESERVED: &[&str] = &["policy"];
+/// (`/routes/{listener}/policy/pause`, `/routes/{listener}/groups/...`).
+const RESERVED: &[&str] = &["policy", "groups"];
 
 /// A route of a listener, validated.
 #[derive(Debug, Clone, PartialEq)]

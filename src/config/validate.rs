@@ -164,6 +164,7 @@ impl Validator<'_, '_> {
             send_proxy_protocol: self.send_proxy_protocol(name, raw.send_proxy_protocol.as_ref()),
             tls: self.tls_originate(name, raw.tls.as_ref()),
             eject: self.eject(name, raw.eject.as_ref()),
+            slow_start: self.slow_start(name, raw.slow_start.as_ref()),
         }
     }
 

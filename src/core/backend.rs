@@ -83,3 +83,28 @@ impl Balance {
         }
     }
 }
+
+/// `slow_start`: a backend that joins its group, returns from ejection or
+/// probes up again takes `min_percent` of its weight at first and its
+/// whole weight after `window`, growing linearly in between, so a cold
+/// backend is not flooded.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct SlowStart {
+    pub window: Duration,
+    pub min_percent: u32,
+}
+
+impl SlowStart {
+    pub const DEFAULT_MIN_PERCENT: u32 = 10;
+
+    /// The share of its weight a backend whose ramp began at `from` has at
+    /// `now`: from `min_percent` to 1.
+    pub fn factor(&self, from: Duration, now: Duration) -> f64 {
+        let elapsed = now.saturating_sub(from);
+        if elapsed >= self.window || self.window.is_zero() {
+            return 1.0;
+        }
+        let min = f64::from(self.min_percent.min(100)) / 100.0;
+        min + (1.0 - min) * elapsed.as_secs_f64() / self.window.as_secs_f64()
+    }
+}

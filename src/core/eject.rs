@@ -4,9 +4,13 @@
 //! `max_time`), then returns by itself. Never more than `max_percent` of a
 //! group is out at once, and never its last backend. Only upstream
 //! failures are fed here: a client that aborts never ejects a backend.
+//!
+//! Each backend's state (`EjectState`) belongs to the backend, so it
+//! survives a change of its group's membership; the group's `Ejections`
+//! holds the policy and decides one ejection at a time.
 
 use std::sync::Mutex;
-use std::sync::atomic::{AtomicU32, AtomicU64, Ordering::Relaxed};
+use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering::Relaxed};
 use std::time::Duration;
 
 /// When to eject, and for how long.
@@ -27,57 +31,92 @@ pub struct EjectPolicy {
 /// The rate is validated finite (0 to below 1), so equality is total.
 impl Eq for EjectPolicy {}
 
-/// One ejection: which backend, for how long, and the how-manieth.
+/// One ejection: for how long, and the how-manieth.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Ejected {
-    pub backend: usize,
     pub for_: Duration,
     pub times: u32,
 }
 
-/// A group's ejection state.
+/// One backend's ejection state.
+#[derive(Debug, Default)]
+pub struct EjectState {
+    consecutive: AtomicU32,
+    times: AtomicU32,
+    /// Ejected until, microseconds on the caller's clock; 0: never.
+    until_us: AtomicU64,
+    /// Set when ejected, taken when its return has been reported.
+    unreported: AtomicBool,
+}
+
+impl EjectState {
+    /// A connection ended with no failure of the backend's own.
+    pub fn on_success(&self) {
+        self.consecutive.store(0, Relaxed);
+    }
+
+    /// Whether the backend is out of rotation at `now`.
+    pub fn is_ejected(&self, now: Duration) -> bool {
+        self.until_us.load(Relaxed) > now.as_micros() as u64
+    }
+
+    /// When the backend's ejection ends (or ended), if it was ever ejected.
+    pub fn ejected_until(&self) -> Option<Duration> {
+        match self.until_us.load(Relaxed) {
+            0 => None,
+            us => Some(Duration::from_micros(us)),
+        }
+    }
+
+    /// Times the backend was ejected.
+    pub fn times(&self) -> u32 {
+        self.times.load(Relaxed)
+    }
+
+    /// True once, when an ejected backend is back in rotation at `now`: its
+    /// return is for the caller to report.
+    pub fn take_return(&self, now: Duration) -> bool {
+        !self.is_ejected(now) && self.unreported.swap(false, Relaxed)
+    }
+}
+
+/// A group's ejection policy, deciding one ejection at a time.
 #[derive(Debug)]
 pub struct Ejections {
     policy: EjectPolicy,
-    consecutive: Vec<AtomicU32>,
-    times: Vec<AtomicU32>,
-    /// Ejected until, microseconds on the caller's clock; 0: never.
-    until_us: Vec<AtomicU64>,
     /// Ejecting is rare: one at a time, so `max_percent` holds.
     deciding: Mutex<()>,
 }
 
 impl Ejections {
-    pub fn new(policy: EjectPolicy, backends: usize) -> Self {
+    pub fn new(policy: EjectPolicy) -> Self {
         Ejections {
             policy,
-            consecutive: (0..backends).map(|_| AtomicU32::new(0)).collect(),
-            times: (0..backends).map(|_| AtomicU32::new(0)).collect(),
-            until_us: (0..backends).map(|_| AtomicU64::new(0)).collect(),
             deciding: Mutex::new(()),
         }
     }
 
-    /// A connection to `backend` ended with no failure of its own.
-    pub fn on_success(&self, backend: usize) {
-        self.consecutive[backend].store(0, Relaxed);
+    pub fn policy(&self) -> EjectPolicy {
+        self.policy
     }
 
-    /// A failure of `backend`'s own at `now`. `window` gives its requests
-    /// and errors over the stats window, asked only when the error rate
-    /// could decide. `Some` when this failure ejects it.
-    pub fn on_failure(
+    /// A failure of `backend`'s own at `now`; `group` is every backend of
+    /// its group, itself included. `window` gives its requests and errors
+    /// over the stats window, asked only when the error rate could decide.
+    /// `Some` when this failure ejects it.
+    pub fn on_failure<'a>(
         &self,
-        backend: usize,
+        backend: &EjectState,
+        group: impl Fn() -> Vec<&'a EjectState>,
         now: Duration,
         window: impl FnOnce() -> (u64, u64),
     ) -> Option<Ejected> {
         let p = &self.policy;
         // Tried while out (every other backend failed too): not a new run.
-        if self.is_ejected(backend, now) {
+        if backend.is_ejected(now) {
             return None;
         }
-        let run = self.consecutive[backend].fetch_add(1, Relaxed) + 1;
+        let run = backend.consecutive.fetch_add(1, Relaxed) + 1;
         let by_count = p.consecutive_failures > 0 && run >= p.consecutive_failures;
         let by_rate = !by_count
             && p.error_rate_above.is_some_and(|limit| {
@@ -88,55 +127,32 @@ impl Ejections {
             return None;
         }
         let _one = self.deciding.lock().unwrap_or_else(|e| e.into_inner());
-        if self.is_ejected(backend, now) || self.out(now) >= self.allowed() {
+        let all = group();
+        if backend.is_ejected(now) || out(all.iter().copied(), now) >= self.allowed(all.len()) {
             return None;
         }
-        let times = self.times[backend].fetch_add(1, Relaxed) + 1;
+        let times = backend.times.fetch_add(1, Relaxed) + 1;
         let for_ = p.base_time.saturating_mul(times).min(p.max_time);
         let until = (now + for_).as_micros().max(1) as u64;
-        self.until_us[backend].store(until, Relaxed);
-        self.consecutive[backend].store(0, Relaxed);
-        Some(Ejected {
-            backend,
-            for_,
-            times,
-        })
+        backend.until_us.store(until, Relaxed);
+        backend.consecutive.store(0, Relaxed);
+        backend.unreported.store(true, Relaxed);
+        Some(Ejected { for_, times })
     }
 
-    /// Whether `backend` is out of rotation at `now`.
-    pub fn is_ejected(&self, backend: usize, now: Duration) -> bool {
-        self.until_us[backend].load(Relaxed) > now.as_micros() as u64
-    }
-
-    /// When `backend`'s ejection ends (or ended), if it was ever ejected.
-    pub fn ejected_until(&self, backend: usize) -> Option<Duration> {
-        match self.until_us[backend].load(Relaxed) {
-            0 => None,
-            us => Some(Duration::from_micros(us)),
-        }
-    }
-
-    /// Times `backend` was ejected.
-    pub fn times(&self, backend: usize) -> u32 {
-        self.times[backend].load(Relaxed)
-    }
-
-    /// Backends out at `now`.
-    pub fn out(&self, now: Duration) -> usize {
-        (0..self.until_us.len())
-            .filter(|&b| self.is_ejected(b, now))
-            .count()
-    }
-
-    /// How many may be out at once: `max_percent` of the group, at least
-    /// one if the group has two or more, never the last.
-    fn allowed(&self) -> usize {
-        let n = self.until_us.len();
+    /// How many of `n` may be out at once: `max_percent` of the group, at
+    /// least one if the group has two or more, never the last.
+    fn allowed(&self, n: usize) -> usize {
         if n < 2 {
             return 0;
         }
         (n * self.policy.max_percent as usize / 100).clamp(1, n - 1)
     }
+}
+
+/// Backends out at `now`.
+pub fn out<'a>(group: impl Iterator<Item = &'a EjectState>, now: Duration) -> usize {
+    group.filter(|s| s.is_ejected(now)).count()
 }
 
 #[cfg(test)]
@@ -156,77 +172,84 @@ mod tests {
         }
     }
 
+    /// A group of `n` backends under `p`.
+    struct Group {
+        e: Ejections,
+        states: Vec<EjectState>,
+    }
+
+    impl Group {
+        fn new(p: EjectPolicy, n: usize) -> Self {
+            Group {
+                e: Ejections::new(p),
+                states: (0..n).map(|_| EjectState::default()).collect(),
+            }
+        }
+
+        fn fail(&self, b: usize, now: Duration, window: (u64, u64)) -> Option<Ejected> {
+            let all = || self.states.iter().collect();
+            self.e.on_failure(&self.states[b], all, now, || window)
+        }
+    }
+
     #[test]
     fn failures_in_a_row_eject_for_longer_each_time_up_to_the_cap() {
-        let e = Ejections::new(policy(), 4);
-        let none = || (0, 0);
-        assert_eq!(e.on_failure(0, S, none), None);
-        e.on_success(0);
-        assert_eq!(e.on_failure(0, S, none), None);
-        assert_eq!(e.on_failure(0, S, none), None);
-        let first = e.on_failure(0, S, none).unwrap();
+        let g = Group::new(policy(), 4);
+        let none = (0, 0);
+        assert_eq!(g.fail(0, S, none), None);
+        g.states[0].on_success();
+        assert_eq!(g.fail(0, S, none), None);
+        assert_eq!(g.fail(0, S, none), None);
+        let first = g.fail(0, S, none).unwrap();
         assert_eq!((first.for_, first.times), (10 * S, 1));
-        assert!(e.is_ejected(0, 10 * S) && !e.is_ejected(0, 11 * S));
+        let s = &g.states[0];
+        assert!(s.is_ejected(10 * S) && !s.is_ejected(11 * S));
         // Failures while out do not extend it.
-        assert_eq!(e.on_failure(0, 2 * S, none), None);
+        assert_eq!(g.fail(0, 2 * S, none), None);
+        assert!(!s.take_return(10 * S), "still out");
+        assert!(s.take_return(11 * S), "back: reported once");
+        assert!(!s.take_return(11 * S));
         for _ in 0..2 {
-            e.on_failure(0, 12 * S, none);
+            g.fail(0, 12 * S, none);
         }
-        let second = e.on_failure(0, 12 * S, none).unwrap();
+        let second = g.fail(0, 12 * S, none).unwrap();
         assert_eq!((second.for_, second.times), (20 * S, 2));
         for _ in 0..3 {
-            e.on_failure(0, 40 * S, none);
+            g.fail(0, 40 * S, none);
         }
-        assert_eq!(e.times(0), 3);
-        assert_eq!(e.ejected_until(0), Some(65 * S), "capped at max_time");
+        assert_eq!(s.times(), 3);
+        assert_eq!(s.ejected_until(), Some(65 * S), "capped at max_time");
     }
 
     #[test]
     fn an_error_rate_ejects_once_there_are_enough_requests() {
-        let e = Ejections::new(policy(), 4);
-        e.on_success(1);
-        assert_eq!(
-            e.on_failure(1, S, || (9, 9)),
-            None,
-            "fewer than min_requests"
-        );
-        e.on_success(1);
-        assert_eq!(
-            e.on_failure(1, S, || (20, 10)),
-            None,
-            "at the rate, not above"
-        );
-        e.on_success(1);
-        assert!(e.on_failure(1, S, || (20, 11)).is_some());
+        let g = Group::new(policy(), 4);
+        assert_eq!(g.fail(1, S, (9, 9)), None, "fewer than min_requests");
+        g.states[1].on_success();
+        assert_eq!(g.fail(1, S, (20, 10)), None, "at the rate, not above");
+        g.states[1].on_success();
+        assert!(g.fail(1, S, (20, 11)).is_some());
     }
 
     #[test]
     fn never_more_than_max_percent_nor_the_last_backend() {
-        let e = Ejections::new(policy(), 4);
-        let fail = |b: usize| (0..3).find_map(|_| e.on_failure(b, S, || (0, 0)));
-        assert!(fail(0).is_some());
-        assert!(fail(1).is_some());
-        assert_eq!(fail(2), None, "50% of four are out");
-        assert_eq!(e.out(S), 2);
-        let alone = Ejections::new(policy(), 1);
-        assert!((0..10).all(|_| alone.on_failure(0, S, || (0, 0)).is_none()));
+        let g = Group::new(policy(), 4);
+        let fail = |g: &Group, b: usize| (0..3).find_map(|_| g.fail(b, S, (0, 0)));
+        assert!(fail(&g, 0).is_some());
+        assert!(fail(&g, 1).is_some());
+        assert_eq!(fail(&g, 2), None, "50% of four are out");
+        assert_eq!(out(g.states.iter(), S), 2);
+        let alone = Group::new(policy(), 1);
+        assert!((0..10).all(|_| alone.fail(0, S, (0, 0)).is_none()));
         // Two backends at 10%: still one may go.
-        let two = Ejections::new(
+        let two = Group::new(
             EjectPolicy {
                 max_percent: 10,
                 ..policy()
             },
             2,
         );
-        assert!(
-            (0..3)
-                .find_map(|_| two.on_failure(0, S, || (0, 0)))
-                .is_some()
-        );
-        assert!(
-            (0..3)
-                .find_map(|_| two.on_failure(1, S, || (0, 0)))
-                .is_none()
-        );
+        assert!(fail(&two, 0).is_some());
+        assert!(fail(&two, 1).is_none());
     }
 }

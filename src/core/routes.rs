@@ -5,8 +5,8 @@
 //! change applies to the very next connection. Established connections never
 //! look at it again, so a weight change cuts nobody.
 
-use crate::core::backend::{Backend, Balance};
-use crate::core::eject::{EjectPolicy, Ejections};
+use crate::core::backend::{Backend, Balance, SlowStart};
+use crate::core::eject::{self, EjectPolicy, EjectState, Ejected, Ejections};
 use crate::core::ewma::{PeakEwma, p2c, spread};
 use crate::core::maglev::Maglev;
 use crate::core::stats::Signal;
@@ -80,86 +80,261 @@ impl Weights {
     }
 }
 
-/// One group's backends and the counters its balancer needs. Shared between
-/// successive route tables so a weight change keeps round-robin position and
-/// active counts.
+/// One backend of a group and what is kept about it for as long as it
+/// stays a member: its open connections, probe health, drain, latency
+/// cost, ejection state, when its slow start began, and the caller's own
+/// per-backend state (`extra`: the proxy keeps its stats and metrics
+/// there). Shared by every route table the backend is in, so a change of
+/// its group's membership keeps all of it for the backends that stay.
 #[derive(Debug)]
-pub struct GroupRoutes {
+pub struct Member<X = ()> {
+    pub addr: SocketAddr,
+    active: AtomicU32,
+    /// What the active probe says; backends start up, and without a probe
+    /// they stay up.
+    up: AtomicBool,
+    /// No new connections; established ones finish.
+    draining: AtomicBool,
+    /// `peak_ewma`'s cost (kept whatever the balancer: cheap, and ready
+    /// if it changes).
+    ewma: PeakEwma,
+    pub eject: EjectState,
+    /// When its slow start began, microseconds on the caller's clock; 0:
+    /// a founding member, never ramped.
+    ramp_from_us: AtomicU64,
+    pub extra: X,
+}
+
+impl<X> Member<X> {
+    /// A backend that joins a group balanced by `balance` at `joined`
+    /// (`None`: with its group, at start).
+    fn new(addr: SocketAddr, extra: X, joined: Option<Duration>, balance: Balance) -> Self {
+        let rtt = match balance {
+            Balance::PeakEwma(e) => e.default_rtt,
+            _ => crate::core::backend::DEFAULT_EWMA_RTT,
+        };
+        Member {
+            addr,
+            active: AtomicU32::new(0),
+            up: AtomicBool::new(true),
+            draining: AtomicBool::new(false),
+            ewma: PeakEwma::new(rtt),
+            eject: EjectState::default(),
+            ramp_from_us: AtomicU64::new(joined.map_or(0, stamp)),
+            extra,
+        }
+    }
+
+    pub fn active(&self) -> u32 {
+        self.active.load(Ordering::Relaxed)
+    }
+
+    pub fn is_up(&self) -> bool {
+        self.up.load(Ordering::Relaxed)
+    }
+
+    pub fn is_draining(&self) -> bool {
+        self.draining.load(Ordering::Relaxed)
+    }
+
+    /// Marks it up or down (from its probe) at `now`; coming back up
+    /// starts its slow start.
+    pub fn set_up(&self, up: bool, now: Duration) {
+        let was = self.up.swap(up, Ordering::Relaxed);
+        if up && !was {
+            self.ramp_from_us.store(stamp(now), Ordering::Relaxed);
+        }
+    }
+
+    /// When its latest slow start began: it joined, probed up again, or
+    /// returned from ejection, whichever was last.
+    pub fn ramp_from(&self) -> Duration {
+        let own = Duration::from_micros(self.ramp_from_us.load(Ordering::Relaxed));
+        own.max(self.eject.ejected_until().unwrap_or_default())
+    }
+}
+
+/// Microseconds on the caller's clock, at least 1 (0 means never).
+fn stamp(t: Duration) -> u64 {
+    t.as_micros().max(1) as u64
+}
+
+/// One group's backends and the state its balancer needs. A membership
+/// change builds a new one (`reshaped`) sharing the members that stay.
+#[derive(Debug)]
+pub struct GroupRoutes<X = ()> {
     pub name: String,
     backends: Vec<Backend>,
+    members: Vec<Arc<Member<X>>>,
     balance: Balance,
     /// Smooth weighted round-robin order over backend indexes.
     schedule: Vec<u32>,
     next: AtomicU64,
-    active: Vec<AtomicU32>,
-    /// What the active probe says; backends start up, and without a probe
-    /// they stay up.
-    up: Vec<AtomicBool>,
     /// `source_hash`: the lookup table.
     maglev: Option<Maglev>,
-    /// `peak_ewma`: each backend's cost (empty otherwise).
-    ewma: Vec<PeakEwma>,
     /// Passive ejection, when the group configures it.
     ejections: Option<Ejections>,
+    slow_start: Option<SlowStart>,
+}
+
+/// Why a group cannot have the backends asked for.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum MembershipError {
+    #[error("a group needs at least one backend with a weight above 0")]
+    NoWeight,
+    #[error("backend {0} is listed twice")]
+    Duplicate(SocketAddr),
 }
 
 // === impl GroupRoutes ===
 
 impl GroupRoutes {
+    /// A group of founding members with no state of the caller's.
     pub fn new(name: impl Into<String>, backends: Vec<Backend>, balance: Balance) -> Self {
+        GroupRoutes::build(name, backends, balance, |_| ())
+    }
+}
+
+impl<X> GroupRoutes<X> {
+    /// A group of founding members; `extra` makes each one's state.
+    pub fn build(
+        name: impl Into<String>,
+        backends: Vec<Backend>,
+        balance: Balance,
+        mut extra: impl FnMut(&Backend) -> X,
+    ) -> Self {
+        let members = backends
+            .iter()
+            .map(|b| Arc::new(Member::new(b.addr, extra(b), None, balance)))
+            .collect();
+        GroupRoutes::with_members(name.into(), backends, members, balance)
+            .expect("a configured group has a backend with a weight")
+    }
+
+    fn with_members(
+        name: String,
+        backends: Vec<Backend>,
+        members: Vec<Arc<Member<X>>>,
+        balance: Balance,
+    ) -> Result<Self, MembershipError> {
+        check_membership(&backends)?;
         let schedule = smooth_wrr_schedule(&backends.iter().map(|b| b.weight).collect::<Vec<_>>());
-        assert!(
-            !schedule.is_empty(),
-            "a group has at least one backend with weight > 0"
-        );
         let maglev = match balance {
             Balance::SourceHash => Maglev::new(&backends),
             _ => None,
         };
-        let ewma = match balance {
-            Balance::PeakEwma(e) => backends
-                .iter()
-                .map(|_| PeakEwma::new(e.default_rtt))
-                .collect(),
-            _ => Vec::new(),
-        };
-        GroupRoutes {
-            name: name.into(),
-            active: backends.iter().map(|_| AtomicU32::new(0)).collect(),
-            up: backends.iter().map(|_| AtomicBool::new(true)).collect(),
-            maglev,
-            ewma,
-            ejections: None,
+        Ok(GroupRoutes {
+            name,
             backends,
+            members,
             balance,
             schedule,
             next: AtomicU64::new(0),
-        }
+            maglev,
+            ejections: None,
+            slow_start: None,
+        })
     }
 
     /// The same group, ejecting failing backends under `policy`.
     pub fn with_ejection(mut self, policy: Option<EjectPolicy>) -> Self {
-        self.ejections = policy.map(|p| Ejections::new(p, self.backends.len()));
+        self.ejections = policy.map(Ejections::new);
         self
+    }
+
+    /// The same group, ramping new and returning backends up.
+    pub fn with_slow_start(mut self, slow_start: Option<SlowStart>) -> Self {
+        self.slow_start = slow_start;
+        self
+    }
+
+    /// This group with `backends` instead: those already members keep
+    /// their state; new ones join at `now` (and ramp up under slow start),
+    /// with `extra` making their state. The group's settings stay.
+    pub fn reshaped(
+        &self,
+        backends: Vec<Backend>,
+        now: Duration,
+        mut extra: impl FnMut(&Backend) -> X,
+    ) -> Result<Self, MembershipError> {
+        let members = backends
+            .iter()
+            .map(|b| match self.position(b.addr) {
+                Some(i) => Arc::clone(&self.members[i]),
+                None => Arc::new(Member::new(b.addr, extra(b), Some(now), self.balance)),
+            })
+            .collect();
+        let g = GroupRoutes::with_members(self.name.clone(), backends, members, self.balance)?;
+        Ok(
+            g.with_ejection(self.ejections.as_ref().map(Ejections::policy))
+                .with_slow_start(self.slow_start),
+        )
     }
 
     pub fn backends(&self) -> &[Backend] {
         &self.backends
     }
 
-    /// Passive ejection's state, if the group ejects.
+    pub fn members(&self) -> &[Arc<Member<X>>] {
+        &self.members
+    }
+
+    pub fn member(&self, backend: usize) -> &Member<X> {
+        &self.members[backend]
+    }
+
+    /// The caller's state of `backend`.
+    pub fn extra(&self, backend: usize) -> &X {
+        &self.members[backend].extra
+    }
+
+    /// The index of the backend at `addr`, if it is a member.
+    pub fn position(&self, addr: SocketAddr) -> Option<usize> {
+        self.backends.iter().position(|b| b.addr == addr)
+    }
+
+    pub fn balance(&self) -> Balance {
+        self.balance
+    }
+
+    pub fn slow_start(&self) -> Option<SlowStart> {
+        self.slow_start
+    }
+
+    /// Passive ejection's policy, if the group ejects.
     pub fn ejections(&self) -> Option<&Ejections> {
         self.ejections.as_ref()
+    }
+
+    /// A failure of `backend`'s own at `now` (see `Ejections::on_failure`):
+    /// `Some` when it ejects the backend.
+    pub fn on_failure(
+        &self,
+        backend: usize,
+        now: Duration,
+        window: impl FnOnce() -> (u64, u64),
+    ) -> Option<Ejected> {
+        let e = self.ejections.as_ref()?;
+        let all = || self.members.iter().map(|m| &m.eject).collect();
+        e.on_failure(&self.members[backend].eject, all, now, window)
+    }
+
+    /// Backends ejected at `now`.
+    pub fn ejected(&self, now: Duration) -> usize {
+        eject::out(self.members.iter().map(|m| &m.eject), now)
     }
 
     /// Whether `backend` is in rotation at `now`: up by its probe and not
     /// ejected.
     pub fn in_rotation(&self, backend: usize, now: Duration) -> bool {
-        self.is_up(backend)
-            && self
-                .ejections
-                .as_ref()
-                .is_none_or(|e| !e.is_ejected(backend, now))
+        let m = &self.members[backend];
+        m.is_up() && !m.eject.is_ejected(now)
+    }
+
+    /// Whether `backend` may take new connections at all: it has a weight
+    /// and is not draining.
+    pub fn takes_new(&self, backend: usize) -> bool {
+        self.backends[backend].weight > 0 && !self.members[backend].is_draining()
     }
 
     pub fn addr(&self, backend: usize) -> SocketAddr {
@@ -168,67 +343,103 @@ impl GroupRoutes {
 
     /// The backend the next connection should try first; `key` is the
     /// hash of its client's address (read by `source_hash` only).
-    pub fn next_backend(&self, key: u64) -> usize {
-        self.choose(self.next.fetch_add(1, Ordering::Relaxed), key)
+    pub fn next_backend(&self, key: u64, now: Duration) -> usize {
+        self.choose(self.next.fetch_add(1, Ordering::Relaxed), key, now)
     }
 
     /// The backend `next_backend` would return, without taking the turn:
     /// for fallback attempts that may never be made.
-    pub fn peek_backend(&self, key: u64) -> usize {
-        self.choose(self.next.load(Ordering::Relaxed), key)
+    pub fn peek_backend(&self, key: u64, now: Duration) -> usize {
+        self.choose(self.next.load(Ordering::Relaxed), key, now)
     }
 
-    fn choose(&self, n: u64, key: u64) -> usize {
-        match self.balance {
-            Balance::RoundRobin => {
+    fn choose(&self, n: u64, key: u64, now: Duration) -> usize {
+        let ramping = self.slow_start.is_some_and(|s| self.any_ramping(s, now));
+        let chosen = match self.balance {
+            Balance::SourceHash => self.maglev.as_ref().map_or(0, |m| m.lookup(key)),
+            Balance::RoundRobin if !ramping => {
                 self.schedule[(n % self.schedule.len() as u64) as usize] as usize
             }
-            Balance::LeastConnections => {
-                let (active, weights) = self.loads();
-                least_connections(&active, &weights, n)
-            }
-            Balance::SourceHash => self.maglev.as_ref().map_or(0, |m| m.lookup(key)),
+            Balance::RoundRobin => weighted_draw(&self.weights(now), spread(n)),
+            Balance::LeastConnections => least_connections(&self.actives(), &self.weights(now), n),
             Balance::PeakEwma(_) => {
-                let costs: Vec<f64> = self.ewma.iter().map(PeakEwma::cost).collect();
-                let (active, weights) = self.loads();
-                p2c(&costs, &active, &weights, spread(n))
+                let costs: Vec<f64> = self.members.iter().map(|m| m.ewma.cost()).collect();
+                p2c(&costs, &self.actives(), &self.weights(now), spread(n))
             }
+        };
+        if self.members[chosen].is_draining() {
+            return self.next_taking(chosen);
         }
+        chosen
     }
 
-    /// Each backend's open connections and weight, for the balancers that
-    /// weigh load.
-    fn loads(&self) -> (Vec<u32>, Vec<u32>) {
-        let active = self
-            .active
+    /// The first backend after `from` that takes new connections (`from`
+    /// itself if none does: the plan leaves it out).
+    fn next_taking(&self, from: usize) -> usize {
+        let n = self.backends.len();
+        (1..n)
+            .map(|k| (from + k) % n)
+            .find(|&b| self.takes_new(b))
+            .unwrap_or(from)
+    }
+
+    fn any_ramping(&self, s: SlowStart, now: Duration) -> bool {
+        self.members
             .iter()
-            .map(|a| a.load(Ordering::Relaxed))
-            .collect();
-        let weights = self.backends.iter().map(|b| b.weight).collect();
-        (active, weights)
+            .any(|m| s.factor(m.ramp_from(), now) < 1.0)
+    }
+
+    /// Each backend's weight now, for the balancers that weigh: draining
+    /// backends weigh 0, and slow start scales a ramping backend's (in
+    /// hundredths, so a ramp has steps finer than a weight of 1).
+    fn weights(&self, now: Duration) -> Vec<u32> {
+        let weights = self.backends.iter().zip(&self.members);
+        let with_drain = weights.map(|(b, m)| if m.is_draining() { 0 } else { b.weight });
+        let Some(s) = self.slow_start else {
+            return with_drain.collect();
+        };
+        let scaled = with_drain.zip(&self.members).map(|(w, m)| {
+            let f = s.factor(m.ramp_from(), now);
+            if w == 0 {
+                0
+            } else {
+                ((f64::from(w) * 100.0 * f) as u32).max(1)
+            }
+        });
+        let weights: Vec<u32> = scaled.collect();
+        if weights.iter().all(|&w| w == 0) {
+            // Everything drains: choose among the weighted, the plan
+            // leaves them out.
+            return self.backends.iter().map(|b| b.weight).collect();
+        }
+        weights
+    }
+
+    /// Each backend's open connections.
+    fn actives(&self) -> Vec<u32> {
+        self.members.iter().map(|m| m.active()).collect()
     }
 
     /// Counts a live connection to `backend` until the guard drops.
-    pub fn track(self: &Arc<Self>, backend: usize) -> ActiveGuard {
-        self.active[backend].fetch_add(1, Ordering::Relaxed);
-        ActiveGuard {
-            group: Arc::clone(self),
-            backend,
-        }
+    pub fn track(&self, backend: usize) -> ActiveGuard<X> {
+        let member = Arc::clone(&self.members[backend]);
+        member.active.fetch_add(1, Ordering::Relaxed);
+        ActiveGuard { member }
     }
 
     /// Counts one more (or one fewer) open connection to `backend`, for
     /// a caller that cannot hold a guard across events (the simulator).
     pub fn opened(&self, backend: usize, open: bool) {
+        let active = &self.members[backend].active;
         if open {
-            self.active[backend].fetch_add(1, Ordering::Relaxed);
+            active.fetch_add(1, Ordering::Relaxed);
         } else {
-            self.active[backend].fetch_sub(1, Ordering::Relaxed);
+            active.fetch_sub(1, Ordering::Relaxed);
         }
     }
 
     pub fn active(&self, backend: usize) -> u32 {
-        self.active[backend].load(Ordering::Relaxed)
+        self.members[backend].active()
     }
 
     /// A latency sample of `signal` from `backend` at `now`: `peak_ewma`
@@ -237,36 +448,70 @@ impl GroupRoutes {
         if let Balance::PeakEwma(e) = self.balance
             && e.signal == signal
         {
-            self.ewma[backend].observe(rtt, now, e.decay);
+            self.members[backend].ewma.observe(rtt, now, e.decay);
         }
     }
 
     /// `peak_ewma`'s cost of `backend` in microseconds, if it balances so.
     pub fn ewma_cost(&self, backend: usize) -> Option<f64> {
-        self.ewma.get(backend).map(PeakEwma::cost)
+        matches!(self.balance, Balance::PeakEwma(_)).then(|| self.members[backend].ewma.cost())
     }
 
-    /// Marks a backend up or down (from its probe). Down backends are tried
-    /// only after every up choice.
-    pub fn set_up(&self, backend: usize, up: bool) {
-        self.up[backend].store(up, Ordering::Relaxed);
+    /// Marks a backend up or down (from its probe) at `now`. Down backends
+    /// are tried only after every up choice; one that comes back up starts
+    /// its slow start.
+    pub fn set_up(&self, backend: usize, up: bool, now: Duration) {
+        self.members[backend].set_up(up, now);
     }
 
     pub fn is_up(&self, backend: usize) -> bool {
-        self.up[backend].load(Ordering::Relaxed)
+        self.members[backend].is_up()
     }
+
+    /// Drains `backend` (no new connections) or ends its drain.
+    pub fn set_draining(&self, backend: usize, draining: bool) {
+        self.members[backend]
+            .draining
+            .store(draining, Ordering::Relaxed);
+    }
+}
+
+/// The backends of a group must carry some weight and appear once each.
+fn check_membership(backends: &[Backend]) -> Result<(), MembershipError> {
+    if backends.iter().all(|b| b.weight == 0) {
+        return Err(MembershipError::NoWeight);
+    }
+    for (i, b) in backends.iter().enumerate() {
+        if backends[..i].iter().any(|o| o.addr == b.addr) {
+            return Err(MembershipError::Duplicate(b.addr));
+        }
+    }
+    Ok(())
+}
+
+/// The index `draw` lands on when each backend takes its weight's share
+/// (a backend of weight 0 never does).
+fn weighted_draw(weights: &[u32], draw: u64) -> usize {
+    let total: u64 = weights.iter().map(|&w| u64::from(w)).sum();
+    let mut point = draw % total.max(1);
+    for (i, &w) in weights.iter().enumerate() {
+        if point < u64::from(w) {
+            return i;
+        }
+        point -= u64::from(w);
+    }
+    0
 }
 
 /// Decrements a backend's active count when the connection ends.
 #[derive(Debug)]
-pub struct ActiveGuard {
-    group: Arc<GroupRoutes>,
-    backend: usize,
+pub struct ActiveGuard<X = ()> {
+    member: Arc<Member<X>>,
 }
 
-impl Drop for ActiveGuard {
+impl<X> Drop for ActiveGuard<X> {
     fn drop(&mut self) {
-        self.group.active[self.backend].fetch_sub(1, Ordering::Relaxed);
+        self.member.active.fetch_sub(1, Ordering::Relaxed);
     }
 }
 
@@ -322,10 +567,10 @@ pub fn least_connections(active: &[u32], weights: &[u32], rotation: u64) -> usiz
 }
 
 /// An immutable routing decision table for one listener.
-#[derive(Debug, Clone)]
-pub struct RouteTable {
+#[derive(Debug)]
+pub struct RouteTable<X = ()> {
     /// The primary first, then backups in order.
-    pub groups: Arc<[Arc<GroupRoutes>]>,
+    pub groups: Arc<[Arc<GroupRoutes<X>>]>,
     pub weights: Weights,
 }
 
@@ -338,7 +583,7 @@ pub struct Attempt {
 
 // === impl RouteTable ===
 
-impl RouteTable {
+impl<X> RouteTable<X> {
     /// Where connection `ticket` goes, in the order to try: the weighted
     /// group's chosen backend, that group's other backends, then the first
     /// choice of each other group (primary first); backends a probe marked
@@ -373,17 +618,18 @@ impl RouteTable {
             }
         };
         let g = &self.groups[first_group];
-        let first = g.next_backend(key);
+        let first = g.next_backend(key, now);
         let n = g.backends().len();
         for k in 0..n {
             let b = (first + k) % n;
-            if g.backends()[b].weight > 0 {
+            if g.takes_new(b) {
                 push(first_group, b);
             }
         }
         for (gi, g) in self.groups.iter().enumerate() {
-            if gi != first_group {
-                push(gi, g.peek_backend(key));
+            let b = g.peek_backend(key, now);
+            if gi != first_group && g.takes_new(b) {
+                push(gi, b);
             }
         }
         plan.extend(down);
@@ -394,16 +640,16 @@ impl RouteTable {
 /// Holds a listener's current route table; the control loop publishes new
 /// weights, the accept path loads the table without locking.
 #[derive(Debug)]
-pub struct Router {
-    table: ArcSwap<RouteTable>,
+pub struct Router<X = ()> {
+    table: ArcSwap<RouteTable<X>>,
     tickets: AtomicU64,
 }
 
 // === impl Router ===
 
-impl Router {
+impl<X> Router<X> {
     /// A router with everything on the primary (the first group).
-    pub fn new(groups: Vec<Arc<GroupRoutes>>) -> Self {
+    pub fn new(groups: Vec<Arc<GroupRoutes<X>>>) -> Self {
         let weights = Weights::all_on_first(groups.len());
         Router {
             table: ArcSwap::from_pointee(RouteTable {
@@ -414,7 +660,7 @@ impl Router {
         }
     }
 
-    pub fn table(&self) -> Arc<RouteTable> {
+    pub fn table(&self) -> Arc<RouteTable<X>> {
         self.table.load_full()
     }
 
@@ -439,6 +685,20 @@ impl Router {
         Ok(())
     }
 
+    /// Replaces group `group` with `routes` (the same group with another
+    /// membership), keeping the weights; the very next connection sees
+    /// it, established ones keep the table they started with.
+    pub fn reshape(&self, group: usize, routes: Arc<GroupRoutes<X>>) {
+        self.table.rcu(|current| {
+            let mut groups: Vec<_> = current.groups.iter().cloned().collect();
+            groups[group] = Arc::clone(&routes);
+            RouteTable {
+                groups: groups.into(),
+                weights: current.weights.clone(),
+            }
+        });
+    }
+
     /// The plan for the next new connection, from client `key` (the hash
     /// of its address; see `client_key`).
     pub fn plan_next(
@@ -446,7 +706,7 @@ impl Router {
         max_attempts: usize,
         key: u64,
         now: Duration,
-    ) -> (Arc<RouteTable>, Vec<Attempt>) {
+    ) -> (Arc<RouteTable<X>>, Vec<Attempt>) {
         let ticket = self.tickets.fetch_add(1, Ordering::Relaxed);
         let table = self.table.load_full();
         let plan = table.plan(ticket, max_attempts, key, now);
@@ -558,7 +818,7 @@ mod tests {
             Balance::RoundRobin,
         ));
         let backup = Arc::new(GroupRoutes::new("b", backends(&[1]), Balance::RoundRobin));
-        primary.set_up(0, false);
+        primary.set_up(0, false, Duration::ZERO);
         let router = Router::new(vec![primary, backup]);
         for _ in 0..4 {
             let plan = router.plan_next(8, 0, Duration::ZERO).1;
@@ -577,8 +837,8 @@ mod tests {
             Balance::RoundRobin,
         ));
         let backup = Arc::new(GroupRoutes::new("b", backends(&[1]), Balance::RoundRobin));
-        primary.set_up(0, false);
-        primary.set_up(1, false);
+        primary.set_up(0, false, Duration::ZERO);
+        primary.set_up(1, false, Duration::ZERO);
         let router = Router::new(vec![primary, backup]);
         let order = |max| -> Vec<(usize, usize)> {
             let plan = router.plan_next(max, 0, Duration::ZERO).1;
@@ -661,5 +921,77 @@ mod tests {
         g.observe(0, Signal::Exchange, ms(5), ms(1));
         let router = Router::new(vec![g]);
         assert!((0..100).all(|_| router.plan_next(2, 0, Duration::ZERO).1[0].backend == 0));
+    }
+
+    /// A membership change keeps the state of the backends that stay and
+    /// starts the new ones fresh; the old table's connections still count.
+    #[test]
+    fn reshaped_groups_share_the_members_that_stay() {
+        let g = GroupRoutes::new("g", backends(&[1, 1]), Balance::LeastConnections);
+        let held = g.track(1);
+        g.set_up(0, false, Duration::ZERO);
+        let mut next = backends(&[1, 1, 1]);
+        next.remove(0);
+        let r = g.reshaped(next, Duration::from_secs(5), |_| ()).unwrap();
+        assert_eq!(r.backends().len(), 2);
+        assert_eq!(r.addr(0), g.addr(1));
+        assert_eq!(r.active(0), 1, "the open connection still counts");
+        drop(held);
+        assert_eq!(r.active(0), 0);
+        assert!(r.is_up(1), "the newcomer starts up");
+        assert_eq!(r.member(1).ramp_from(), Duration::from_secs(5));
+        assert_eq!(
+            g.reshaped(backends(&[0, 0]), Duration::ZERO, |_| ()).err(),
+            Some(MembershipError::NoWeight)
+        );
+        let twice = vec![backends(&[1])[0]; 2];
+        assert!(matches!(
+            g.reshaped(twice, Duration::ZERO, |_| ()),
+            Err(MembershipError::Duplicate(_))
+        ));
+    }
+
+    /// A draining backend gets no new connection, not even as a fallback.
+    #[test]
+    fn draining_backends_are_never_planned() {
+        for balance in [
+            Balance::RoundRobin,
+            Balance::LeastConnections,
+            Balance::SourceHash,
+        ] {
+            let g = Arc::new(GroupRoutes::new("g", backends(&[1, 1, 1]), balance));
+            g.set_draining(1, true);
+            let router = Router::new(vec![g]);
+            for key in 0..50 {
+                let plan = router.plan_next(8, key, Duration::ZERO).1;
+                assert_eq!(plan.len(), 2, "{balance:?}");
+                assert!(plan.iter().all(|a| a.backend != 1), "{balance:?}");
+            }
+        }
+    }
+
+    /// Under slow start a newcomer takes `min_percent` of its weight at
+    /// first, then more, then its whole share.
+    #[test]
+    fn slow_start_ramps_a_newcomer_up() {
+        let ramp = SlowStart {
+            window: Duration::from_secs(10),
+            min_percent: 10,
+        };
+        let g =
+            GroupRoutes::new("g", backends(&[1]), Balance::RoundRobin).with_slow_start(Some(ramp));
+        let g = g
+            .reshaped(backends(&[1, 1]), Duration::from_secs(100), |_| ())
+            .unwrap();
+        let share = |at: u64| {
+            let now = Duration::from_secs(at);
+            let to_new = (0..10_000).filter(|_| g.next_backend(0, now) == 1).count();
+            to_new as f64 / 10_000.0
+        };
+        // Weights 1 : 0.1 give the newcomer 1/11; at half way 1 : 0.55.
+        let (start, half, done) = (share(100), share(105), share(110));
+        assert!((start - 0.1 / 1.1).abs() < 0.02, "{start}");
+        assert!((half - 0.55 / 1.55).abs() < 0.02, "{half}");
+        assert!((done - 0.5).abs() < 0.001, "{done}");
     }
 }

@@ -4,12 +4,12 @@
 use super::copy;
 use super::outcome::{ConnectFailure, End};
 use super::proxy_protocol;
-use super::state::{Admission, ListenerState};
+use super::state::{Admission, ListenerState, Routes};
 use super::tls::{self, Client, Upstream};
 use crate::access_log::AccessRecord;
 use crate::config::SocketOptions;
 use crate::core::blame::Blame;
-use crate::core::routes::{Attempt, GroupRoutes, client_key};
+use crate::core::routes::{Attempt, client_key};
 use crate::core::stats::Signal;
 use crate::core::turns::{Side, Turn};
 use crate::telemetry::ErrorKind;
@@ -167,7 +167,7 @@ pub async fn handle(
             // The previous backend reset before answering: give this one
             // what the client had sent.
             if let Err(e) = copy::resend(upstream.tcp(), &r).await {
-                last = resend_failed(&state, attempt, &e);
+                last = resend_failed(&state, (&table.groups[attempt.group], attempt.backend), &e);
                 from = i + 1;
                 replay = Some(r);
                 continue;
@@ -227,7 +227,7 @@ async fn first_byte_in_time(state: &ListenerState, client: &TcpStream) -> bool {
 /// A connected backend about to carry a client.
 struct Opening<'a> {
     attempt: Attempt,
-    routes: &'a GroupRoutes,
+    routes: &'a Routes,
     addr: SocketAddr,
     peer: &'a Peer,
     preface: Option<&'a [u8]>,
@@ -248,7 +248,7 @@ async fn open(
     if let Some(version) = state.send_proxy_protocol[group]
         && let Err(e) = send_header(version, o.peer, client, &tcp).await
     {
-        return Err(resend_failed(state, o.attempt, &e));
+        return Err(resend_failed(state, (o.routes, o.attempt.backend), &e));
     }
     let (mut upstream, connect) = match &state.tls_to[group] {
         None => (Upstream::Plain(tcp), connect),
@@ -261,28 +261,28 @@ async fn open(
                     record_connect(state, o.routes, o.attempt, (connect, now));
                     (Upstream::Tls(Box::new(s)), connect)
                 }
-                Err(e) => return Err(tls_failed(state, o.attempt, o.addr, &e)),
+                Err(e) => return Err(tls_failed(state, (o.routes, o.attempt.backend), &e)),
             }
         }
     };
     if let Some(p) = o.preface
         && let Err(e) = upstream.write_all(p).await
     {
-        return Err(resend_failed(state, o.attempt, &e));
+        return Err(resend_failed(state, (o.routes, o.attempt.backend), &e));
     }
     Ok((upstream, connect))
 }
 
 /// A backend's TLS handshake failed: its fault, counted against its
 /// `connect` signal as a failed connect would be.
-fn tls_failed(state: &ListenerState, attempt: Attempt, addr: SocketAddr, e: &io::Error) -> Blame {
+fn tls_failed(state: &ListenerState, (routes, b): (&Routes, usize), e: &io::Error) -> Blame {
     let blame = Blame::of_connect(e);
     if blame == Blame::Upstream {
-        super::eject::backend_failed(state, attempt, Signal::Connect);
-        state.metrics[attempt.group][attempt.backend].error(ErrorKind::TlsHandshake);
+        super::eject::backend_failed(state, (routes, b), Signal::Connect);
+        routes.extra(b).metrics.error(ErrorKind::TlsHandshake);
         state.outcomes.connect_failed(ConnectFailure::Other);
     }
-    debug!(listener = %state.name, backend = %addr, error = %e, "TLS handshake with the backend failed");
+    debug!(listener = %state.name, backend = %routes.addr(b), error = %e, "TLS handshake with the backend failed");
     blame
 }
 
@@ -290,14 +290,15 @@ fn tls_failed(state: &ListenerState, attempt: Attempt, addr: SocketAddr, e: &io:
 /// group, whose balancer may read it): `took`, ending `now`.
 fn record_connect(
     state: &ListenerState,
-    routes: &GroupRoutes,
+    routes: &Routes,
     attempt: Attempt,
     (took, now): (Duration, Duration),
 ) {
     routes.observe(attempt.backend, Signal::Connect, took, now);
     if state.record_latency {
-        state.stats[attempt.group].backends[attempt.backend].record(Signal::Connect, now, took);
-        state.metrics[attempt.group][attempt.backend].latency(Signal::Connect, took);
+        let tally = routes.extra(attempt.backend);
+        tally.stats.record(Signal::Connect, now, took);
+        tally.metrics.latency(Signal::Connect, took);
     }
 }
 
@@ -353,7 +354,7 @@ fn no_backend(state: &ListenerState, peer: &Peer, arrived: Duration, attempts: u
 /// signal and outcome against that backend.
 async fn proxy_one(
     state: &ListenerState,
-    groups: &[Arc<GroupRoutes>],
+    groups: &[Arc<Routes>],
     attempt: Attempt,
     (client, upstream): (&mut Client, &mut Upstream),
     start: Start,
@@ -361,14 +362,14 @@ async fn proxy_one(
 ) -> copy::Copied {
     state.outcomes.connected();
     apply_socket_options(upstream.tcp(), &state.socket, Side::Upstream);
-    let _tracked = groups[attempt.group].track(attempt.backend);
-    let metrics = &state.metrics[attempt.group][attempt.backend];
-    let stats = &state.stats[attempt.group].backends[attempt.backend];
+    let routes = &groups[attempt.group];
+    let _tracked = routes.track(attempt.backend);
+    let metrics = &routes.extra(attempt.backend).metrics;
+    let stats = &routes.extra(attempt.backend).stats;
     metrics.connections.increment(1);
     metrics.active.increment(1.0);
     let first_byte_us = AtomicU64::new(0);
     let record = state.record_latency;
-    let routes = &groups[attempt.group];
     let on_turn = |turn: Turn, now: Duration| {
         // A latency-aware balancer reads the turns whether or not they
         // are recorded.
@@ -425,18 +426,16 @@ async fn proxy_one(
 /// Counts how a proxied connection ended against the side that ended it:
 /// only the backend's own failure reaches its window (and so its error
 /// rate and the policy).
-fn count_end(state: &ListenerState, routes: &GroupRoutes, attempt: Attempt, end: End) {
-    let metrics = &state.metrics[attempt.group][attempt.backend];
-    if end != End::Failed(Blame::Upstream)
-        && let Some(e) = routes.ejections()
-    {
-        e.on_success(attempt.backend);
+fn count_end(state: &ListenerState, routes: &Routes, attempt: Attempt, end: End) {
+    let metrics = &routes.extra(attempt.backend).metrics;
+    if end != End::Failed(Blame::Upstream) {
+        routes.member(attempt.backend).eject.on_success();
     }
     match end {
         End::Closed { .. } => {}
         End::IdleTimeout => metrics.error(ErrorKind::IdleTimeout),
         End::Failed(Blame::Upstream) => {
-            super::eject::backend_failed(state, attempt, Signal::Exchange);
+            super::eject::backend_failed(state, (routes, attempt.backend), Signal::Exchange);
             metrics.error(ErrorKind::Reset);
         }
         // The client aborted: counted, never the backend's fault.
@@ -458,7 +457,7 @@ struct Start {
 /// The access-log line of a connection that reached a backend.
 fn log_one(
     state: &ListenerState,
-    (routes, backend): (&GroupRoutes, usize),
+    (routes, backend): (&Routes, usize),
     start: &Start,
     first_byte: Option<Duration>,
     copied: &copy::Copied,
@@ -488,11 +487,11 @@ fn log_one(
 
 /// Giving a fresh backend the client's first bytes failed: the backend's
 /// reset counts against it, portshift's own shortage does not.
-fn resend_failed(state: &ListenerState, attempt: Attempt, e: &io::Error) -> Blame {
+fn resend_failed(state: &ListenerState, (routes, b): (&Routes, usize), e: &io::Error) -> Blame {
     let blame = Blame::of_io(Side::Upstream, e);
     if blame == Blame::Upstream {
-        super::eject::backend_failed(state, attempt, Signal::Exchange);
-        state.metrics[attempt.group][attempt.backend].error(ErrorKind::Reset);
+        super::eject::backend_failed(state, (routes, b), Signal::Exchange);
+        routes.extra(b).metrics.error(ErrorKind::Reset);
     }
     debug!(listener = %state.name, error = %e, ?blame, "replaying the client's bytes failed");
     blame
@@ -506,14 +505,15 @@ fn resend_failed(state: &ListenerState, attempt: Attempt, e: &io::Error) -> Blam
 /// fail: whose fault the last failure was (`last` if no attempt was left).
 async fn connect_first(
     state: &ListenerState,
-    groups: &[Arc<GroupRoutes>],
+    groups: &[Arc<Routes>],
     plan: &[Attempt],
     from: usize,
     mut last: Blame,
 ) -> Result<(usize, TcpStream, Duration), Blame> {
     for (i, &attempt) in plan.iter().enumerate().skip(from) {
-        let addr = groups[attempt.group].addr(attempt.backend);
-        let metrics = &state.metrics[attempt.group][attempt.backend];
+        let routes = &groups[attempt.group];
+        let addr = routes.addr(attempt.backend);
+        let metrics = &routes.extra(attempt.backend).metrics;
         let started = state.clock.now();
         let failure =
             match tokio::time::timeout(state.connect_timeout, TcpStream::connect(addr)).await {
@@ -522,7 +522,7 @@ async fn connect_first(
                     let took = now - started;
                     // A TLS group's sample waits for its handshake.
                     if state.tls_to[attempt.group].is_none() {
-                        record_connect(state, &groups[attempt.group], attempt, (took, now));
+                        record_connect(state, routes, attempt, (took, now));
                     }
                     return Ok((i, stream, took));
                 }
@@ -548,7 +548,7 @@ async fn connect_first(
             ConnectFailure::Local => None,
         };
         if let Some(kind) = kind {
-            super::eject::backend_failed(state, attempt, Signal::Connect);
+            super::eject::backend_failed(state, (routes, attempt.backend), Signal::Connect);
             metrics.error(kind);
             last = Blame::Upstream;
         } else {

@@ -60,7 +60,7 @@ pub async fn run(
     let pstate = state
         .carried
         .take_inherited(&engine.policy, state.clock.now())
-        .unwrap_or_else(|| PolicyState::new(&engine.policy, state.stats.len()));
+        .unwrap_or_else(|| PolicyState::new(&engine.policy, state.group_count()));
     state
         .route_metrics
         .register_decisions(&engine.policy.rules(), engine.policy.dry_run);

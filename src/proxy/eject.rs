@@ -3,38 +3,32 @@
 //! lets its group's `Ejections` (core) decide; a watcher logs each
 //! ejected backend's return.
 
-use super::state::ListenerState;
-use crate::core::routes::Attempt;
+use super::state::{ListenerState, Routes};
 use crate::core::stats::Signal;
 use std::sync::Arc;
 use std::time::Duration;
 use tokio_util::sync::CancellationToken;
 use tracing::{info, warn};
 
-/// A failure of the backend of `attempt`, charged to it: recorded in its
-/// `signal` window and, where its group ejects, maybe the one that takes
-/// it out of rotation.
-pub(super) fn backend_failed(state: &ListenerState, attempt: Attempt, signal: Signal) {
+/// A failure of `backend` of `routes` (the group as the connection saw
+/// it), charged to it: recorded in its `signal` window and, where its
+/// group ejects, maybe the one that takes it out of rotation.
+pub(super) fn backend_failed(state: &ListenerState, (routes, b): (&Routes, usize), signal: Signal) {
     let now = state.clock.now();
-    let stats = &state.stats[attempt.group].backends[attempt.backend];
-    stats.record_error(signal, now);
-    let table = state.router.table();
-    let routes = &table.groups[attempt.group];
-    let Some(e) = routes.ejections() else {
-        return;
-    };
+    let tally = routes.extra(b);
+    tally.stats.record_error(signal, now);
     let window = || {
-        let connect = stats.signal(Signal::Connect).snapshot(now);
-        let exchange = stats.signal(Signal::Exchange).snapshot(now);
+        let connect = tally.stats.signal(Signal::Connect).snapshot(now);
+        let exchange = tally.stats.signal(Signal::Exchange).snapshot(now);
         (
             connect.count + connect.errors,
             connect.errors + exchange.errors,
         )
     };
-    if let Some(ej) = e.on_failure(attempt.backend, now, window) {
-        state.metrics[attempt.group][attempt.backend].ejected();
-        warn!(listener = %state.name, group = %routes.name, backend = %routes.addr(attempt.backend),
-            for_s = ej.for_.as_secs_f64(), times = ej.times, out = e.out(now),
+    if let Some(ej) = routes.on_failure(b, now, window) {
+        tally.metrics.ejected();
+        warn!(listener = %state.name, group = %routes.name, backend = %routes.addr(b),
+            for_s = ej.for_.as_secs_f64(), times = ej.times, out = routes.ejected(now),
             "backend ejected for its own failures; it returns by itself");
     }
 }
@@ -45,12 +39,6 @@ const WATCH_EVERY: Duration = Duration::from_millis(250);
 /// Logs each ejected backend's return (at most `WATCH_EVERY` late), for
 /// the units whose groups eject.
 pub(super) async fn watch_returns(state: Arc<ListenerState>, stop: CancellationToken) {
-    let table = state.router.table();
-    let mut out: Vec<Vec<Option<Duration>>> = table
-        .groups
-        .iter()
-        .map(|g| vec![None; g.backends().len()])
-        .collect();
     let mut tick = tokio::time::interval(WATCH_EVERY);
     loop {
         tokio::select! {
@@ -58,15 +46,14 @@ pub(super) async fn watch_returns(state: Arc<ListenerState>, stop: CancellationT
             _ = tick.tick() => {}
         }
         let now = state.clock.now();
-        for (gi, g) in table.groups.iter().enumerate() {
-            let Some(e) = g.ejections() else { continue };
-            for (b, was) in out[gi].iter_mut().enumerate() {
-                let until = e.ejected_until(b).filter(|_| e.is_ejected(b, now));
-                if was.is_some() && until.is_none() {
-                    state.metrics[gi][b].returned();
-                    info!(listener = %state.name, group = %g.name, backend = %g.addr(b), times = e.times(b), "ejected backend returns to rotation");
+        // The current members: a backend removed while out is not reported.
+        let table = state.router.table();
+        for g in table.groups.iter().filter(|g| g.ejections().is_some()) {
+            for m in g.members() {
+                if m.eject.take_return(now) {
+                    m.extra.metrics.returned();
+                    info!(listener = %state.name, group = %g.name, backend = %m.addr, times = m.eject.times(), "ejected backend returns to rotation");
                 }
-                *was = until;
             }
         }
     }

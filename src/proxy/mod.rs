@@ -13,6 +13,7 @@ mod copy;
 mod decisions;
 mod eject;
 pub mod fleet;
+mod members;
 mod outcome;
 mod probe;
 mod process;

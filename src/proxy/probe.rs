@@ -4,9 +4,10 @@
 //! feeds rise/fall hysteresis that marks the backend up or down in the
 //! route table. A group at 0% traffic still has a signal this way.
 
-use super::state::ListenerState;
+use super::state::{ListenerState, Tally};
 use crate::config::{Probe, TlsOriginate};
 use crate::core::probe::{ProbeHealth, Transition};
+use crate::core::routes::Member;
 use crate::core::stats::Signal;
 use crate::telemetry::ErrorKind;
 use std::io;
@@ -17,35 +18,51 @@ use tokio::net::TcpStream;
 use tokio::time::MissedTickBehavior;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
-use tracing::{info, warn};
+use tracing::{debug, info, warn};
 
 /// Starts a probe task for every backend of every probed group.
 pub fn spawn_all(state: &Arc<ListenerState>, tasks: &TaskTracker, stop: &CancellationToken) {
-    for (group, probe) in state.probes.iter().enumerate() {
-        let Some(probe) = probe else { continue };
-        for backend in 0..state.stats[group].backends.len() {
-            tasks.spawn(run(
-                Arc::clone(state),
-                group,
-                backend,
-                probe.clone(),
-                stop.clone(),
-            ));
+    let table = state.router.table();
+    for (group, routes) in table.groups.iter().enumerate() {
+        for member in routes.members() {
+            spawn_one(state, (group, member), tasks, stop);
         }
     }
 }
 
+/// Starts the probe of one backend of `group`, if the group probes. The
+/// task ends with `stop`, or once the backend is no longer a member.
+pub fn spawn_one(
+    state: &Arc<ListenerState>,
+    (group, member): (usize, &Arc<Member<Tally>>),
+    tasks: &TaskTracker,
+    stop: &CancellationToken,
+) {
+    let Some(probe) = state.probes[group].clone() else {
+        return;
+    };
+    let (state, member, stop) = (Arc::clone(state), Arc::clone(member), stop.clone());
+    tasks.spawn(run(state, (group, member), probe, stop));
+}
+
+/// Whether `member` is still one of `group`'s backends.
+fn still_member(state: &ListenerState, group: usize, member: &Arc<Member<Tally>>) -> bool {
+    let table = state.router.table();
+    table.groups[group]
+        .members()
+        .iter()
+        .any(|m| Arc::ptr_eq(m, member))
+}
+
 async fn run(
     state: Arc<ListenerState>,
-    group: usize,
-    backend: usize,
+    (group, member): (usize, Arc<Member<Tally>>),
     probe: Probe,
     stop: CancellationToken,
 ) {
-    let routes = Arc::clone(&state.router.table().groups[group]);
-    let addr = routes.addr(backend);
-    let stats = &state.stats[group].backends[backend];
-    let metrics = &state.metrics[group][backend];
+    let group_name = state.group_names().swap_remove(group);
+    let addr = member.addr;
+    let (stats, metrics) = (&member.extra.stats, &member.extra.metrics);
     let mut health = ProbeHealth::new(probe.rise, probe.fall);
     // Backends that require a PROXY protocol header get the form that
     // names no client.
@@ -58,6 +75,10 @@ async fn run(
         tokio::select! {
             () = stop.cancelled() => return,
             _ = tick.tick() => {}
+        }
+        if !still_member(&state, group, &member) {
+            debug!(listener = %state.name, group = %group_name, backend = %addr, "probe ends: the backend left its group");
+            return;
         }
         let started = state.clock.now();
         let ok = matches!(
@@ -74,13 +95,13 @@ async fn run(
         }
         match health.observe(ok) {
             Some(Transition::WentDown) => {
-                warn!(listener = %state.name, group = %routes.name, backend = %addr, fall = probe.fall, "probe: backend down");
-                routes.set_up(backend, false);
+                warn!(listener = %state.name, group = %group_name, backend = %addr, fall = probe.fall, "probe: backend down");
+                member.set_up(false, now);
                 metrics.probe_up.set(0.0);
             }
             Some(Transition::CameUp) => {
-                info!(listener = %state.name, group = %routes.name, backend = %addr, rise = probe.rise, "probe: backend up");
-                routes.set_up(backend, true);
+                info!(listener = %state.name, group = %group_name, backend = %addr, rise = probe.rise, "probe: backend up");
+                member.set_up(true, now);
                 metrics.probe_up.set(1.0);
             }
             None => {}

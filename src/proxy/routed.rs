@@ -92,7 +92,7 @@ impl Routed {
     ) -> Option<Arc<ListenerState>> {
         match server_name.and_then(|n| self.table.lookup(n)) {
             Some(i) => Some(Arc::clone(&self.units[i])),
-            None if !front.stats.is_empty() => Some(Arc::clone(front)),
+            None if front.group_count() > 0 => Some(Arc::clone(front)),
             None => None,
         }
     }

@@ -34,9 +34,9 @@ const ACCEPT_ERROR_BACKOFF: Duration = Duration::from_millis(50);
 /// Everything a listener is built from; equal specs mean nothing to do on
 /// reload.
 #[derive(Debug, Clone, PartialEq)]
-struct ListenerSpec {
+pub(super) struct ListenerSpec {
     listener: Listener,
-    groups: Vec<Group>,
+    pub(super) groups: Vec<Group>,
     stats: WindowConfig,
 }
 
@@ -70,9 +70,9 @@ struct BoundSocket {
     knock: bool,
 }
 
-struct Running {
-    state: Arc<ListenerState>,
-    spec: ListenerSpec,
+pub(super) struct Running {
+    pub(super) state: Arc<ListenerState>,
+    pub(super) spec: ListenerSpec,
     /// Stops this listener's accept loops, probes and policy loop.
     token: CancellationToken,
     sockets: Vec<BoundSocket>,
@@ -80,7 +80,7 @@ struct Running {
 
 impl Running {
     /// The listener's own state, then its routes' units.
-    fn units(&self) -> impl Iterator<Item = &Arc<ListenerState>> {
+    pub(super) fn units(&self) -> impl Iterator<Item = &Arc<ListenerState>> {
         let routes = self.state.routed.get().map_or(&[][..], |r| &r.units[..]);
         std::iter::once(&self.state).chain(routes)
     }
@@ -136,6 +136,10 @@ pub struct ReloadReport {
     /// (`admin.listen`: the admin socket is not moved while it serves;
     /// `fleet`: a member's lease and election last its life).
     pub restart_required: Vec<String>,
+    /// `{unit}/{group}`: groups whose backend overrides (made through the
+    /// admin API) the reload dropped, because it redefines the group.
+    /// Overrides of a group it leaves as it was are kept.
+    pub overrides_dropped: Vec<String>,
 }
 
 /// The admin settings a reload cannot apply: the admin plane's own socket,
@@ -289,6 +293,8 @@ impl Shared {
     /// A routing unit's probes and policy loop (a listener's own, or a
     /// route's).
     fn start_unit(&self, unit: &Arc<ListenerState>, token: &CancellationToken) {
+        // Kept for the backends that join later (a unit starts once).
+        let _ = unit.tasks.set((self.background.clone(), token.clone()));
         probe::spawn_all(unit, &self.background, token);
         if unit
             .router
@@ -448,7 +454,8 @@ impl Shared {
                 path: new.audit_log.clone().unwrap_or_default(),
                 source,
             })?;
-        self.commit_reload(&new, &plan.keep, &mut plan.fresh, &files)
+        plan.report.overrides_dropped = self
+            .commit_reload(&new, &plan.keep, &mut plan.fresh, &files)
             .await;
         // Files no listener names any more are closed (their queued lines
         // written) as the last listener holding one goes.
@@ -527,14 +534,15 @@ impl Shared {
     }
 
     /// Stops what changes, hands its sockets over, starts the new. Cannot
-    /// fail: everything it needs was bound or opened before.
+    /// fail: everything it needs was bound or opened before. Returns the
+    /// groups whose overrides it dropped.
     async fn commit_reload(
         &self,
         new: &Config,
         keep: &[String],
         fresh: &mut HashMap<SocketAddr, Vec<TcpListener>>,
         files: &HashMap<PathBuf, Arc<AccessLog>>,
-    ) {
+    ) -> Vec<String> {
         let current = std::mem::take(&mut *lock(&self.listeners));
         let (mut kept, gone): (Vec<Running>, Vec<Running>) = current
             .into_iter()
@@ -545,6 +553,11 @@ impl Shared {
             .iter()
             .map(|r| (r.state.name.clone(), r.state.occupancy()))
             .collect();
+        let overridden: Vec<super::members::Overridden> = gone
+            .iter()
+            .flat_map(super::members::Overridden::of)
+            .collect();
+        let mut dropped = Vec::new();
         for r in gone {
             for (addr, socket) in stop_running(r).await {
                 // Port 0 means "any free port": never handed over.
@@ -567,6 +580,9 @@ impl Shared {
                 files,
             };
             let mut r = new_running(new, l, self.clock, &sinks, token, fresh, carried);
+            for unit in r.units() {
+                dropped.extend(super::members::carry_over(unit, &overridden, new));
+            }
             if serving {
                 self.start_running(&mut r);
             }
@@ -578,6 +594,7 @@ impl Shared {
             }
         }
         *lock(&self.listeners) = next;
+        dropped
     }
 }
 

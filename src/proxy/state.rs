@@ -12,8 +12,8 @@ use crate::config::{
 };
 use crate::core::knock::{Knocked, Knocks};
 use crate::core::policy::{GroupInput, Policy};
-use crate::core::routes::{GroupRoutes, Router, Weights, WeightsError};
-use crate::core::stats::{GroupStats, Signal, Snapshot};
+use crate::core::routes::{GroupRoutes, RouteTable, Router, Weights, WeightsError};
+use crate::core::stats::{BackendStats, GroupStats, Signal, Snapshot, WindowConfig};
 use crate::telemetry::{BackendMetrics, ListenerMetrics, RouteMetrics, Unit};
 use std::collections::HashMap;
 use std::net::{IpAddr, SocketAddr};
@@ -31,14 +31,23 @@ pub struct ListenerState {
     pub name: String,
     /// Its metrics' labels: the listener, and the route for a route's unit.
     pub unit: Unit,
-    pub router: Router,
+    pub router: Router<Tally>,
     pub outcomes: Outcomes,
     pub clock: Clock,
     /// The policy loop's latest decisions and state.
     pub decisions: RecentDecisions,
-    /// Per group (same order as the router's groups), per backend.
-    pub stats: Vec<GroupStats>,
-    pub(super) metrics: Vec<Vec<BackendMetrics>>,
+    /// The stats window backends that join later record in.
+    window_config: WindowConfig,
+    /// Per group: its source's backends and the operator's overrides.
+    /// Held while a membership change is applied, so changes go one at a
+    /// time.
+    memberships: Mutex<Vec<super::members::Membership>>,
+    /// Where the unit's background tasks run and what stops them, once it
+    /// has started: a backend that joins gets its probe there.
+    pub(super) tasks: std::sync::OnceLock<(
+        tokio_util::task::TaskTracker,
+        tokio_util::sync::CancellationToken,
+    )>,
     pub(super) listener_metrics: ListenerMetrics,
     pub(super) route_metrics: RouteMetrics,
     pub(super) probes: Vec<Option<Probe>>,
@@ -174,6 +183,32 @@ impl Drop for Admission {
     }
 }
 
+/// What the proxy keeps per backend, with the backend (see
+/// `core::routes::Member`): its latency windows and its metric handles.
+#[derive(Debug)]
+pub struct Tally {
+    pub stats: Arc<BackendStats>,
+    pub metrics: BackendMetrics,
+}
+
+/// A group's backends as the proxy routes them.
+pub type Routes = GroupRoutes<Tally>;
+pub type Table = RouteTable<Tally>;
+
+/// Stats shards: one per thread that may record.
+fn shards() -> usize {
+    std::thread::available_parallelism().map_or(2, |n| n.get())
+}
+
+impl Tally {
+    pub fn new(unit: &Unit, group: &str, addr: SocketAddr, window: WindowConfig) -> Self {
+        Tally {
+            stats: Arc::new(BackendStats::new(window, shards())),
+            metrics: BackendMetrics::new(unit, group, &addr.to_string()),
+        }
+    }
+}
+
 /// One group's windowed view, for the policy loop, tests and status.
 #[derive(Debug, Clone, PartialEq)]
 pub struct GroupView {
@@ -196,7 +231,6 @@ impl ListenerState {
         access_log: Option<Arc<AccessLog>>,
         occupancy: &Occupancy,
     ) -> Self {
-        let shards = std::thread::available_parallelism().map_or(2, |n| n.get());
         let groups: Vec<_> = l.groups.iter().map(|&g| config.group(g)).collect();
         let policy = l.policy.as_ref().map(|p| p.policy.clone());
         // A policy may read its own window; otherwise the config's.
@@ -221,27 +255,26 @@ impl ListenerState {
                 groups
                     .iter()
                     .map(|g| {
-                        let routes = GroupRoutes::new(&g.name, g.backends.clone(), g.balance);
-                        Arc::new(routes.with_ejection(g.eject))
+                        let tally = |b: &crate::core::backend::Backend| {
+                            Tally::new(&unit, &g.name, b.addr, window)
+                        };
+                        let routes =
+                            GroupRoutes::build(&g.name, g.backends.clone(), g.balance, tally);
+                        Arc::new(routes.with_ejection(g.eject).with_slow_start(g.slow_start))
                     })
                     .collect(),
             ),
             outcomes: Outcomes::with_open(Arc::clone(&occupancy.open)),
             clock,
             decisions: RecentDecisions::default(),
-            stats: groups
-                .iter()
-                .map(|g| GroupStats::new(&g.name, g.backends.len(), window, shards))
-                .collect(),
-            metrics: groups
-                .iter()
-                .map(|g| {
-                    g.backends
-                        .iter()
-                        .map(|b| BackendMetrics::new(&unit, &g.name, &b.addr.to_string()))
-                        .collect()
-                })
-                .collect(),
+            window_config: window,
+            memberships: Mutex::new(
+                groups
+                    .iter()
+                    .map(|g| super::members::Membership::of(g.backends.clone()))
+                    .collect(),
+            ),
+            tasks: std::sync::OnceLock::new(),
             listener_metrics: ListenerMetrics::new(&unit),
             route_metrics,
             probes: groups.iter().map(|g| g.probe.clone()).collect(),
@@ -511,17 +544,52 @@ impl ListenerState {
 
     /// Group names, primary first.
     pub fn group_names(&self) -> Vec<String> {
-        self.stats.iter().map(|g| g.name.clone()).collect()
+        self.router
+            .table()
+            .groups
+            .iter()
+            .map(|g| g.name.clone())
+            .collect()
+    }
+
+    /// How many groups this unit routes to (0: a listener whose routes
+    /// take every connection).
+    pub fn group_count(&self) -> usize {
+        self.router.table().groups.len()
+    }
+
+    /// Every group's membership, locked.
+    pub(super) fn memberships(&self) -> std::sync::MutexGuard<'_, Vec<super::members::Membership>> {
+        lock(&self.memberships)
+    }
+
+    /// The stats window a backend that joins records in.
+    pub(super) fn window_config(&self) -> WindowConfig {
+        self.window_config
+    }
+
+    /// Every group's stats over its current members.
+    fn group_stats(table: &Table) -> impl Iterator<Item = (GroupStats, &Arc<Routes>)> {
+        table.groups.iter().map(|g| {
+            let stats = GroupStats {
+                name: g.name.clone(),
+                backends: g
+                    .members()
+                    .iter()
+                    .map(|m| Arc::clone(&m.extra.stats))
+                    .collect(),
+            };
+            (stats, g)
+        })
     }
 
     /// Every group's windowed latency and errors at this moment.
     pub fn view(&self) -> Vec<GroupView> {
         let now = self.clock.now();
-        let weights = self.router.weights();
-        self.stats
-            .iter()
-            .zip(weights.as_slice())
-            .map(|(g, &w)| GroupView {
+        let table = self.router.table();
+        Self::group_stats(&table)
+            .zip(table.weights.as_slice())
+            .map(|((g, _), &w)| GroupView {
                 name: g.name.clone(),
                 weight_bp: w,
                 signals: Signal::ALL.map(|s| g.snapshot(s, now)),
@@ -532,23 +600,19 @@ impl ListenerState {
     /// What the policy engine reads at `now`: one input per group.
     pub fn policy_inputs(&self, signal: Signal, now: Duration) -> Vec<GroupInput> {
         let table = self.router.table();
-        self.stats
-            .iter()
-            .zip(table.groups.iter())
+        Self::group_stats(&table)
             .map(|(stats, routes)| {
-                let active = (0..routes.backends().len())
-                    .map(|b| u64::from(routes.active(b)))
-                    .sum();
-                GroupInput::from_stats(stats, signal, now, self.window, active)
+                let active = routes.members().iter().map(|m| u64::from(m.active())).sum();
+                GroupInput::from_stats(&stats, signal, now, self.window, active)
             })
             .collect()
     }
 
     /// One backend's window for `signal` at this moment.
     pub fn backend_snapshot(&self, group: usize, backend: usize, signal: Signal) -> Snapshot {
-        self.stats[group].backends[backend]
-            .signal(signal)
-            .snapshot(self.clock.now())
+        let table = self.router.table();
+        let stats = &table.groups[group].extra(backend).stats;
+        stats.signal(signal).snapshot(self.clock.now())
     }
 
     /// Pins the weights: they apply to the next connection and the policy
@@ -573,7 +637,7 @@ impl ListenerState {
             .take()
             .is_some();
         if was && self.policy.is_none() {
-            let all = Weights::all_on_first(self.stats.len());
+            let all = Weights::all_on_first(self.group_count());
             self.router.publish(all).expect("one weight per group");
             self.route_metrics.weights(self.router.weights().as_slice());
         }

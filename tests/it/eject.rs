@@ -20,8 +20,8 @@ async fn a_failing_backend_is_ejected_then_returns_and_no_client_fails() {
     let state = proxy.state("ejecting");
     let ejections = || {
         let table = state.router.table();
-        let e = table.groups[0].ejections().unwrap();
-        (e.times(2), e.is_ejected(2, state.clock.now()))
+        let e = &table.groups[0].member(2).eject;
+        (e.times(), e.is_ejected(state.clock.now()))
     };
     // Steady load: every connection answered, by a live backend.
     let started = Instant::now();

@@ -9,6 +9,7 @@ mod common;
 mod access_log;
 mod admin;
 mod architecture;
+mod backends;
 mod balance;
 mod blame;
 mod cli;

@@ -10,8 +10,8 @@ mod window;
 pub use window::{HIGHEST_US, LOWEST_US, Window, WindowConfig, new_histogram};
 
 use hdrhistogram::Histogram;
-use std::sync::Mutex;
 use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 /// The latency signals an L4 proxy can see without parsing a protocol.
@@ -266,7 +266,9 @@ impl BackendStats {
 #[derive(Debug)]
 pub struct GroupStats {
     pub name: String,
-    pub backends: Vec<BackendStats>,
+    /// Shared with whoever records them (the proxy keeps each with its
+    /// backend, so a group's stats can be read over any membership).
+    pub backends: Vec<Arc<BackendStats>>,
 }
 
 impl GroupStats {
@@ -274,7 +276,7 @@ impl GroupStats {
         GroupStats {
             name: name.into(),
             backends: (0..backends)
-                .map(|_| BackendStats::new(cfg, shards))
+                .map(|_| Arc::new(BackendStats::new(cfg, shards)))
                 .collect(),
         }
     }
@@ -402,7 +404,7 @@ mod tests {
 
     #[test]
     fn threads_record_into_their_own_shards() {
-        let r = std::sync::Arc::new(Recorder::new(WindowConfig::default(), 2));
+        let r = Arc::new(Recorder::new(WindowConfig::default(), 2));
         let handles: Vec<_> = (0..2)
             .map(|_| {
                 let r = r.clone();

@@ -18,6 +18,7 @@
 //! configured every call needs `Authorization: Bearer TOKEN`. Every
 //! mutating call is written to the audit log.
 
+mod backends;
 mod server;
 
 use super::{ListenerState, ProxyHandle};
@@ -63,6 +64,7 @@ pub async fn serve(listener: TcpListener, handle: ProxyHandle, stop: Cancellatio
             "/routes/{listener}/{route}/policy/resume",
             post(route_resume),
         )
+        .merge(backends::routes(Router::new()))
         .route("/reload", post(reload))
         .route("/fleet/window/{listener}", get(fleet_window))
         .route("/fleet/window/{listener}/{route}", get(route_fleet_window))
@@ -543,6 +545,43 @@ async fn status(State(h): State<ProxyHandle>) -> Response {
     )
 }
 
+/// A group's backends as `/status` shows them.
+fn backends_json(routes: &crate::proxy::state::Routes, now: Duration) -> Vec<Value> {
+    let list = routes.backends().iter().enumerate();
+    list.map(|(bi, b)| backend_status(routes, (bi, b), now))
+        .collect()
+}
+
+/// Group `group`'s backends now, as `/status` shows them.
+fn group_backends(s: &ListenerState, group: usize) -> Vec<Value> {
+    backends_json(&s.router.table().groups[group], s.clock.now())
+}
+
+/// One backend in `/status`: its weight, load and health, its drain,
+/// ejection and slow start where they apply.
+fn backend_status(
+    routes: &crate::proxy::state::Routes,
+    (bi, b): (usize, &crate::core::backend::Backend),
+    now: Duration,
+) -> Value {
+    let m = routes.member(bi);
+    let mut v = json!({ "addr": b.addr.to_string(), "weight": b.weight, "active": m.active(), "probe_up": m.is_up() });
+    if m.is_draining() {
+        v["draining"] = json!(true);
+        v["drained"] = json!(m.active() == 0);
+    }
+    if routes.ejections().is_some() {
+        let left = m.eject.ejected_until().map(|u| u.saturating_sub(now));
+        v["ejected"] = json!(m.eject.is_ejected(now));
+        v["ejected_for_s"] = json!(left.filter(|l| !l.is_zero()).map(|l| l.as_secs_f64()));
+        v["ejections"] = json!(m.eject.times());
+    }
+    if let Some(s) = routes.slow_start() {
+        v["ramp_percent"] = json!((s.factor(m.ramp_from(), now) * 1000.0).round() / 10.0);
+    }
+    v
+}
+
 fn listener_status(s: &ListenerState, addrs: &[SocketAddr]) -> Value {
     let names = s.group_names();
     let now = s.clock.now();
@@ -552,28 +591,22 @@ fn listener_status(s: &ListenerState, addrs: &[SocketAddr]) -> Value {
         .iter()
         .enumerate()
         .map(|(gi, g)| {
-            let routes = &table.groups[gi];
-            let backends: Vec<Value> = routes
-                .backends()
+            let backends = backends_json(&table.groups[gi], now);
+            let latency: Map<String, Value> = Signal::ALL
                 .iter()
-                .enumerate()
-                .map(|(bi, b)| {
-                    let mut v = json!({ "addr": b.addr.to_string(), "weight": b.weight, "active": routes.active(bi), "probe_up": routes.is_up(bi) });
-                    if let Some(e) = routes.ejections() {
-                        let left = e.ejected_until(bi).map(|u| u.saturating_sub(now));
-                        v["ejected"] = json!(e.is_ejected(bi, now));
-                        v["ejected_for_s"] = json!(left.filter(|l| !l.is_zero()).map(|l| l.as_secs_f64()));
-                        v["ejections"] = json!(e.times(bi));
-                    }
-                    v
+                .map(|sig| {
+                    (
+                        sig.name().to_owned(),
+                        snapshot_json(&g.signals[sig.index()]),
+                    )
                 })
                 .collect();
-            let latency: Map<String, Value> = Signal::ALL.iter().map(|sig| (sig.name().to_owned(), snapshot_json(&g.signals[sig.index()]))).collect();
             json!({
                 "name": g.name,
                 "role": if gi == 0 { "primary" } else { "backup" },
                 "weight_percent": f64::from(g.weight_bp) / 100.0,
                 "backends": backends,
+                "overrides": s.membership(gi).overrides_json(),
                 "latency": latency,
             })
         })
