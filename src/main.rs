@@ -307,13 +307,24 @@ fn init_logging(format: LogFormat, default_level: &str) {
     }
 }
 
+/// `check`: the file, then its names and discovery files, read once.
 fn check(path: &std::path::Path) -> ExitCode {
-    match Config::load(path) {
-        Ok(c) => {
+    let c = match Config::load(path) {
+        Ok(c) => c,
+        Err(e) => return config_failed(&e),
+    };
+    match portshift::proxy::discovery::initial(&c) {
+        Ok((_, warnings)) => {
+            for w in warnings {
+                eprintln!("warning: could not resolve or read {w}");
+            }
             println!("{}: ok\n{}", path.display(), c.describe());
             ExitCode::SUCCESS
         }
-        Err(e) => config_failed(&e),
+        Err(e) => {
+            eprintln!("error: {}: {e}", path.display());
+            ExitCode::from(2)
+        }
     }
 }
 
@@ -335,6 +346,10 @@ async fn run(config: PathBuf, record: Option<PathBuf>, upgrade: bool) -> Result<
         // Before it accepts, a new binary that fails leaves the old one
         // serving and says so with exit 2.
         Err(e) if upgrade => Err(Failure::Refused(e.into())),
+        // A group with no backend at start: like a bad config.
+        Err(e @ portshift::proxy::RunError::Start(portshift::proxy::StartError::Discovery(_))) => {
+            Err(Failure::Refused(e.into()))
+        }
         Err(e) => Err(e.into()),
     }
 }

@@ -254,6 +254,13 @@ fn group(out: &mut String, group: &Group, primary: bool) {
             b.weight
         );
     }
+    for s in &group.discover {
+        let _ = writeln!(
+            out,
+            "    -> {s} (read at start, then every {})",
+            humantime::format_duration(group.resolve_every)
+        );
+    }
 }
 
 fn probe(p: &Probe) -> String {

@@ -5,6 +5,7 @@
 mod balance;
 mod describe;
 pub(crate) mod diagnostic;
+pub mod discovery;
 mod eject;
 mod fleet;
 mod knock;
@@ -81,6 +82,9 @@ pub struct Config {
     pub stats: crate::core::stats::WindowConfig,
     /// Whether connections record latency signals (`[stats] record`).
     pub record_latency: bool,
+    /// `[dns]`: the servers backend names are resolved with (`None`: the
+    /// system's).
+    pub dns: Option<discovery::Dns>,
     pub groups: Vec<Group>,
     pub listeners: Vec<Listener>,
 }
@@ -89,8 +93,13 @@ pub struct Config {
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Group {
     pub name: String,
-    /// Never empty; at least one weight is non-zero.
+    /// The backends listed by address. With no `discover` sources, never
+    /// empty and at least one weight is non-zero.
     pub backends: Vec<Backend>,
+    /// Names, SRV records and discovery files, read at start and again
+    /// every `resolve_every` (a file also when it changes).
+    pub discover: Vec<discovery::Source>,
+    pub resolve_every: Duration,
     pub balance: Balance,
     pub probe: Option<Probe>,
     /// A PROXY protocol header before the client's bytes on every

@@ -23,6 +23,8 @@ pub struct RawConfig {
     pub admin: Option<S<RawAdmin>>,
     pub fleet: Option<S<RawFleet>>,
     pub stats: Option<RawStats>,
+    /// The DNS servers backend names are resolved with.
+    pub dns: Option<S<RawDns>>,
     #[serde(default, rename = "group")]
     pub groups: Vec<RawGroup>,
     #[serde(default, rename = "listener")]
@@ -45,6 +47,16 @@ pub struct RawGroup {
     pub eject: Option<S<RawEject>>,
     /// Ramping up backends that join or return.
     pub slow_start: Option<S<RawSlowStart>>,
+    /// How often names and discovery files are read again.
+    pub resolve_every: Option<S<String>>,
+}
+
+/// `[dns]`: where backend names are resolved.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawDns {
+    pub servers: Option<S<Vec<S<String>>>>,
+    pub timeout: Option<S<String>>,
 }
 
 /// How a group ramps a backend that joins or returns up to its weight.
@@ -141,19 +153,23 @@ pub struct RawProbe {
     pub fall: Option<S<u32>>,
 }
 
-/// A backend is either `"ip:port"` or `{ addr = "ip:port", weight = 2 }`.
+/// A backend entry: `"ip:port"` or `"host:port"`, `{ addr = ..., weight =
+/// 2 }`, `{ srv = "_pg._tcp.example.internal" }` or `{ file =
+/// "backends.json" }`.
 #[derive(Debug)]
-pub struct RawBackend {
-    pub addr: String,
-    pub weight: u32,
+pub enum RawBackend {
+    Addr { addr: String, weight: u32 },
+    Srv(String),
+    File(String),
 }
 
 #[derive(Deserialize)]
 #[serde(deny_unknown_fields)]
 struct BackendTable {
-    addr: String,
-    #[serde(default = "default_backend_weight")]
-    weight: u32,
+    addr: Option<String>,
+    weight: Option<u32>,
+    srv: Option<String>,
+    file: Option<String>,
 }
 
 fn default_backend_weight() -> u32 {
@@ -166,20 +182,30 @@ impl<'de> Deserialize<'de> for RawBackend {
         impl<'de> Visitor<'de> for BackendVisitor {
             type Value = RawBackend;
             fn expecting(&self, f: &mut fmt::Formatter) -> fmt::Result {
-                f.write_str(r#"a backend: "ip:port" or { addr = "ip:port", weight = N }"#)
+                f.write_str(r#"a backend: "ip:port", "host:port", { addr = "ip:port", weight = N }, { srv = "_service._tcp.name" } or { file = "backends.json" }"#)
             }
             fn visit_str<E: de::Error>(self, v: &str) -> Result<RawBackend, E> {
-                Ok(RawBackend {
+                Ok(RawBackend::Addr {
                     addr: v.to_owned(),
                     weight: default_backend_weight(),
                 })
             }
             fn visit_map<M: MapAccess<'de>>(self, map: M) -> Result<RawBackend, M::Error> {
                 let t = BackendTable::deserialize(de::value::MapAccessDeserializer::new(map))?;
-                Ok(RawBackend {
-                    addr: t.addr,
-                    weight: t.weight,
-                })
+                match (t.addr, t.srv, t.file, t.weight) {
+                    (Some(addr), None, None, w) => Ok(RawBackend::Addr {
+                        addr,
+                        weight: w.unwrap_or_else(default_backend_weight),
+                    }),
+                    (None, Some(srv), None, None) => Ok(RawBackend::Srv(srv)),
+                    (None, None, Some(file), None) => Ok(RawBackend::File(file)),
+                    (None, _, _, Some(_)) => Err(de::Error::custom(
+                        "`weight` goes with `addr`; an SRV record or a discovery file gives each backend's own",
+                    )),
+                    _ => Err(de::Error::custom(
+                        "a backend entry has exactly one of `addr`, `srv` or `file`",
+                    )),
+                }
             }
         }
         d.deserialize_any(BackendVisitor)

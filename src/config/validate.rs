@@ -3,7 +3,7 @@
 
 use super::diagnostic::{Reporter, did_you_mean};
 use super::listen::{addrs_collide, parse_listen};
-use super::raw::{RawAdmin, RawConfig, RawGroup, RawListener, RawProbe, RawStats, S};
+use super::raw::{RawAdmin, RawBackend, RawConfig, RawGroup, RawListener, RawProbe, RawStats, S};
 use super::*;
 use crate::core::stats::WindowConfig;
 use std::collections::HashMap;
@@ -88,6 +88,7 @@ impl Validator<'_, '_> {
             fleet,
             stats,
             record_latency,
+            dns: self.dns(raw.dns.as_ref()),
             groups,
             listeners,
         }
@@ -110,10 +111,35 @@ impl Validator<'_, '_> {
     }
 
     fn group(&mut self, raw: &RawGroup) -> Group {
+        /// A backend listed by address (an IP literal or a name).
+        struct Listed<'a> {
+            addr: &'a String,
+            weight: u32,
+        }
         let name = raw.name.get_ref();
         let mut backends = Vec::new();
+        let mut discover = Vec::new();
         for entry in raw.backends.get_ref() {
-            let b = entry.get_ref();
+            let b = match entry.get_ref() {
+                RawBackend::Addr { addr, weight } => Listed {
+                    addr,
+                    weight: *weight,
+                },
+                RawBackend::Srv(name) => {
+                    let named = S::new(entry.span(), name.clone());
+                    discover.extend(self.srv_source(name, &named));
+                    continue;
+                }
+                RawBackend::File(path) => {
+                    discover.push(self.file_source(path));
+                    continue;
+                }
+            };
+            if b.addr.parse::<SocketAddr>().is_err() && b.weight <= MAX_BACKEND_WEIGHT {
+                let named = S::new(entry.span(), b.addr.clone());
+                discover.extend(self.host_source(name, &named, b.weight));
+                continue;
+            }
             match b.addr.parse::<SocketAddr>() {
                 Ok(addr) if addr.port() == 0 => self.rep.error(
                     entry.span(),
@@ -137,8 +163,8 @@ impl Validator<'_, '_> {
                 }
                 Err(_) => self.rep.error(
                     entry.span(),
-                    format!("group `{name}`: backend `{}` is not an `ip:port` address", b.addr),
-                    Some("write e.g. \"127.0.0.1:9001\" or \"[::1]:9001\"; hostnames are not resolved".into()),
+                    format!("group `{name}`: backend `{}` has weight {}; the most is {MAX_BACKEND_WEIGHT}", b.addr, b.weight),
+                    Some("weights are relative: 1 and 3 split like 100 and 300".into()),
                 ),
             }
         }
@@ -148,7 +174,10 @@ impl Validator<'_, '_> {
                 format!("group `{name}` has no backends"),
                 Some(r#"list at least one, e.g. backends = ["127.0.0.1:9001"]"#.into()),
             );
-        } else if !backends.is_empty() && backends.iter().all(|b| b.weight == 0) {
+        } else if discover.is_empty()
+            && !backends.is_empty()
+            && backends.iter().all(|b| b.weight == 0)
+        {
             self.rep.error(
                 raw.backends.span(),
                 format!("group `{name}`: every backend has weight 0, so it could serve nothing"),
@@ -165,6 +194,8 @@ impl Validator<'_, '_> {
             tls: self.tls_originate(name, raw.tls.as_ref()),
             eject: self.eject(name, raw.eject.as_ref()),
             slow_start: self.slow_start(name, raw.slow_start.as_ref()),
+            resolve_every: self.resolve_every(name, raw.resolve_every.as_ref()),
+            discover,
         }
     }
 

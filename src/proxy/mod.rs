@@ -11,6 +11,7 @@ mod connection;
 mod control;
 mod copy;
 mod decisions;
+pub mod discovery;
 mod eject;
 pub mod fleet;
 mod members;
@@ -65,6 +66,9 @@ pub enum StartError {
         #[source]
         source: io::Error,
     },
+    /// A group none of whose backends resolved or was found.
+    #[error("{0}")]
+    Discovery(#[from] discovery::Unresolved),
 }
 
 /// A listener that could not be bound; nothing else was left running.

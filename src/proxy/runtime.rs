@@ -116,6 +116,9 @@ pub enum ReloadError {
     AdminWithoutToken { addr: SocketAddr },
     #[error("the proxy is shutting down")]
     ShuttingDown,
+    /// A group none of whose backends resolved or was found.
+    #[error("{0}")]
+    Discovery(#[from] super::discovery::Unresolved),
 }
 
 /// The last reload's time and result (the error as its message).
@@ -180,6 +183,12 @@ pub(crate) struct Shared {
     pub handed_over: AtomicBool,
     /// Every open access log by path, shared by the listeners naming it.
     access_logs: Mutex<HashMap<PathBuf, Arc<AccessLog>>>,
+    /// What the groups with discovered sources have now: a listener that
+    /// starts (or restarts on a reload) starts from it.
+    found: Mutex<super::discovery::Discovered>,
+    /// Stops the tasks that read discovered sources (restarted by a
+    /// reload).
+    discovering: Mutex<CancellationToken>,
 }
 
 fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
@@ -215,9 +224,14 @@ impl Shared {
         let trace = TraceSlot::default();
         let files = open_access_logs(config, &HashMap::new())
             .map_err(|(path, source)| StartError::AccessLog { path, source })?;
+        let (found, unresolved) = super::discovery::initial(config)?;
+        for w in unresolved {
+            warn!("{w}; the group starts without it");
+        }
         let sinks = Sinks {
             trace: &trace,
             files: &files,
+            found: &found,
         };
         let listeners = config
             .listeners
@@ -255,12 +269,15 @@ impl Shared {
             admin_fd: std::sync::OnceLock::new(),
             handed_over: AtomicBool::new(false),
             access_logs: Mutex::new(files),
+            found: Mutex::new(found),
+            discovering: Mutex::new(CancellationToken::new()),
         })
     }
 
     /// Starts every listener's accept loops, probes and policy loop.
     pub fn start(self: &Arc<Self>) {
         self.serving.store(true, Relaxed);
+        self.discover(&lock(&self.config));
         let mut listeners = lock(&self.listeners);
         for r in listeners.iter_mut() {
             r.token = self.stop.child_token();
@@ -318,6 +335,39 @@ impl Shared {
                 fleet,
                 token.clone(),
             ));
+        }
+    }
+
+    /// (Re)starts the tasks that read the groups' discovered sources.
+    fn discover(self: &Arc<Self>, config: &Config) {
+        let token = self.stop.child_token();
+        std::mem::replace(&mut *lock(&self.discovering), token.clone()).cancel();
+        super::discovery::watch_all(self, config, &token);
+    }
+
+    /// A group's discovered sources give it `backends` now: every routing
+    /// unit using the group whose source differs takes them, on top of its
+    /// overrides.
+    pub(super) fn discovered(&self, group: &str, backends: Vec<crate::core::backend::Backend>) {
+        let changed = lock(&self.found)
+            .insert(group.to_owned(), backends.clone())
+            .as_ref()
+            != Some(&backends);
+        crate::telemetry::discovery_update(group, backends.len(), changed);
+        for (unit, _) in self.listeners() {
+            let Some(gi) = unit.group_names().iter().position(|n| n == group) else {
+                continue;
+            };
+            if unit.membership(gi).source == backends {
+                continue;
+            }
+            let applied = unit.reshape(gi, "discovery", |m| {
+                *m = m.with_source(backends.clone());
+                Ok(())
+            });
+            if let Err(e) = applied {
+                warn!(unit = %unit.name, group, error = %e, "discovered backends not applied");
+            }
         }
     }
 
@@ -444,6 +494,14 @@ impl Shared {
     async fn reload_inner(self: &Arc<Self>) -> Result<ReloadReport, ReloadError> {
         let path: PathBuf = lock(&self.config).path.clone();
         let new = Config::load(&path)?;
+        let resolving = new.clone();
+        let (found, unresolved) =
+            tokio::task::spawn_blocking(move || super::discovery::initial(&resolving))
+                .await
+                .map_err(|_| ReloadError::ShuttingDown)??;
+        for w in unresolved {
+            warn!("{w}; the group goes on without it");
+        }
         // Plan and bind without touching anything running; then commit.
         let mut plan = self.plan_reload(&new)?;
         let files = open_access_logs(&new, &lock(&self.access_logs))
@@ -454,9 +512,13 @@ impl Shared {
                 path: new.audit_log.clone().unwrap_or_default(),
                 source,
             })?;
+        *lock(&self.found) = found;
         plan.report.overrides_dropped = self
             .commit_reload(&new, &plan.keep, &mut plan.fresh, &files)
             .await;
+        if self.serving.load(Relaxed) {
+            self.discover(&new);
+        }
         // Files no listener names any more are closed (their queued lines
         // written) as the last listener holding one goes.
         *lock(&self.access_logs) = files;
@@ -575,9 +637,11 @@ impl Shared {
             }
             let token = self.stop.child_token();
             let carried = occupancy.remove(&l.name);
+            let found = lock(&self.found).clone();
             let sinks = Sinks {
                 trace: &self.trace,
                 files,
+                found: &found,
             };
             let mut r = new_running(new, l, self.clock, &sinks, token, fresh, carried);
             for unit in r.units() {
@@ -664,6 +728,8 @@ fn bind_for(l: &Listener, addr: SocketAddr) -> Result<TcpListener, BindError> {
 struct Sinks<'a> {
     trace: &'a TraceSlot,
     files: &'a HashMap<PathBuf, Arc<AccessLog>>,
+    /// What the groups with discovered sources have now.
+    found: &'a super::discovery::Discovered,
 }
 
 /// Every access log `config` names: the one already open at a path is
@@ -730,9 +796,9 @@ fn new_running(
             config,
             l,
             clock,
-            Arc::clone(sinks.trace),
-            access_log.cloned(),
+            (Arc::clone(sinks.trace), access_log.cloned()),
             occupancy,
+            sinks.found,
         ))
     };
     let front = state(l, &occupancy.unwrap_or_default());

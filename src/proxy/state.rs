@@ -195,6 +195,17 @@ pub struct Tally {
 pub type Routes = GroupRoutes<Tally>;
 pub type Table = RouteTable<Tally>;
 
+/// A group's backends at start: what its sources found, or those listed.
+fn source_of(
+    g: &crate::config::Group,
+    found: &super::discovery::Discovered,
+) -> Vec<crate::core::backend::Backend> {
+    found
+        .get(&g.name)
+        .cloned()
+        .unwrap_or_else(|| g.backends.clone())
+}
+
 /// Stats shards: one per thread that may record.
 fn shards() -> usize {
     std::thread::available_parallelism().map_or(2, |n| n.get())
@@ -223,13 +234,14 @@ pub struct GroupView {
 impl ListenerState {
     /// `occupancy`: the listener's open connections, carried over from the
     /// listener it replaces on a reload, so its limits count them too.
+    /// `found`: the backends of the groups with discovered sources.
     pub(super) fn new(
         config: &Config,
         l: &Listener,
         clock: Clock,
-        trace: TraceSlot,
-        access_log: Option<Arc<AccessLog>>,
+        (trace, access_log): (TraceSlot, Option<Arc<AccessLog>>),
         occupancy: &Occupancy,
+        found: &super::discovery::Discovered,
     ) -> Self {
         let groups: Vec<_> = l.groups.iter().map(|&g| config.group(g)).collect();
         let policy = l.policy.as_ref().map(|p| p.policy.clone());
@@ -259,7 +271,7 @@ impl ListenerState {
                             Tally::new(&unit, &g.name, b.addr, window)
                         };
                         let routes =
-                            GroupRoutes::build(&g.name, g.backends.clone(), g.balance, tally);
+                            GroupRoutes::build(&g.name, source_of(g, found), g.balance, tally);
                         Arc::new(routes.with_ejection(g.eject).with_slow_start(g.slow_start))
                     })
                     .collect(),
@@ -271,7 +283,7 @@ impl ListenerState {
             memberships: Mutex::new(
                 groups
                     .iter()
-                    .map(|g| super::members::Membership::of(g.backends.clone()))
+                    .map(|g| super::members::Membership::of(source_of(g, found)))
                     .collect(),
             ),
             tasks: std::sync::OnceLock::new(),

@@ -41,6 +41,9 @@ pub const SNI_REJECTED: &str = "portshift_sni_rejected_total";
 pub const TLS_REJECTED: &str = "portshift_tls_rejected_total";
 pub const EJECTIONS: &str = "portshift_ejections_total";
 pub const EJECTED: &str = "portshift_backend_ejected";
+pub const DISCOVERY_ERRORS: &str = "portshift_discovery_errors_total";
+pub const DISCOVERY_UPDATES: &str = "portshift_discovery_updates_total";
+pub const DISCOVERY_BACKENDS: &str = "portshift_discovery_backends";
 
 /// Whose series: a listener's own, or one of its routes' (with a `route`
 /// label; a listener without routes has none, so its series are as they
@@ -151,6 +154,18 @@ pub fn prometheus() -> &'static PrometheusHandle {
 fn describe() {
     use metrics::Unit;
     fleet::describe();
+    metrics::describe_counter!(
+        DISCOVERY_ERRORS,
+        "Reads of a group's discovered source that failed (a name that did not resolve, a discovery file missing, malformed or empty); the group keeps the source's last good answer"
+    );
+    metrics::describe_counter!(
+        DISCOVERY_UPDATES,
+        "Changes of a group's membership from its discovered sources"
+    );
+    metrics::describe_gauge!(
+        DISCOVERY_BACKENDS,
+        "Backends a group's sources give it now, before the admin API's overrides"
+    );
     metrics::describe_counter!(CONNECTIONS, "Proxied connections established to a backend");
     metrics::describe_gauge!(ACTIVE, "Proxied connections currently open to a backend");
     metrics::describe_counter!(
@@ -449,6 +464,23 @@ pub fn proxy_protocol_rejected(listener: &str, reason: &'static str) -> Counter 
 pub fn knocks(listener: &str, result: &'static str) -> Counter {
     prometheus();
     metrics::counter!(KNOCKS, "listener" => listener.to_owned(), "result" => result)
+}
+
+/// A failed read of one of a group's discovered sources.
+pub fn discovery_error(group: &str, source: &str) {
+    prometheus();
+    metrics::counter!(DISCOVERY_ERRORS, "group" => group.to_owned(), "source" => source.to_owned())
+        .increment(1);
+}
+
+/// A group's membership changed from its sources, which now give it
+/// `backends`.
+pub fn discovery_update(group: &str, backends: usize, changed: bool) {
+    prometheus();
+    if changed {
+        metrics::counter!(DISCOVERY_UPDATES, "group" => group.to_owned()).increment(1);
+    }
+    metrics::gauge!(DISCOVERY_BACKENDS, "group" => group.to_owned()).set(backends as f64);
 }
 
 /// A listener's counter of access-log lines dropped for a full queue.

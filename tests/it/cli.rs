@@ -166,8 +166,10 @@ fn bad_configs_name_line_problem_and_fix() {
     );
     check_case(
         "bad backend address",
-        &GOOD.replace("127.0.0.1:9101", "backup.local:9101"),
-        &["group `social-backup`: backend `backup.local:9101` is not an `ip:port` address"],
+        &GOOD.replace("127.0.0.1:9101", "backup local:9101"),
+        &[
+            "group `social-backup`: backend `backup local:9101` is neither `ip:port` nor `host:port`",
+        ],
     );
     check_case(
         "bad listen address",

@@ -13,6 +13,7 @@ mod backends;
 mod balance;
 mod blame;
 mod cli;
+mod discovery;
 mod docs;
 mod eject;
 mod etcd;
