@@ -15,6 +15,7 @@ pub const DEFAULT_EJECT: EjectPolicy = EjectPolicy {
     base_time: Duration::from_secs(10),
     max_time: Duration::from_secs(300),
     max_percent: 50,
+    latency_factor: None,
 };
 
 impl Validator<'_, '_> {
@@ -61,6 +62,24 @@ impl Validator<'_, '_> {
                 d.error_rate_above
             }
         };
+        let latency_factor = match &r.latency_factor {
+            None => None,
+            Some(x) if x.get_ref().is_finite() && *x.get_ref() > 1.0 => Some(*x.get_ref()),
+            Some(x) => {
+                self.rep.error(
+                    x.span(),
+                    format!(
+                        "group `{group}`: `eject.latency_factor` is {}; it must be above 1",
+                        x.get_ref()
+                    ),
+                    Some(
+                        "how many times the group's median p99 makes a backend an outlier, e.g. 3"
+                            .into(),
+                    ),
+                );
+                None
+            }
+        };
         let base_time = self.duration(r.base_time.as_ref(), "eject.base_time", d.base_time);
         let max_time = self.duration(r.max_time.as_ref(), "eject.max_time", d.max_time);
         if max_time < base_time {
@@ -77,6 +96,7 @@ impl Validator<'_, '_> {
             base_time,
             max_time,
             max_percent,
+            latency_factor,
         })
     }
 }
@@ -171,6 +191,10 @@ mod tests {
                 "`eject.max_time` is shorter",
             ),
             ("eject = { base = \"1s\" }", "unknown field `base`"),
+            (
+                "eject = { latency_factor = 0.5 }",
+                "`eject.latency_factor` is 0.5; it must be above 1",
+            ),
         ] {
             let err = with(eject).expect_err(want);
             assert!(err.contains(want), "want {want:?} in:\n{err}");

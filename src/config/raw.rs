@@ -73,6 +73,7 @@ pub struct RawSlowStart {
 pub struct RawEject {
     pub consecutive_failures: Option<S<u32>>,
     pub error_rate_above: Option<S<f64>>,
+    pub latency_factor: Option<S<f64>>,
     pub min_requests: Option<S<u32>>,
     pub base_time: Option<S<String>>,
     pub max_time: Option<S<String>>,

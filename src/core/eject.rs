@@ -26,6 +26,10 @@ pub struct EjectPolicy {
     pub max_time: Duration,
     /// The most of a group's backends out at once, in percent.
     pub max_percent: u32,
+    /// Latency outliers: eject a backend whose `exchange` p99 over the
+    /// window is above this many times the median of its group's
+    /// backends' (each with at least `min_requests` samples).
+    pub latency_factor: Option<f64>,
 }
 
 /// The rate is validated finite (0 to below 1), so equality is total.
@@ -126,6 +130,18 @@ impl Ejections {
         if !(by_count || by_rate) {
             return None;
         }
+        self.eject(backend, group, now)
+    }
+
+    /// Ejects `backend` at `now` unless it is out already or its group
+    /// (`group`, itself included) has as many out as may be.
+    pub fn eject<'a>(
+        &self,
+        backend: &EjectState,
+        group: impl Fn() -> Vec<&'a EjectState>,
+        now: Duration,
+    ) -> Option<Ejected> {
+        let p = &self.policy;
         let _one = self.deciding.lock().unwrap_or_else(|e| e.into_inner());
         let all = group();
         if backend.is_ejected(now) || out(all.iter().copied(), now) >= self.allowed(all.len()) {
@@ -150,6 +166,26 @@ impl Ejections {
     }
 }
 
+/// The latency outliers of a group: the indexes whose p99 is above
+/// `factor` × the median p99 of the backends that have one (`None`: too
+/// few samples to judge). A median needs at least three backends.
+pub fn latency_outliers(p99: &[Option<Duration>], factor: f64) -> Vec<usize> {
+    let mut known: Vec<Duration> = p99.iter().flatten().copied().collect();
+    if known.len() < 3 {
+        return Vec::new();
+    }
+    known.sort();
+    // The upper median: a slow half is not a set of outliers.
+    let median = known[known.len() / 2];
+    if median.is_zero() {
+        return Vec::new();
+    }
+    let limit = median.mul_f64(factor);
+    (0..p99.len())
+        .filter(|&i| p99[i].is_some_and(|p| p > limit))
+        .collect()
+}
+
 /// Backends out at `now`.
 pub fn out<'a>(group: impl Iterator<Item = &'a EjectState>, now: Duration) -> usize {
     group.filter(|s| s.is_ejected(now)).count()
@@ -169,6 +205,7 @@ mod tests {
             base_time: 10 * S,
             max_time: 25 * S,
             max_percent: 50,
+            latency_factor: None,
         }
     }
 
@@ -251,5 +288,17 @@ mod tests {
         );
         assert!(fail(&two, 0).is_some());
         assert!(fail(&two, 1).is_none());
+    }
+
+    #[test]
+    fn latency_outliers_stand_out_from_the_median() {
+        let ms = |n| Some(Duration::from_millis(n));
+        let p99 = [ms(10), ms(12), ms(11), ms(200), None];
+        assert_eq!(latency_outliers(&p99, 3.0), vec![3]);
+        assert_eq!(latency_outliers(&p99, 20.0), Vec::<usize>::new());
+        // Two with data: no median to judge by.
+        assert!(latency_outliers(&[ms(10), ms(500), None], 3.0).is_empty());
+        // A slow half does not make the fast half outliers.
+        assert!(latency_outliers(&[ms(10), ms(10), ms(100), ms(100)], 3.0).is_empty());
     }
 }

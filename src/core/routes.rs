@@ -477,7 +477,7 @@ impl<X> GroupRoutes<X> {
 }
 
 /// The backends of a group must carry some weight and appear once each.
-fn check_membership(backends: &[Backend]) -> Result<(), MembershipError> {
+pub fn check_membership(backends: &[Backend]) -> Result<(), MembershipError> {
     if backends.iter().all(|b| b.weight == 0) {
         return Err(MembershipError::NoWeight);
     }

@@ -18,20 +18,20 @@ use std::sync::Arc;
 use tracing::info;
 
 /// What an operator changed about one backend of a group.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, serde::Deserialize)]
 pub struct Override {
     /// A member with this weight (added, or its weight set); `None`: as
     /// the source says.
-    #[serde(skip_serializing_if = "Option::is_none")]
+    #[serde(default, skip_serializing_if = "Option::is_none")]
     pub weight: Option<u32>,
     /// Added by the operator (the source does not list it).
-    #[serde(skip_serializing_if = "std::ops::Not::not")]
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
     pub added: bool,
     /// Not a member, whatever the source says.
-    #[serde(skip_serializing_if = "std::ops::Not::not")]
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
     pub removed: bool,
     /// No new connections.
-    #[serde(skip_serializing_if = "std::ops::Not::not")]
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
     pub draining: bool,
 }
 
@@ -233,6 +233,29 @@ impl ListenerState {
     /// Group `group`'s membership as it stands.
     pub fn membership(&self, group: usize) -> Membership {
         self.memberships()[group].clone()
+    }
+
+    /// Group `group`'s membership as `change` would leave it, checked, with
+    /// nothing applied.
+    pub fn plan_change(
+        &self,
+        group: usize,
+        change: impl FnOnce(&mut Membership) -> Result<(), Refused>,
+    ) -> Result<Membership, Refused> {
+        let mut next = self.membership(group);
+        change(&mut next)?;
+        crate::core::routes::check_membership(&next.backends())?;
+        Ok(next)
+    }
+
+    /// What group `group` is now, against its backends `before`.
+    pub fn since(&self, group: usize, before: &[Backend]) -> Reshaped {
+        let table = self.router.table();
+        let now = &table.groups[group];
+        Reshaped {
+            changed: Changed::between(before, now.backends()),
+            none_takes_new: (0..now.backends().len()).all(|b| !now.takes_new(b)),
+        }
     }
 
     /// Changes group `group`'s membership with `change` and applies it, or

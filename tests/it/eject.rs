@@ -64,3 +64,54 @@ async fn a_failing_backend_is_ejected_then_returns_and_no_client_fails() {
     assert_eq!(metric_value(&m, &series), 2.0, "{series}");
     proxy.shutdown().await;
 }
+
+/// One slow backend among four fast ones: its `exchange` p99 stands out
+/// from the group's median, and it is ejected although it never fails.
+#[tokio::test]
+async fn a_latency_outlier_is_ejected_though_it_never_fails() {
+    let mut backends = Vec::new();
+    for (name, delay) in [("f1", 0), ("f2", 0), ("f3", 0), ("slow", 150)] {
+        backends.push(http_backend(name, delay).await);
+    }
+    let list: Vec<String> = backends
+        .iter()
+        .map(|b| format!("\"{}\"", b.addr()))
+        .collect();
+    let text = format!(
+        "[[group]]\nname = \"g\"\nbackends = [{}]\n\
+         eject = {{ consecutive_failures = 0, latency_factor = 3, min_requests = 5, base_time = \"30s\" }}\n\n\
+         [[listener]]\nname = \"outliers\"\nlisten = [\"127.0.0.1:0\"]\nprimary = \"g\"\n",
+        list.join(", ")
+    );
+    let proxy = start_proxy(&text).await;
+    let state = proxy.state("outliers");
+    let slow_out = || {
+        let table = state.router.table();
+        table.groups[0]
+            .member(3)
+            .eject
+            .is_ejected(state.clock.now())
+    };
+    let request = "GET / HTTP/1.1\r\nhost: t\r\nconnection: close\r\n\r\n";
+    let started = Instant::now();
+    let mut sent = 0;
+    while !slow_out() {
+        assert!(sent < 400, "not ejected after {sent} requests");
+        let (status, _) = http_exchange(proxy.addr(), request).await.unwrap();
+        assert_eq!(status, 200);
+        sent += 1;
+    }
+    eprintln!(
+        "latency outlier ejected after {sent} requests, {:?}",
+        started.elapsed()
+    );
+    for _ in 0..20 {
+        let (_, body) = http_exchange(proxy.addr(), request).await.unwrap();
+        assert_ne!(
+            body.trim(),
+            "slow",
+            "an ejected backend gets no new request"
+        );
+    }
+    proxy.shutdown().await;
+}

@@ -439,7 +439,51 @@ async fn members_shift_as_one_and_carry_a_pin() {
         f.backup.replies() > 0,
         "the backup served the shifted share"
     );
+    backends_change_on_every_member(&f).await;
     let _ = &f.dir;
+}
+
+/// A backend added through one member's admin API is a backend of the
+/// group on every member; removed, it is gone from every member.
+async fn backends_change_on_every_member(f: &Fleet) {
+    let extra = f.backup.addr().to_string();
+    let on_all = async |f: &Fleet, present: bool| {
+        let mut ok = true;
+        for m in &f.members {
+            let s = m.status().await;
+            let list = s["listeners"][0]["groups"][0]["backends"]
+                .as_array()
+                .unwrap()
+                .clone();
+            ok &= list.iter().any(|b| b["addr"] == extra.as_str()) == present;
+        }
+        ok
+    };
+    let body = format!(r#"{{"addr": "{extra}", "weight": 2}}"#);
+    let (status, reply) = admin_request(
+        f.members[1].admin,
+        "POST",
+        "/routes/l/groups/primary/backends",
+        &body,
+        None,
+    )
+    .await
+    .unwrap();
+    assert_eq!(status, 200, "{reply}");
+    assert!(reply.contains("\"fleet\":true"), "{reply}");
+    f.until("the added backend on every member", PATIENCE, async |f| {
+        on_all(f, true).await
+    })
+    .await;
+    let path = format!("/routes/l/groups/primary/backends/{extra}");
+    let (status, reply) = admin_request(f.members[2].admin, "DELETE", &path, "", None)
+        .await
+        .unwrap();
+    assert_eq!(status, 200, "{reply}");
+    f.until("the backend gone from every member", PATIENCE, async |f| {
+        on_all(f, false).await
+    })
+    .await;
 }
 
 /// The leader dies (SIGKILL): a new one within the lease TTL and an

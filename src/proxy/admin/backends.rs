@@ -16,7 +16,7 @@
 use super::{MAX_BODY_BYTES, audit, error, find, reply, unit_name};
 use crate::config::MAX_BACKEND_WEIGHT;
 use crate::proxy::ProxyHandle;
-use crate::proxy::members::{Membership, Refused};
+use crate::proxy::members::{Membership, Refused, Reshaped};
 use crate::proxy::state::ListenerState;
 use axum::body::Bytes;
 use axum::extract::rejection::BytesRejection;
@@ -196,9 +196,10 @@ async fn resolve(addr: &str) -> Result<Vec<SocketAddr>, Refusal> {
     }
 }
 
-/// Applies `change` to the target's group and answers with the group's
+/// Applies `change` to the target's group (through the fleet's store in
+/// fleet mode, so it holds on every member) and answers with the group's
 /// backends after it; audits the call either way.
-fn apply(
+async fn apply(
     h: &ProxyHandle,
     (peer, method): (SocketAddr, &str),
     (t, body): (&Target, Value),
@@ -206,8 +207,8 @@ fn apply(
 ) -> Response {
     let result = match locate(h, t) {
         Err((status, m)) => error(status, m),
-        Ok((state, group)) => match state.reshape(group, "admin API", change) {
-            Err(why) => error(refusal_status(&why), why.to_string()),
+        Ok((state, group)) => match commit(h, &state, group, change).await {
+            Err((status, m)) => error(status, m),
             Ok(done) => {
                 let mut v = json!({
                     "listener": state.name,
@@ -215,6 +216,7 @@ fn apply(
                     "changed": done.changed,
                     "backends": super::group_backends(&state, group),
                     "overrides": state.membership(group).overrides_json(),
+                    "fleet": h.fleet().is_some(),
                 });
                 if done.none_takes_new {
                     v["warning"] = json!(
@@ -227,6 +229,37 @@ fn apply(
     };
     audit(h, peer, &format!("{method} {}", t.path()), body, &result);
     result
+}
+
+/// Checks the change, then applies it here, or writes it to the fleet's
+/// store (every member, this one included, applies it from there).
+async fn commit(
+    h: &ProxyHandle,
+    state: &Arc<ListenerState>,
+    group: usize,
+    change: impl FnOnce(&mut Membership) -> Result<(), Refused>,
+) -> Result<Reshaped, Refusal> {
+    let refused = |why: Refused| (refusal_status(&why), why.to_string());
+    let next = state.plan_change(group, change).map_err(refused)?;
+    let Some(f) = h.fleet() else {
+        let apply = |m: &mut Membership| {
+            *m = next;
+            Ok(())
+        };
+        return state.reshape(group, "admin API", apply).map_err(refused);
+    };
+    let before = state.router.table().groups[group].backends().to_vec();
+    let name = state.group_names().swap_remove(group);
+    f.steer(state, |c| {
+        if next.overrides.is_empty() {
+            c.backends.remove(&name);
+        } else {
+            c.backends.insert(name, next.overrides.clone());
+        }
+    })
+    .await
+    .map_err(|e| (StatusCode::SERVICE_UNAVAILABLE, e))?;
+    Ok(state.since(group, &before))
 }
 
 fn refusal_status(r: &Refused) -> StatusCode {
@@ -273,6 +306,7 @@ async fn add_to(
     apply(&h, (peer, "POST"), (&t, v), |m| {
         addrs.iter().try_for_each(|&a| m.add(a, weight))
     })
+    .await
 }
 
 /// A change to one named backend: `change` gets its address.
@@ -288,7 +322,7 @@ async fn change_one(
         Ok(a) => a,
         Err(r) => return refuse(&h, peer, call, body, r),
     };
-    apply(&h, (peer, method), (&t, body), |m| change(m, addr))
+    apply(&h, (peer, method), (&t, body), |m| change(m, addr)).await
 }
 
 async fn remove_one(h: ProxyHandle, peer: SocketAddr, t: Target) -> Response {

@@ -269,7 +269,7 @@ async fn route_fleet_window(
 }
 
 /// Pins `w` on this instance, or through etcd on the whole fleet.
-async fn pin_weights(h: &ProxyHandle, state: &ListenerState, w: Weights) -> Response {
+async fn pin_weights(h: &ProxyHandle, state: &Arc<ListenerState>, w: Weights) -> Response {
     let groups = state.group_names();
     let pinned = match h.fleet() {
         None => state

@@ -229,7 +229,7 @@ impl Fleet {
 
     /// Applies what the fleet knows of `state`'s listener (a listener just
     /// started or replaced by a reload).
-    pub(super) fn apply_known(&self, state: &ListenerState) {
+    pub(super) fn apply_known(&self, state: &Arc<ListenerState>) {
         let mut i = lock(&self.inner);
         if let Some((_, c)) = i.controls.get(&state.name) {
             store::apply_control(state, c);
@@ -244,7 +244,7 @@ impl Fleet {
     /// failure nothing changed, and the error says why.
     pub async fn steer(
         &self,
-        state: &ListenerState,
+        state: &Arc<ListenerState>,
         change: impl FnOnce(&mut ControlRecord),
     ) -> Result<ControlRecord, String> {
         let mut c = lock(&self.inner)

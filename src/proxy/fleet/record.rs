@@ -132,6 +132,12 @@ pub struct ControlRecord {
     /// Pinned weights per group (basis points); `None`: not pinned.
     pub pin_bp: Option<Vec<u16>>,
     pub paused: bool,
+    /// The admin API's backend overrides, by group name then address.
+    #[serde(default, skip_serializing_if = "std::collections::BTreeMap::is_empty")]
+    pub backends: std::collections::BTreeMap<
+        String,
+        std::collections::BTreeMap<std::net::SocketAddr, crate::proxy::members::Override>,
+    >,
     /// The member that took the call, and when.
     pub by: String,
     pub time: String,

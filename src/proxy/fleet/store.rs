@@ -260,8 +260,8 @@ pub(super) fn apply_weights(state: &ListenerState, h: &mut Heard, member: &str) 
     }
 }
 
-/// Puts the fleet's pin and pause in force on `state`.
-pub(super) fn apply_control(state: &ListenerState, c: &ControlRecord) {
+/// Puts the fleet's pin, pause and backend overrides in force on `state`.
+pub(super) fn apply_control(state: &Arc<ListenerState>, c: &ControlRecord) {
     if !c.groups.is_empty() && c.groups != state.group_names() {
         warn!(listener = %state.name, fleet_groups = ?c.groups, "the fleet's pin names other groups than this member's config; not applied");
         return;
@@ -280,5 +280,18 @@ pub(super) fn apply_control(state: &ListenerState, c: &ControlRecord) {
     }
     if state.policy().is_some() && state.is_paused() != c.paused {
         state.set_paused(c.paused);
+    }
+    for (gi, name) in state.group_names().iter().enumerate() {
+        let want = c.backends.get(name).cloned().unwrap_or_default();
+        if state.membership(gi).overrides == want {
+            continue;
+        }
+        let applied = state.reshape(gi, "fleet", |m| {
+            m.overrides = want;
+            Ok(())
+        });
+        if let Err(e) = applied {
+            warn!(listener = %state.name, group = %name, error = %e, "the fleet's backend overrides do not apply to this member's group; not applied");
+        }
     }
 }
