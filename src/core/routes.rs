@@ -148,9 +148,18 @@ impl<X> Member<X> {
 
     /// When its latest slow start began: it joined, probed up again, or
     /// returned from ejection, whichever was last.
-    pub fn ramp_from(&self) -> Duration {
-        let own = Duration::from_micros(self.ramp_from_us.load(Ordering::Relaxed));
-        own.max(self.eject.ejected_until().unwrap_or_default())
+    /// `None` for a founding member that never came back from anything.
+    pub fn ramp_from(&self) -> Option<Duration> {
+        let own = match self.ramp_from_us.load(Ordering::Relaxed) {
+            0 => None,
+            us => Some(Duration::from_micros(us)),
+        };
+        own.max(self.eject.ejected_until())
+    }
+
+    /// The share of its weight it has at `now` under `slow_start`.
+    pub fn ramp(&self, s: SlowStart, now: Duration) -> f64 {
+        self.ramp_from().map_or(1.0, |from| s.factor(from, now))
     }
 }
 
@@ -384,9 +393,7 @@ impl<X> GroupRoutes<X> {
     }
 
     fn any_ramping(&self, s: SlowStart, now: Duration) -> bool {
-        self.members
-            .iter()
-            .any(|m| s.factor(m.ramp_from(), now) < 1.0)
+        self.members.iter().any(|m| m.ramp(s, now) < 1.0)
     }
 
     /// Each backend's weight now, for the balancers that weigh: draining
@@ -399,7 +406,7 @@ impl<X> GroupRoutes<X> {
             return with_drain.collect();
         };
         let scaled = with_drain.zip(&self.members).map(|(w, m)| {
-            let f = s.factor(m.ramp_from(), now);
+            let f = m.ramp(s, now);
             if w == 0 {
                 0
             } else {
@@ -939,7 +946,8 @@ mod tests {
         drop(held);
         assert_eq!(r.active(0), 0);
         assert!(r.is_up(1), "the newcomer starts up");
-        assert_eq!(r.member(1).ramp_from(), Duration::from_secs(5));
+        assert_eq!(r.member(1).ramp_from(), Some(Duration::from_secs(5)));
+        assert_eq!(r.member(0).ramp_from(), None, "a founding member");
         assert_eq!(
             g.reshaped(backends(&[0, 0]), Duration::ZERO, |_| ()).err(),
             Some(MembershipError::NoWeight)

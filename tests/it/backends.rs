@@ -339,3 +339,50 @@ async fn a_reload_keeps_overrides_of_an_untouched_group_and_drops_a_redefined_on
     assert_eq!(addrs(&g), vec![a.addr().to_string(), c.addr().to_string()]);
     assert_eq!(g["overrides"], json!([]));
 }
+
+/// A route's group is addressed `/routes/{listener}/{route}/groups/...`;
+/// a backend that joins a group with `slow_start` ramps up.
+#[tokio::test]
+async fn a_routes_group_takes_backends_and_newcomers_ramp_up() {
+    let (a, b) = (greeting_echo("a").await, greeting_echo("b").await);
+    let text = format!(
+        "[admin]\nlisten = \"127.0.0.1:0\"\n\
+         [[group]]\nname = \"web\"\nbackends = [\"{}\"]\nslow_start = {{ window = \"60s\", min_percent = 10 }}\n\n\
+         [[listener]]\nname = \"edge\"\nlisten = [\"127.0.0.1:0\"]\n\
+         [[listener.route]]\nname = \"www\"\nsni = [\"www.example.com\"]\nprimary = \"web\"\n",
+        a.addr()
+    );
+    let p = run(&text).await;
+    let body = json!({"addr": b.addr().to_string()}).to_string();
+    let (st, v) = call(
+        p.admin,
+        "POST",
+        "/routes/edge/www/groups/web/backends",
+        &body,
+    )
+    .await;
+    assert_eq!(st, 200, "{v}");
+    assert_eq!(v["listener"], "edge/www");
+    let status: Value = serde_json::from_str(&admin_get(p.admin, "/status").await).unwrap();
+    let unit = status["listeners"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|l| l["route"] == "www")
+        .unwrap()
+        .clone();
+    let backends = unit["groups"][0]["backends"].as_array().unwrap();
+    assert_eq!(backends.len(), 2, "{unit}");
+    assert_eq!(
+        backends[0]["ramp_percent"], 100.0,
+        "a founding member does not ramp"
+    );
+    let ramp = backends[1]["ramp_percent"].as_f64().unwrap();
+    assert!(
+        (10.0..20.0).contains(&ramp),
+        "the newcomer starts near 10%: {ramp}"
+    );
+    // The listener's own path does not reach a route's group.
+    let (st, _) = call(p.admin, "POST", "/routes/edge/groups/web/backends", &body).await;
+    assert_eq!(st, 404);
+}

@@ -344,6 +344,22 @@ fn run_with_bad_config_starts_nothing() {
     assert!(!out.stderr.contains("listening"));
 }
 
+/// `run` with a group none of whose sources gives a backend exits 2,
+/// naming the group, and binds nothing.
+#[test]
+fn run_without_any_backend_for_a_group_exits_2() {
+    let text = "[[group]]\nname = \"payments\"\nbackends = [{ file = \"absent.json\" }]\n\
+                [[listener]]\nname = \"l\"\nlisten = [\"127.0.0.1:0\"]\nprimary = \"payments\"\n";
+    let out = portshift(&["run"], text);
+    assert_eq!(out.code, 2, "{}", out.stderr);
+    assert!(
+        out.stderr.contains("group `payments` has no backend"),
+        "{}",
+        out.stderr
+    );
+    assert!(!out.stderr.contains("listening"));
+}
+
 /// A port held by another process: exit non-zero, naming listener and port.
 #[test]
 fn bind_failure_names_listener_and_port() {

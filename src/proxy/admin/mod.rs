@@ -577,7 +577,7 @@ fn backend_status(
         v["ejections"] = json!(m.eject.times());
     }
     if let Some(s) = routes.slow_start() {
-        v["ramp_percent"] = json!((s.factor(m.ramp_from(), now) * 1000.0).round() / 10.0);
+        v["ramp_percent"] = json!((m.ramp(s, now) * 1000.0).round() / 10.0);
     }
     v
 }
