@@ -294,6 +294,12 @@ backends = ["{fast}"]
 name = "void"
 backends = ["{dead2}"]
 
+# Backends from a discovery file, which changes (then breaks) below.
+[[group]]
+name = "found"
+backends = [{{ file = "found.json" }}]
+resolve_every = "1s"
+
 [[listener]]
 name = "shifted"
 listen = ["127.0.0.1:0"]
@@ -311,6 +317,11 @@ policy = "flappy"
 name = "nobackend"
 listen = ["127.0.0.1:0"]
 primary = "void"
+
+[[listener]]
+name = "discovered"
+listen = ["127.0.0.1:0"]
+primary = "found"
 
 [[listener]]
 name = "edge"
@@ -349,6 +360,8 @@ backups = ["spare"]
         slow = slow.addr(),
         toggling = toggling.addr(),
     );
+    let found = dir.path().join("found.json");
+    std::fs::write(&found, format!(r#"["{}"]"#, fast.addr())).unwrap();
     let path = write_config(dir.path(), &text);
     let proxy = Proxy::bind(&Config::load(&path).unwrap_or_else(|e| panic!("{e}"))).unwrap();
     let admin = proxy.admin_addr().unwrap();
@@ -400,6 +413,10 @@ backups = ["spare"]
     std::fs::write(&path, "not = [valid").unwrap();
     assert!(handle.reload().await.is_err());
     std::fs::write(&path, &text).unwrap();
+    // The discovery file gains a backend, then breaks (and stays broken).
+    std::fs::write(&found, format!(r#"["{}", "{}"]"#, fast.addr(), slow.addr())).unwrap();
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    std::fs::write(&found, "[oops").unwrap();
 
     let mut exprs = dashboard_exprs(&dashboard());
     exprs.extend(alert_exprs());
