@@ -167,6 +167,13 @@ struct SimArgs {
     /// Sweep a policy key: KEY=FROM..TO:STEP, e.g. trip.p99_above=100ms..400ms:50ms.
     #[arg(long)]
     sweep: Option<String>,
+    /// Also run the first policy over N seeds (the seed, then the next
+    /// N - 1) and print each headline figure's spread.
+    #[arg(long, value_name = "N", value_parser = clap::value_parser!(u32).range(2..=10_000))]
+    seeds: Option<u32>,
+    /// Simulations run at once (default: one per core).
+    #[arg(long, value_name = "N", value_parser = clap::value_parser!(u32).range(1..=1024))]
+    threads: Option<u32>,
 }
 
 #[derive(clap::Args)]
@@ -417,6 +424,8 @@ fn sim(a: SimArgs) -> ExitCode {
         seed: a.seed,
         out: a.out,
         sweep: a.sweep,
+        seeds: a.seeds.unwrap_or(1) as usize,
+        threads: a.threads.map(|n| n as usize),
         progress: !json && std::io::stderr().is_terminal(),
     };
     match portshift::sim::run(&opts) {

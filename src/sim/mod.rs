@@ -14,8 +14,10 @@ pub mod engine;
 mod fleet;
 pub mod model;
 mod outcome;
+mod parallel;
 pub mod report;
 pub mod scenario;
+mod seeds;
 
 pub use engine::{Headline, SimRun};
 pub use scenario::Scenario;
@@ -37,6 +39,10 @@ pub struct SimOptions {
     pub out: Option<PathBuf>,
     /// `KEY=FROM..TO:STEP` over a policy key, e.g. `trip.p99_above=100ms..400ms:50ms`.
     pub sweep: Option<String>,
+    /// Also run the first policy over this many seeds (1: not).
+    pub seeds: usize,
+    /// Simulations run at once; `None`: one per core.
+    pub threads: Option<usize>,
     /// Show a progress bar (on a terminal, for runs over a second).
     pub progress: bool,
 }
@@ -93,24 +99,29 @@ pub fn run(opts: &SimOptions) -> Result<SimReport, SimError> {
         .collect();
 
     let started = Instant::now();
-    let mut bar = Progress::new(
-        opts.progress,
-        scenario.duration.as_secs_f64() * (all.len() + scenario.fleet.map_or(0, |_| 1)) as f64,
-    );
-    let mut runs = Vec::new();
-    for (i, (label, r)) in all.iter().enumerate() {
-        let offset = scenario.duration.as_secs_f64() * i as f64;
-        let run = engine::run(&scenario, &r.policy, seed, &mut |t| bar.set(offset + t));
-        runs.push((label.clone(), run));
-    }
-    // A fleet: the first policy again, each instance deciding alone.
-    let local = scenario.fleet.map(|_| {
-        let offset = scenario.duration.as_secs_f64() * all.len() as f64;
-        let policy = &all[0].1.policy;
-        engine::run_deciding(&scenario, policy, seed, engine::Deciding::Alone, &mut |t| {
-            bar.set(offset + t)
-        })
+    // Jobs: every policy, then (a fleet) the first deciding alone, then
+    // the first over the further seeds.
+    let fleet_job = usize::from(scenario.fleet.is_some());
+    let more_seeds: Vec<u64> = (1..opts.seeds.max(1) as u64)
+        .map(|k| seed.wrapping_add(k))
+        .collect();
+    let jobs = all.len() + fleet_job + more_seeds.len();
+    let bar = parallel::Progress::new(opts.progress, jobs, scenario.duration.as_secs_f64());
+    let threads = opts.threads.unwrap_or_else(parallel::threads);
+    let mut results = parallel::run_all(jobs, threads, &bar, |i, progress| {
+        let first = &all[0].1.policy;
+        if i < all.len() {
+            engine::run(&scenario, &all[i].1.policy, seed, progress)
+        } else if i < all.len() + fleet_job {
+            engine::run_deciding(&scenario, first, seed, engine::Deciding::Alone, progress)
+        } else {
+            let s = more_seeds[i - all.len() - fleet_job];
+            engine::run(&scenario, first, s, progress)
+        }
     });
+    let seeded = results.split_off(all.len() + fleet_job);
+    let local = if fleet_job == 1 { results.pop() } else { None };
+    let runs: Vec<(String, SimRun)> = all.iter().map(|(l, _)| l.clone()).zip(results).collect();
     bar.finish();
     let wall = started.elapsed().as_secs_f64();
 
@@ -131,6 +142,14 @@ pub fn run(opts: &SimOptions) -> Result<SimReport, SimError> {
         wall,
     );
     let mut text = text_report(&scenario, seed, &runs, policies.len(), opts, wall, &unmet);
+    if !seeded.is_empty() {
+        let (label, first) = &runs[0];
+        let over: Vec<(u64, &SimRun)> = std::iter::once((seed, first))
+            .chain(more_seeds.iter().copied().zip(&seeded))
+            .collect();
+        text.push_str(&seeds::table(label, &over));
+        doc["seeds"] = seeds::json(label, &over);
+    }
     if let Some(local) = &local {
         let (label, as_fleet) = &runs[0];
         text.push_str(&fleet::table(label, local, as_fleet));
@@ -437,47 +456,4 @@ pub fn check_expectations(sc: &Scenario, r: &SimRun, local: Option<&SimRun>) -> 
         }
     }
     unmet
-}
-
-/// A progress bar that appears only on a terminal and only after a second.
-struct Progress {
-    bar: Option<indicatif::ProgressBar>,
-    started: Instant,
-}
-
-impl Progress {
-    fn new(enabled: bool, total_s: f64) -> Self {
-        let bar = enabled.then(|| {
-            let b = indicatif::ProgressBar::with_draw_target(
-                Some(total_s as u64),
-                indicatif::ProgressDrawTarget::hidden(),
-            );
-            b.set_style(
-                indicatif::ProgressStyle::with_template(
-                    "simulating {bar:40} {pos}/{len} simulated seconds",
-                )
-                .unwrap_or_else(|_| indicatif::ProgressStyle::default_bar()),
-            );
-            b
-        });
-        Progress {
-            bar,
-            started: Instant::now(),
-        }
-    }
-
-    fn set(&mut self, t: f64) {
-        if let Some(b) = &self.bar {
-            if b.is_hidden() && self.started.elapsed().as_secs_f64() > 1.0 {
-                b.set_draw_target(indicatif::ProgressDrawTarget::stderr());
-            }
-            b.set_position(t as u64);
-        }
-    }
-
-    fn finish(&mut self) {
-        if let Some(b) = self.bar.take() {
-            b.finish_and_clear();
-        }
-    }
 }

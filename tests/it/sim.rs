@@ -334,3 +334,51 @@ fn a_fleet_of_ten_diverges_alone_and_not_as_one() {
         "every instance shifts for the real fault: {f}"
     );
 }
+
+/// Runs in parallel print what one thread prints, and `--seeds` gives
+/// each headline figure's spread over the seeds.
+#[test]
+fn parallel_runs_match_a_sequential_one_and_seeds_give_spreads() {
+    let scenario = repo_path("sim/latency-spike.toml");
+    let run = |threads: &str| {
+        let (code, stdout, stderr) = sim_cli(&[
+            scenario.to_str().unwrap(),
+            "--policy",
+            "failover",
+            "--policy",
+            "canary",
+            "--seeds",
+            "4",
+            "--threads",
+            threads,
+        ]);
+        assert_eq!(code, 0, "{stderr}");
+        // The wall time and throughput line differs from run to run.
+        stdout
+            .lines()
+            .filter(|l| !l.contains("requests simulated in"))
+            .collect::<Vec<_>>()
+            .join("\n")
+    };
+    let (one, two) = (run("1"), run("2"));
+    assert_eq!(one, two, "two threads print what one prints");
+    assert!(one.contains("failover over 4 seeds"), "{one}");
+    let (code, stdout, stderr) = sim_cli(&[scenario.to_str().unwrap(), "--seeds", "3", "--json"]);
+    assert_eq!(code, 0, "{stderr}");
+    let doc: Value = serde_json::from_str(&stdout).unwrap();
+    let seeds = &doc["seeds"];
+    assert_eq!(seeds["runs"].as_array().unwrap().len(), 3);
+    let first = doc["header"]["seed"].as_u64().unwrap();
+    assert_eq!(
+        seeds["seeds"],
+        serde_json::json!([first, first + 1, first + 2])
+    );
+    let p99 = &seeds["spread"]["p99"];
+    assert_eq!(p99["runs"], 3);
+    assert!(
+        p99["min"].as_f64() <= p99["median"].as_f64()
+            && p99["median"].as_f64() <= p99["max"].as_f64()
+    );
+    let (code, _, stderr) = sim_cli(&[scenario.to_str().unwrap(), "--seeds", "1"]);
+    assert_eq!(code, 2, "at least two seeds: {stderr}");
+}
