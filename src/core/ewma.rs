@@ -53,25 +53,57 @@ impl PeakEwma {
     }
 }
 
+/// One backend as the load-weighing balancers see it at a pick.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct Load {
+    /// `peak_ewma`'s cost (unused by least-connections).
+    pub cost: f64,
+    pub active: u32,
+    pub weight: u32,
+}
+
 /// Of two distinct backends drawn by `draw` among those with a weight, the
 /// one whose `cost × (active + 1) / weight` is lower (the first drawn on a
 /// tie); the only one when one has a weight.
 pub fn p2c(costs: &[f64], active: &[u32], weights: &[u32], draw: u64) -> usize {
-    let live: Vec<usize> = (0..weights.len()).filter(|&i| weights[i] > 0).collect();
-    match live.len() {
+    p2c_by(
+        costs.len(),
+        |i| Load {
+            cost: costs[i],
+            active: active[i],
+            weight: weights[i],
+        },
+        draw,
+    )
+}
+
+/// `p2c` over `n` backends given by `load`, without allocating: the pick
+/// runs on every new connection.
+pub fn p2c_by(n: usize, load: impl Fn(usize) -> Load, draw: u64) -> usize {
+    let live = |k: usize| {
+        (0..n)
+            .filter(|&i| load(i).weight > 0)
+            .nth(k)
+            .expect("k is below the live count")
+    };
+    let count = (0..n).filter(|&i| load(i).weight > 0).count();
+    match count {
         0 => panic!("a group has at least one backend with weight > 0"),
-        1 => return live[0],
+        1 => return live(0),
         _ => {}
     }
-    let k = live.len() as u64;
+    let k = count as u64;
     let a = (draw % k) as usize;
     let mut b = ((draw >> 32) % (k - 1)) as usize;
     if b >= a {
         b += 1;
     }
-    let load = |i: usize| costs[i] * f64::from(active[i] + 1) / f64::from(weights[i]);
-    let (a, b) = (live[a], live[b]);
-    if load(b) < load(a) { b } else { a }
+    let cost = |i: usize| {
+        let l = load(i);
+        l.cost * f64::from(l.active + 1) / f64::from(l.weight)
+    };
+    let (a, b) = (live(a), live(b));
+    if cost(b) < cost(a) { b } else { a }
 }
 
 /// A ticket spread over 64 bits (splitmix64's finaliser): the random draw

@@ -7,7 +7,7 @@
 
 use crate::core::backend::{Backend, Balance, SlowStart};
 use crate::core::eject::{self, EjectPolicy, EjectState, Ejected, Ejections};
-use crate::core::ewma::{PeakEwma, p2c, spread};
+use crate::core::ewma::{Load, PeakEwma, p2c_by, spread};
 use crate::core::maglev::Maglev;
 use crate::core::stats::Signal;
 use arc_swap::ArcSwap;
@@ -369,12 +369,15 @@ impl<X> GroupRoutes<X> {
             Balance::RoundRobin if !ramping => {
                 self.schedule[(n % self.schedule.len() as u64) as usize] as usize
             }
-            Balance::RoundRobin => weighted_draw(&self.weights(now), spread(n)),
-            Balance::LeastConnections => least_connections(&self.actives(), &self.weights(now), n),
-            Balance::PeakEwma(_) => {
-                let costs: Vec<f64> = self.members.iter().map(|m| m.ewma.cost()).collect();
-                p2c(&costs, &self.actives(), &self.weights(now), spread(n))
+            Balance::RoundRobin => {
+                let size = self.backends.len();
+                let at = self.loads(now);
+                weighted_draw(size, |i| at(i).weight, spread(n))
             }
+            Balance::LeastConnections => {
+                least_connections_by(self.backends.len(), self.loads(now), n)
+            }
+            Balance::PeakEwma(_) => p2c_by(self.backends.len(), self.loads(now), spread(n)),
         };
         if self.members[chosen].is_draining() {
             return self.next_taking(chosen);
@@ -396,35 +399,31 @@ impl<X> GroupRoutes<X> {
         self.members.iter().any(|m| m.ramp(s, now) < 1.0)
     }
 
-    /// Each backend's weight now, for the balancers that weigh: draining
-    /// backends weigh 0, and slow start scales a ramping backend's (in
-    /// hundredths, so a ramp has steps finer than a weight of 1).
-    fn weights(&self, now: Duration) -> Vec<u32> {
-        let weights = self.backends.iter().zip(&self.members);
-        let with_drain = weights.map(|(b, m)| if m.is_draining() { 0 } else { b.weight });
-        let Some(s) = self.slow_start else {
-            return with_drain.collect();
-        };
-        let scaled = with_drain.zip(&self.members).map(|(w, m)| {
-            let f = m.ramp(s, now);
-            if w == 0 {
-                0
-            } else {
-                ((f64::from(w) * 100.0 * f) as u32).max(1)
+    /// Each backend's figures now, for the balancers that weigh load,
+    /// without allocating: its cost, open connections and weight, where a
+    /// draining backend weighs 0 and slow start scales a ramping one's (in
+    /// hundredths, so a ramp has steps finer than a weight of 1). If every
+    /// backend drains, the configured weights: the plan leaves them out.
+    fn loads(&self, now: Duration) -> impl Fn(usize) -> Load + '_ {
+        let scaled = move |i: usize| {
+            let (w, m) = (self.backends[i].weight, &self.members[i]);
+            match self.slow_start {
+                _ if m.is_draining() => 0,
+                None => w,
+                Some(_) if w == 0 => 0,
+                Some(s) => ((f64::from(w) * 100.0 * m.ramp(s, now)) as u32).max(1),
             }
-        });
-        let weights: Vec<u32> = scaled.collect();
-        if weights.iter().all(|&w| w == 0) {
-            // Everything drains: choose among the weighted, the plan
-            // leaves them out.
-            return self.backends.iter().map(|b| b.weight).collect();
+        };
+        let any = (0..self.backends.len()).any(|i| scaled(i) > 0);
+        move |i| Load {
+            cost: self.members[i].ewma.cost(),
+            active: self.members[i].active(),
+            weight: if any {
+                scaled(i)
+            } else {
+                self.backends[i].weight
+            },
         }
-        weights
-    }
-
-    /// Each backend's open connections.
-    fn actives(&self) -> Vec<u32> {
-        self.members.iter().map(|m| m.active()).collect()
     }
 
     /// Counts a live connection to `backend` until the guard drops.
@@ -496,16 +495,17 @@ pub fn check_membership(backends: &[Backend]) -> Result<(), MembershipError> {
     Ok(())
 }
 
-/// The index `draw` lands on when each backend takes its weight's share
-/// (a backend of weight 0 never does).
-fn weighted_draw(weights: &[u32], draw: u64) -> usize {
-    let total: u64 = weights.iter().map(|&w| u64::from(w)).sum();
+/// The index `draw` lands on when each of `n` backends takes its
+/// weight's share (a backend of weight 0 never does).
+fn weighted_draw(n: usize, weight: impl Fn(usize) -> u32, draw: u64) -> usize {
+    let total: u64 = (0..n).map(|i| u64::from(weight(i))).sum();
     let mut point = draw % total.max(1);
-    for (i, &w) in weights.iter().enumerate() {
-        if point < u64::from(w) {
+    for i in 0..n {
+        let w = u64::from(weight(i));
+        if point < w {
             return i;
         }
-        point -= u64::from(w);
+        point -= w;
     }
     0
 }
@@ -553,24 +553,35 @@ fn gcd(a: u32, b: u32) -> u32 {
 /// The backend with the fewest active connections per unit of weight; ties
 /// go round-robin from `rotation` so equal backends share evenly.
 pub fn least_connections(active: &[u32], weights: &[u32], rotation: u64) -> usize {
-    let n = active.len();
+    let load = |i: usize| Load {
+        cost: 0.0,
+        active: active[i],
+        weight: weights[i],
+    };
+    least_connections_by(active.len(), load, rotation)
+}
+
+/// `least_connections` over `n` backends given by `load`, without
+/// allocating.
+pub fn least_connections_by(n: usize, load: impl Fn(usize) -> Load, rotation: u64) -> usize {
     let start = (rotation % n as u64) as usize;
-    let mut best: Option<usize> = None;
+    let mut best: Option<(usize, Load)> = None;
     for k in 0..n {
         let i = (start + k) % n;
-        if weights[i] == 0 {
+        let l = load(i);
+        if l.weight == 0 {
             continue;
         }
         // active[i]/w[i] < active[b]/w[b], without division.
-        let better = best.is_none_or(|b| {
-            u64::from(active[i]) * u64::from(weights[b])
-                < u64::from(active[b]) * u64::from(weights[i])
+        let better = best.is_none_or(|(_, b)| {
+            u64::from(l.active) * u64::from(b.weight) < u64::from(b.active) * u64::from(l.weight)
         });
         if better {
-            best = Some(i);
+            best = Some((i, l));
         }
     }
     best.expect("a group has at least one backend with weight > 0")
+        .0
 }
 
 /// An immutable routing decision table for one listener.
