@@ -321,7 +321,7 @@ fn check(path: &std::path::Path) -> ExitCode {
         Err(e) => return config_failed(&e),
     };
     match portshift::proxy::discovery::initial(&c) {
-        Ok((_, warnings)) => {
+        Ok((_, _, warnings)) => {
             for w in warnings {
                 eprintln!("warning: could not resolve or read {w}");
             }

@@ -125,8 +125,8 @@ impl Validator<'_, '_> {
                     addr,
                     weight: *weight,
                 },
-                RawBackend::Srv(name) => {
-                    let named = S::new(entry.span(), name.clone());
+                RawBackend::Srv(srv) => {
+                    let named = S::new(entry.span(), srv.clone());
                     discover.extend(self.srv_source(name, &named));
                     continue;
                 }

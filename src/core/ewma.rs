@@ -78,19 +78,20 @@ pub fn p2c(costs: &[f64], active: &[u32], weights: &[u32], draw: u64) -> usize {
 }
 
 /// `p2c` over `n` backends given by `load`, without allocating: the pick
-/// runs on every new connection.
+/// runs on every new connection. `load` may change between two reads (a
+/// backend drained meanwhile): the pick then falls back to a backend that
+/// still weighs, or any, never panics.
 pub fn p2c_by(n: usize, load: impl Fn(usize) -> Load, draw: u64) -> usize {
+    let first = || (0..n).find(|&i| load(i).weight > 0).unwrap_or(0);
     let live = |k: usize| {
         (0..n)
             .filter(|&i| load(i).weight > 0)
             .nth(k)
-            .expect("k is below the live count")
+            .unwrap_or_else(first)
     };
     let count = (0..n).filter(|&i| load(i).weight > 0).count();
-    match count {
-        0 => panic!("a group has at least one backend with weight > 0"),
-        1 => return live(0),
-        _ => {}
+    if count < 2 {
+        return first();
     }
     let k = count as u64;
     let a = (draw % k) as usize;
@@ -100,7 +101,7 @@ pub fn p2c_by(n: usize, load: impl Fn(usize) -> Load, draw: u64) -> usize {
     }
     let cost = |i: usize| {
         let l = load(i);
-        l.cost * f64::from(l.active + 1) / f64::from(l.weight)
+        l.cost * f64::from(l.active + 1) / f64::from(l.weight.max(1))
     };
     let (a, b) = (live(a), live(b));
     if cost(b) < cost(a) { b } else { a }
@@ -176,5 +177,24 @@ mod tests {
             seen.insert((a.min(b), a.max(b)));
         }
         assert_eq!(seen.len(), 6);
+    }
+
+    /// A backend drained between two reads of the loads never panics a
+    /// pick (the connection goes on with a backend that still weighs).
+    #[test]
+    fn loads_that_change_mid_pick_do_not_panic() {
+        for drained_after in 0..12 {
+            let reads = std::cell::Cell::new(0);
+            let load = |i: usize| {
+                reads.set(reads.get() + 1);
+                let weight = u32::from(reads.get() <= drained_after || i == 2);
+                Load {
+                    cost: 1.0,
+                    active: 0,
+                    weight,
+                }
+            };
+            assert!(p2c_by(3, load, spread(drained_after as u64)) < 3);
+        }
     }
 }

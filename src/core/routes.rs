@@ -181,9 +181,12 @@ pub struct GroupRoutes<X = ()> {
     next: AtomicU64,
     /// `source_hash`: the lookup table.
     maglev: Option<Maglev>,
-    /// Passive ejection, when the group configures it.
-    ejections: Option<Ejections>,
+    /// Passive ejection, when the group configures it: shared by every
+    /// membership of the group, so it decides one ejection at a time.
+    ejections: Option<Arc<Ejections>>,
     slow_start: Option<SlowStart>,
+    /// Whether any backend drains (round-robin then draws by weight).
+    draining: AtomicBool,
 }
 
 /// Why a group cannot have the backends asked for.
@@ -242,12 +245,13 @@ impl<X> GroupRoutes<X> {
             maglev,
             ejections: None,
             slow_start: None,
+            draining: AtomicBool::new(false),
         })
     }
 
     /// The same group, ejecting failing backends under `policy`.
     pub fn with_ejection(mut self, policy: Option<EjectPolicy>) -> Self {
-        self.ejections = policy.map(Ejections::new);
+        self.ejections = policy.map(|p| Arc::new(Ejections::new(p)));
         self
     }
 
@@ -266,6 +270,8 @@ impl<X> GroupRoutes<X> {
         now: Duration,
         mut extra: impl FnMut(&Backend) -> X,
     ) -> Result<Self, MembershipError> {
+        // Checked before any newcomer's state is made.
+        check_membership(&backends)?;
         let members = backends
             .iter()
             .map(|b| match self.position(b.addr) {
@@ -273,11 +279,9 @@ impl<X> GroupRoutes<X> {
                 None => Arc::new(Member::new(b.addr, extra(b), Some(now), self.balance)),
             })
             .collect();
-        let g = GroupRoutes::with_members(self.name.clone(), backends, members, self.balance)?;
-        Ok(
-            g.with_ejection(self.ejections.as_ref().map(Ejections::policy))
-                .with_slow_start(self.slow_start),
-        )
+        let mut g = GroupRoutes::with_members(self.name.clone(), backends, members, self.balance)?;
+        g.ejections = self.ejections.clone();
+        Ok(g.with_slow_start(self.slow_start))
     }
 
     pub fn backends(&self) -> &[Backend] {
@@ -312,7 +316,7 @@ impl<X> GroupRoutes<X> {
 
     /// Passive ejection's policy, if the group ejects.
     pub fn ejections(&self) -> Option<&Ejections> {
-        self.ejections.as_ref()
+        self.ejections.as_deref()
     }
 
     /// A failure of `backend`'s own at `now` (see `Ejections::on_failure`):
@@ -363,7 +367,8 @@ impl<X> GroupRoutes<X> {
     }
 
     fn choose(&self, n: u64, key: u64, now: Duration) -> usize {
-        let ramping = self.slow_start.is_some_and(|s| self.any_ramping(s, now));
+        let ramping = self.slow_start.is_some_and(|s| self.any_ramping(s, now))
+            || self.draining.load(Ordering::Relaxed);
         let chosen = match self.balance {
             Balance::SourceHash => self.maglev.as_ref().map_or(0, |m| m.lookup(key)),
             Balance::RoundRobin if !ramping => {
@@ -479,6 +484,8 @@ impl<X> GroupRoutes<X> {
         self.members[backend]
             .draining
             .store(draining, Ordering::Relaxed);
+        let any = self.members.iter().any(|m| m.is_draining());
+        self.draining.store(any, Ordering::Relaxed);
     }
 }
 
@@ -580,8 +587,9 @@ pub fn least_connections_by(n: usize, load: impl Fn(usize) -> Load, rotation: u6
             best = Some((i, l));
         }
     }
-    best.expect("a group has at least one backend with weight > 0")
-        .0
+    // None weighs anything (every backend drained as we looked): any
+    // will do, the plan leaves out those that take nothing.
+    best.map_or(start, |(i, _)| i)
 }
 
 /// An immutable routing decision table for one listener.
@@ -696,10 +704,12 @@ impl<X> Router<X> {
                 want,
             });
         }
-        self.table.store(Arc::new(RouteTable {
-            groups: Arc::clone(&current.groups),
-            weights,
-        }));
+        // In one step with the groups in force: a membership change made
+        // meanwhile (`reshape`) is kept, not undone.
+        self.table.rcu(|now| RouteTable {
+            groups: Arc::clone(&now.groups),
+            weights: weights.clone(),
+        });
         Ok(())
     }
 
@@ -968,6 +978,32 @@ mod tests {
             g.reshaped(twice, Duration::ZERO, |_| ()),
             Err(MembershipError::Duplicate(_))
         ));
+    }
+
+    /// A draining backend's share goes to the others in proportion to
+    /// their weights, not all to its neighbour.
+    #[test]
+    fn a_drained_share_is_spread_by_weight() {
+        let g = Arc::new(GroupRoutes::new(
+            "g",
+            backends(&[1, 1, 1]),
+            Balance::RoundRobin,
+        ));
+        g.set_draining(0, true);
+        let mut seen = [0; 3];
+        for _ in 0..3000 {
+            seen[g.next_backend(0, Duration::ZERO)] += 1;
+        }
+        assert_eq!(seen[0], 0);
+        assert!(
+            (1350..1650).contains(&seen[1]) && (1350..1650).contains(&seen[2]),
+            "{seen:?}"
+        );
+        g.set_draining(0, false);
+        let order: Vec<usize> = (0..3).map(|_| g.next_backend(0, Duration::ZERO)).collect();
+        let mut sorted = order.clone();
+        sorted.sort();
+        assert_eq!(sorted, vec![0, 1, 2], "the smooth order again: {order:?}");
     }
 
     /// A draining backend gets no new connection, not even as a fallback.

@@ -27,6 +27,15 @@ use tracing::{info, warn};
 /// name: its listed addresses and its sources' answers.
 pub type Discovered = HashMap<String, Vec<Backend>>;
 
+/// Each source's latest good answer (`None`: none yet), by group name: what
+/// a group's reading task starts from, so a source that fails at its first
+/// read keeps what it gave at start.
+pub type Answers = HashMap<String, Vec<Option<Answer>>>;
+
+/// What the first read of every group's sources found, and each source
+/// that failed (as warnings).
+pub type Initial = (Discovered, Answers, Vec<String>);
+
 /// A source's answer, and how long it holds (a DNS answer's TTL).
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Answer {
@@ -186,7 +195,7 @@ async fn read_all(resolver: &TokioResolver, group: &Group) -> (Vec<Option<Answer
 /// group's backends, and each source that failed (as warnings). Fails
 /// naming the groups left with no backend of weight above 0. Runs on a
 /// thread of its own, so it can be called from inside a runtime or not.
-pub fn initial(config: &Config) -> Result<(Discovered, Vec<String>), Unresolved> {
+pub fn initial(config: &Config) -> Result<Initial, Unresolved> {
     let groups: Vec<Group> = config
         .groups
         .iter()
@@ -194,7 +203,7 @@ pub fn initial(config: &Config) -> Result<(Discovered, Vec<String>), Unresolved>
         .cloned()
         .collect();
     if groups.is_empty() {
-        return Ok((Discovered::new(), Vec::new()));
+        return Ok((Discovered::new(), Answers::new(), Vec::new()));
     }
     let dns = config.dns.clone();
     let run = move || {
@@ -208,12 +217,10 @@ pub fn initial(config: &Config) -> Result<(Discovered, Vec<String>), Unresolved>
         .unwrap_or_else(|_| Err(Unresolved(vec!["the resolver thread panicked".into()])))
 }
 
-async fn initial_async(
-    dns: Option<&Dns>,
-    groups: &[Group],
-) -> Result<(Discovered, Vec<String>), Unresolved> {
+async fn initial_async(dns: Option<&Dns>, groups: &[Group]) -> Result<Initial, Unresolved> {
     let resolver = resolver(dns).map_err(|e| Unresolved(vec![e]))?;
     let mut found = Discovered::new();
+    let mut all_answers = Answers::new();
     let mut warnings = Vec::new();
     let mut empty = Vec::new();
     for g in groups {
@@ -234,17 +241,23 @@ async fn initial_async(
             ));
         }
         found.insert(g.name.clone(), backends);
+        all_answers.insert(g.name.clone(), answers);
     }
     if empty.is_empty() {
-        Ok((found, warnings))
+        Ok((found, all_answers, warnings))
     } else {
         Err(Unresolved(empty))
     }
 }
 
 /// Starts a task per group with sources, reading them from now on, until
-/// `stop`. `current` holds what each group has at start.
-pub(super) fn watch_all(shared: &Arc<Shared>, config: &Config, stop: &CancellationToken) {
+/// `stop`. `answers`: each source's answer at start, kept until a read
+/// gives a better one.
+pub(super) fn watch_all(
+    shared: &Arc<Shared>,
+    (config, answers): (&Config, &Answers),
+    stop: &CancellationToken,
+) {
     let resolver = match resolver(config.dns.as_ref()) {
         Ok(r) => Arc::new(r),
         Err(e) => {
@@ -253,9 +266,10 @@ pub(super) fn watch_all(shared: &Arc<Shared>, config: &Config, stop: &Cancellati
         }
     };
     for g in config.groups.iter().filter(|g| !g.discover.is_empty()) {
+        let start = answers.get(&g.name).cloned().unwrap_or_default();
         let task = watch(
             Arc::clone(shared),
-            g.clone(),
+            (g.clone(), start),
             Arc::clone(&resolver),
             stop.clone(),
         );
@@ -274,13 +288,14 @@ fn next_read(group: &Group, answers: &[Option<Answer>]) -> Duration {
 
 async fn watch(
     shared: Arc<Shared>,
-    group: Group,
+    (group, start): (Group, Vec<Option<Answer>>),
     resolver: Arc<TokioResolver>,
     stop: CancellationToken,
 ) {
     let (tx, mut changed) = tokio::sync::mpsc::unbounded_channel();
     let _watching = watch_files(&group, tx);
-    let mut answers: Vec<Option<Answer>> = vec![None; group.discover.len()];
+    let mut answers = start;
+    answers.resize(group.discover.len(), None);
     let mut wait = Duration::ZERO;
     loop {
         tokio::select! {
@@ -306,6 +321,10 @@ async fn watch(
         if backends.iter().all(|b| b.weight == 0) {
             warn!(group = %group.name, "the group's sources give no backend with a weight; it keeps the backends it has");
             continue;
+        }
+        // A reload may have replaced this task while it read.
+        if stop.is_cancelled() {
+            return;
         }
         shared.discovered(&group.name, backends);
     }

@@ -289,6 +289,16 @@ impl ListenerState {
         self.router.reshape(group, Arc::clone(&new));
         all[group] = next;
         drop(all);
+        for m in old
+            .members()
+            .iter()
+            .filter(|m| new.position(m.addr).is_none())
+        {
+            // Its return would never be reported: not out any more.
+            if m.eject.is_ejected(now) {
+                m.extra.metrics.returned();
+            }
+        }
         if let Some((tasks, stop)) = self.tasks.get() {
             for m in &joined {
                 super::probe::spawn_one(self, (group, m), tasks, stop);
@@ -356,7 +366,8 @@ pub(super) fn carry_over(
         let kept = same
             && unit
                 .reshape(gi, "reload (overrides kept)", |m| {
-                    *m = o.membership.clone();
+                    // Over the source the reload just read.
+                    m.overrides = o.membership.with_source(m.source.clone()).overrides;
                     Ok(())
                 })
                 .is_ok();

@@ -186,6 +186,9 @@ pub(crate) struct Shared {
     /// What the groups with discovered sources have now: a listener that
     /// starts (or restarts on a reload) starts from it.
     found: Mutex<super::discovery::Discovered>,
+    /// Each discovered source's answer from the latest start or reload,
+    /// which the reading tasks start from.
+    answers: Mutex<super::discovery::Answers>,
     /// Stops the tasks that read discovered sources (restarted by a
     /// reload).
     discovering: Mutex<CancellationToken>,
@@ -224,7 +227,7 @@ impl Shared {
         let trace = TraceSlot::default();
         let files = open_access_logs(config, &HashMap::new())
             .map_err(|(path, source)| StartError::AccessLog { path, source })?;
-        let (found, unresolved) = super::discovery::initial(config)?;
+        let (found, answers, unresolved) = super::discovery::initial(config)?;
         for w in unresolved {
             warn!("{w}; the group starts without it");
         }
@@ -270,6 +273,7 @@ impl Shared {
             handed_over: AtomicBool::new(false),
             access_logs: Mutex::new(files),
             found: Mutex::new(found),
+            answers: Mutex::new(answers),
             discovering: Mutex::new(CancellationToken::new()),
         })
     }
@@ -342,7 +346,8 @@ impl Shared {
     fn discover(self: &Arc<Self>, config: &Config) {
         let token = self.stop.child_token();
         std::mem::replace(&mut *lock(&self.discovering), token.clone()).cancel();
-        super::discovery::watch_all(self, config, &token);
+        let answers = lock(&self.answers).clone();
+        super::discovery::watch_all(self, (config, &answers), &token);
     }
 
     /// A group's discovered sources give it `backends` now: every routing
@@ -495,7 +500,7 @@ impl Shared {
         let path: PathBuf = lock(&self.config).path.clone();
         let new = Config::load(&path)?;
         let resolving = new.clone();
-        let (found, unresolved) =
+        let (found, answers, unresolved) =
             tokio::task::spawn_blocking(move || super::discovery::initial(&resolving))
                 .await
                 .map_err(|_| ReloadError::ShuttingDown)??;
@@ -512,7 +517,11 @@ impl Shared {
                 path: new.audit_log.clone().unwrap_or_default(),
                 source,
             })?;
+        // The old reading tasks stop before the new listeners are built
+        // from what this reload read.
+        lock(&self.discovering).cancel();
         *lock(&self.found) = found;
+        *lock(&self.answers) = answers;
         plan.report.overrides_dropped = self
             .commit_reload(&new, &plan.keep, &mut plan.fresh, &files)
             .await;

@@ -242,8 +242,9 @@ async fn commit(
     let refused = |why: Refused| (refusal_status(&why), why.to_string());
     let next = state.plan_change(group, change).map_err(refused)?;
     let Some(f) = h.fleet() else {
+        // The overrides only: the source may have moved since (discovery).
         let apply = |m: &mut Membership| {
-            *m = next;
+            m.overrides = next.overrides;
             Ok(())
         };
         return state.reshape(group, "admin API", apply).map_err(refused);
