@@ -64,7 +64,9 @@ pub struct Load {
 
 /// Of two distinct backends drawn by `draw` among those with a weight, the
 /// one whose `cost × (active + 1) / weight` is lower (the first drawn on a
-/// tie); the only one when one has a weight.
+/// tie); the only one when one has a weight. (The balancer calls
+/// `p2c_by`; this form states the rule.)
+#[cfg(test)]
 pub fn p2c(costs: &[f64], active: &[u32], weights: &[u32], draw: u64) -> usize {
     p2c_by(
         costs.len(),

@@ -215,27 +215,27 @@ impl<X> GroupRoutes<X> {
         balance: Balance,
         mut extra: impl FnMut(&Backend) -> X,
     ) -> Self {
+        check_membership(&backends).expect("a configured group has a backend with a weight");
         let members = backends
             .iter()
             .map(|b| Arc::new(Member::new(b.addr, extra(b), None, balance)))
             .collect();
         GroupRoutes::with_members(name.into(), backends, members, balance)
-            .expect("a configured group has a backend with a weight")
     }
 
+    /// The group over `members` (one per backend, checked by the caller).
     fn with_members(
         name: String,
         backends: Vec<Backend>,
         members: Vec<Arc<Member<X>>>,
         balance: Balance,
-    ) -> Result<Self, MembershipError> {
-        check_membership(&backends)?;
+    ) -> Self {
         let schedule = smooth_wrr_schedule(&backends.iter().map(|b| b.weight).collect::<Vec<_>>());
         let maglev = match balance {
             Balance::SourceHash => Maglev::new(&backends),
             _ => None,
         };
-        Ok(GroupRoutes {
+        GroupRoutes {
             name,
             backends,
             members,
@@ -246,7 +246,7 @@ impl<X> GroupRoutes<X> {
             ejections: None,
             slow_start: None,
             draining: AtomicBool::new(false),
-        })
+        }
     }
 
     /// The same group, ejecting failing backends under `policy`.
@@ -279,7 +279,7 @@ impl<X> GroupRoutes<X> {
                 None => Arc::new(Member::new(b.addr, extra(b), Some(now), self.balance)),
             })
             .collect();
-        let mut g = GroupRoutes::with_members(self.name.clone(), backends, members, self.balance)?;
+        let mut g = GroupRoutes::with_members(self.name.clone(), backends, members, self.balance);
         g.ejections = self.ejections.clone();
         Ok(g.with_slow_start(self.slow_start))
     }
@@ -558,7 +558,9 @@ fn gcd(a: u32, b: u32) -> u32 {
 }
 
 /// The backend with the fewest active connections per unit of weight; ties
-/// go round-robin from `rotation` so equal backends share evenly.
+/// go round-robin from `rotation` so equal backends share evenly. (The
+/// balancer calls `least_connections_by`; this form states the rule.)
+#[cfg(test)]
 pub fn least_connections(active: &[u32], weights: &[u32], rotation: u64) -> usize {
     let load = |i: usize| Load {
         cost: 0.0,

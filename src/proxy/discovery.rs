@@ -174,21 +174,20 @@ fn combine(group: &Group, answers: &[Option<Answer>]) -> Vec<Backend> {
 #[error("{}", .0.join("; "))]
 pub struct Unresolved(pub Vec<String>);
 
-/// Every source of `group` read once: the answers (`None` where a source
-/// failed) and what failed.
-async fn read_all(resolver: &TokioResolver, group: &Group) -> (Vec<Option<Answer>>, Vec<String>) {
-    let mut answers = Vec::new();
-    let mut failed = Vec::new();
-    for s in &group.discover {
+/// Reads every source of `group` once into `answers` (one per source): a
+/// source that fails keeps what it held there, and `failed` hears why.
+async fn read_into(
+    resolver: &TokioResolver,
+    group: &Group,
+    answers: &mut [Option<Answer>],
+    mut failed: impl FnMut(&Source, String),
+) {
+    for (s, slot) in group.discover.iter().zip(answers.iter_mut()) {
         match read(resolver, s).await {
-            Ok(a) => answers.push(Some(a)),
-            Err(e) => {
-                failed.push(format!("{s}: {e}"));
-                answers.push(None);
-            }
+            Ok(a) => *slot = Some(a),
+            Err(e) => failed(s, e),
         }
     }
-    (answers, failed)
 }
 
 /// Every group with sources read once, at start or by `check`: each
@@ -224,7 +223,12 @@ async fn initial_async(dns: Option<&Dns>, groups: &[Group]) -> Result<Initial, U
     let mut warnings = Vec::new();
     let mut empty = Vec::new();
     for g in groups {
-        let (answers, failed) = read_all(&resolver, g).await;
+        let mut answers = vec![None; g.discover.len()];
+        let mut failed = Vec::new();
+        read_into(&resolver, g, &mut answers, |s, e| {
+            failed.push(format!("{s}: {e}"))
+        })
+        .await;
         let backends = combine(g, &answers);
         for f in &failed {
             warnings.push(format!("group `{}`: {f}", g.name));
@@ -307,15 +311,11 @@ async fn watch(
                 while changed.try_recv().is_ok() {}
             }
         }
-        for (i, s) in group.discover.iter().enumerate() {
-            match read(&resolver, s).await {
-                Ok(a) => answers[i] = Some(a),
-                Err(e) => {
-                    crate::telemetry::discovery_error(&group.name, &s.to_string());
-                    warn!(group = %group.name, source = %s, error = %e, "a discovered source failed; the group keeps its last good answer");
-                }
-            }
-        }
+        read_into(&resolver, &group, &mut answers, |s, e| {
+            crate::telemetry::discovery_error(&group.name, &s.to_string());
+            warn!(group = %group.name, source = %s, error = %e, "a discovered source failed; the group keeps its last good answer");
+        })
+        .await;
         wait = next_read(&group, &answers);
         let backends = combine(&group, &answers);
         if backends.iter().all(|b| b.weight == 0) {

@@ -68,14 +68,14 @@ fn eject_outliers(state: &ListenerState, routes: &Routes, now: Duration) {
 const WATCH_EVERY: Duration = Duration::from_millis(250);
 
 /// How often groups that eject latency outliers are judged.
-const OUTLIERS_EVERY: u32 = 4;
+const OUTLIERS_EVERY: u64 = 4;
 
 /// Logs each ejected backend's return (at most `WATCH_EVERY` late), and
 /// once a second ejects latency outliers, for the units whose groups
 /// eject.
 pub(super) async fn watch_returns(state: Arc<ListenerState>, stop: CancellationToken) {
     let mut tick = tokio::time::interval(WATCH_EVERY);
-    for round in 0u32.. {
+    for round in 0u64.. {
         tokio::select! {
             () = stop.cancelled() => return,
             _ = tick.tick() => {}

@@ -206,9 +206,12 @@ fn source_of(
         .unwrap_or_else(|| g.backends.clone())
 }
 
-/// Stats shards: one per thread that may record.
+/// Stats shards: one per thread that may record. Asked once: the answer
+/// reads the affinity mask and cgroup files, and every backend that joins
+/// needs it.
 fn shards() -> usize {
-    std::thread::available_parallelism().map_or(2, |n| n.get())
+    static SHARDS: std::sync::OnceLock<usize> = std::sync::OnceLock::new();
+    *SHARDS.get_or_init(|| std::thread::available_parallelism().map_or(2, |n| n.get()))
 }
 
 impl Tally {

@@ -177,8 +177,18 @@ pub async fn echo_backend() -> portshift::backend::BackendHandle {
 
 /// An echo backend that greets with its name and a newline first.
 pub async fn greeting_echo(name: &str) -> portshift::backend::BackendHandle {
+    greeting_echo_at(name, "127.0.0.1:0".parse().unwrap())
+        .await
+        .unwrap()
+}
+
+/// `greeting_echo` on a given address (which may be taken).
+pub async fn greeting_echo_at(
+    name: &str,
+    at: SocketAddr,
+) -> std::io::Result<portshift::backend::BackendHandle> {
     portshift::backend::spawn(
-        "127.0.0.1:0".parse().unwrap(),
+        at,
         portshift::backend::BackendOpts {
             name: name.into(),
             mode: portshift::backend::Mode::Echo,
@@ -187,7 +197,6 @@ pub async fn greeting_echo(name: &str) -> portshift::backend::BackendHandle {
         },
     )
     .await
-    .unwrap()
 }
 
 /// `two_group_config` with one echo backend as both primary and backup.

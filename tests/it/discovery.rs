@@ -213,31 +213,15 @@ async fn pair_on_one_port() -> (
     portshift::backend::BackendHandle,
 ) {
     for _ in 0..20 {
-        let two = spawn_greeting("two", "127.0.0.2:0".parse().unwrap())
+        let two = greeting_echo_at("two", "127.0.0.2:0".parse().unwrap())
             .await
             .unwrap();
         let port = two.addr().port();
-        if let Ok(one) = spawn_greeting("one", SocketAddr::from(([127, 0, 0, 1], port))).await {
+        if let Ok(one) = greeting_echo_at("one", SocketAddr::from(([127, 0, 0, 1], port))).await {
             return (one, two);
         }
     }
     panic!("no port free on both 127.0.0.1 and 127.0.0.2");
-}
-
-async fn spawn_greeting(
-    name: &str,
-    at: SocketAddr,
-) -> std::io::Result<portshift::backend::BackendHandle> {
-    portshift::backend::spawn(
-        at,
-        portshift::backend::BackendOpts {
-            name: name.into(),
-            mode: portshift::backend::Mode::Echo,
-            delay: Duration::ZERO,
-            greeting: Some(format!("{name}\n")),
-        },
-    )
-    .await
 }
 
 fn hosts_file(dir: &Path, lines: &[&str]) -> PathBuf {
